@@ -1,0 +1,68 @@
+"""The dispatcher's own objects, added beside ramp-board's tables.
+
+Everything here is additive: a table of runs, an index that keeps the claim
+query cheap on large events, and (PostgreSQL only) a trigger that NOTIFYs the
+daemon when a submission becomes ``new``. ``db downgrade`` removes exactly these.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from .ramp_schema import metadata
+
+#: PostgreSQL channel the trigger notifies; the payload is the event id.
+NOTIFY_CHANNEL = "ramp_dispatcher_new_submission"
+
+# Run lifecycle (``runs.status``): a row is written as ``starting`` before the
+# worker is asked to do anything slow, ``running`` once the worker returned a
+# handle, ``finished`` once its outcome is known, ``collected`` once the
+# results (or the failure) are in ramp-board's tables.
+RUN_STARTING = "starting"
+RUN_RUNNING = "running"
+RUN_FINISHED = "finished"
+RUN_COLLECTED = "collected"
+ACTIVE_RUN_STATUSES = (RUN_STARTING, RUN_RUNNING, RUN_FINISHED)
+
+runs = Table(
+    "dispatcher_runs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("submission_id", Integer, ForeignKey("submissions.id"), nullable=False),
+    Column("event_id", Integer, ForeignKey("events.id"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("worker_type", String(32), nullable=False),
+    Column("owner", String(200), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("handle", JSON),
+    # the submission state this run ended in, and why it failed if it did
+    Column("outcome", String(32)),
+    Column("failure_class", String(32)),
+    Column("message", Text),
+    Column("max_ram_mb", Integer),
+    Column("created_at", DateTime, nullable=False),
+    Column("started_at", DateTime),
+    Column("finished_at", DateTime),
+    Column("collected_at", DateTime),
+    Column("heartbeat_at", DateTime),
+    Column("lease_expires_at", DateTime),
+    # an infrastructure failure requeues the submission no earlier than this
+    Column("retry_after", DateTime),
+    UniqueConstraint("submission_id", "attempt", name="uq_dispatcher_runs_attempt"),
+    Index("ix_dispatcher_runs_event_status", "event_id", "status"),
+)
+
+#: Added on ramp-board's ``submissions``: the claim and queue-position queries
+#: filter on state; without it they scan every submission of every event.
+SUBMISSIONS_STATE_INDEX = "ix_dispatcher_submissions_state"

@@ -1,0 +1,561 @@
+"""Every statement the dispatcher runs against the database, in one place.
+
+Functions take a Connection inside a transaction; the caller commits. Writes
+are keyed by run id and guarded by the run's status, so collecting the same
+run twice, or a late result from a superseded attempt, changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from sqlalchemy import Connection, Float, and_, bindparam, exists, func, insert, select, update
+
+from ..errors import UserError
+from ..results import TrainingResults
+from .dispatcher_schema import (
+    ACTIVE_RUN_STATUSES,
+    RUN_COLLECTED,
+    RUN_FINISHED,
+    RUN_RUNNING,
+    RUN_STARTING,
+    runs,
+)
+from .ramp_schema import (
+    event_score_types,
+    event_teams,
+    events,
+    submission_on_cv_folds,
+    submission_score_on_cv_folds,
+    submission_scores,
+    submissions,
+)
+
+S = submissions
+
+
+def utcnow() -> dt.datetime:
+    """ramp-board stores naive UTC timestamps."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+# --------------------------------------------------------------------------- event
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    event_score_type_id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class EventInfo:
+    id: int
+    name: str
+    sandbox_name: str
+    n_folds: int
+    scores: tuple[ScoreSpec, ...]
+
+    @property
+    def score_names(self) -> list[str]:
+        return [s.name for s in self.scores]
+
+
+def load_event(conn: Connection, event_name: str) -> EventInfo:
+    row = conn.execute(
+        select(events.c.id, events.c.ramp_sandbox_name).where(events.c.name == event_name)
+    ).first()
+    if row is None:
+        raise UserError(
+            f"event {event_name!r} is not in the database: deploy it first "
+            "(ramp-database or `ramp-dispatcher admin deploy-event`)"
+        )
+    from .ramp_schema import cv_folds
+
+    n_folds = conn.execute(
+        select(func.count()).select_from(cv_folds).where(cv_folds.c.event_id == row.id)
+    ).scalar_one()
+    scores = tuple(
+        ScoreSpec(r.id, r.name)
+        for r in conn.execute(
+            select(event_score_types.c.id, event_score_types.c.name)
+            .where(event_score_types.c.event_id == row.id)
+            .order_by(event_score_types.c.id)
+        )
+    )
+    return EventInfo(row.id, event_name, row.ramp_sandbox_name, n_folds, scores)
+
+
+def _event_submissions(event_id: int):
+    """Submissions of one event (ids of its event_teams), for WHERE clauses."""
+    return S.c.event_team_id.in_(
+        select(event_teams.c.id).where(event_teams.c.event_id == event_id).scalar_subquery()
+    )
+
+
+def _waiting(event: EventInfo, now: dt.datetime):
+    """The event's submissions that wait for a run, in submission order."""
+    return and_(
+        S.c.state == "new",
+        _event_submissions(event.id),
+        S.c.name != event.sandbox_name,
+        # an infrastructure failure waits out its backoff before the next attempt
+        ~exists().where(runs.c.submission_id == S.c.id, runs.c.retry_after > now),
+    )
+
+
+# --------------------------------------------------------------------------- claim
+
+
+@dataclass(frozen=True)
+class Claim:
+    run_id: int
+    submission_id: int
+    name: str  # the participant's name for it
+    attempt: int
+
+
+def set_state(conn: Connection, submission_ids: Sequence[int], state: str, **values: Any) -> None:
+    """Change submissions' state, copying it to their folds as ramp-board does."""
+    if not submission_ids:
+        return
+    conn.execute(update(S).where(S.c.id.in_(submission_ids)).values(state=state, **values))
+    conn.execute(
+        update(submission_on_cv_folds)
+        .where(submission_on_cv_folds.c.submission_id.in_(submission_ids))
+        .values(state=state)
+    )
+
+
+def claim(
+    conn: Connection,
+    event: EventInfo,
+    limit: int,
+    owner: str,
+    worker_type: str,
+    lease: dt.timedelta,
+) -> list[Claim]:
+    """Take up to ``limit`` waiting submissions and record a run for each.
+
+    PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets two daemons claim side by side
+    without ever taking the same row. SQLite: the transaction began with
+    ``BEGIN IMMEDIATE``, so only one writer is here at a time.
+    """
+    if limit <= 0:
+        return []
+    now = utcnow()
+    query = (
+        select(S.c.id, S.c.name)
+        .where(_waiting(event, now))
+        .order_by(S.c.submission_timestamp, S.c.id)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(of=S, skip_locked=True)
+    rows = conn.execute(query).all()
+    if not rows:
+        return []
+    ids = [r.id for r in rows]
+    last_attempt = dict(
+        conn.execute(
+            select(runs.c.submission_id, func.max(runs.c.attempt))
+            .where(runs.c.submission_id.in_(ids))
+            .group_by(runs.c.submission_id)
+        ).all()
+    )
+    set_state(conn, ids, "sent_to_training", sent_to_training_timestamp=now, queue_position=-1)
+    claims = []
+    for r in rows:
+        attempt = last_attempt.get(r.id, 0) + 1
+        run_id = conn.execute(
+            insert(runs)
+            .values(
+                submission_id=r.id,
+                event_id=event.id,
+                attempt=attempt,
+                worker_type=worker_type,
+                owner=owner,
+                status=RUN_STARTING,
+                created_at=now,
+                heartbeat_at=now,
+                lease_expires_at=now + lease,
+            )
+            .returning(runs.c.id)
+        ).scalar_one()
+        claims.append(Claim(run_id, r.id, r.name, attempt))
+    return claims
+
+
+def update_queue_positions(conn: Connection, event: EventInfo, full: bool = False) -> None:
+    """Waiting submissions get 1..k in order; others -1. At most two statements.
+
+    Only rows whose position changes are written. ``full`` also resets stale
+    positions of submissions that left the queue behind our back (an admin's
+    edit, a crash); it scans the event, so it runs at start-up only. Within a
+    run, submissions leave the queue through :func:`claim`, which sets -1.
+    """
+    now = utcnow()
+    ranked = (
+        select(
+            S.c.id.label("sid"),
+            func.row_number().over(order_by=(S.c.submission_timestamp, S.c.id)).label("pos"),
+        )
+        .where(_waiting(event, now))
+        .subquery()
+    )
+    conn.execute(
+        update(S)
+        .where(S.c.id == ranked.c.sid, S.c.queue_position.is_distinct_from(ranked.c.pos))
+        .values(queue_position=ranked.c.pos)
+    )
+    if full:
+        conn.execute(
+            update(S)
+            .where(_event_submissions(event.id), S.c.queue_position != -1, ~_waiting(event, now))
+            .values(queue_position=-1)
+        )
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: int
+    submission_id: int
+    submission_name: str  # participant's name
+    attempt: int
+    status: str
+    owner: str
+    handle: dict[str, Any] | None
+    started_at: dt.datetime | None
+
+
+def mark_running(conn: Connection, run_id: int, handle: dict[str, Any]) -> bool:
+    """The worker started the run: store its handle; the submission is ``training``."""
+    now = utcnow()
+    result = conn.execute(
+        update(runs)
+        .where(runs.c.id == run_id, runs.c.status == RUN_STARTING)
+        .values(status=RUN_RUNNING, handle=handle, started_at=now)
+    )
+    if result.rowcount != 1:
+        return False
+    sid = conn.execute(select(runs.c.submission_id).where(runs.c.id == run_id)).scalar_one()
+    set_state(conn, [sid], "training", training_timestamp=now)
+    return True
+
+
+def mark_finished(
+    conn: Connection, run_id: int, failure_class: str | None, message: str, succeeded: bool
+) -> bool:
+    """The run ended; on success the submission is ``tested`` until scored."""
+    result = conn.execute(
+        update(runs)
+        .where(runs.c.id == run_id, runs.c.status.in_((RUN_STARTING, RUN_RUNNING)))
+        .values(
+            status=RUN_FINISHED,
+            finished_at=utcnow(),
+            failure_class=failure_class,
+            message=message,
+        )
+    )
+    if result.rowcount == 1 and succeeded:
+        sid = conn.execute(select(runs.c.submission_id).where(runs.c.id == run_id)).scalar_one()
+        set_state(conn, [sid], "tested")
+    return result.rowcount == 1
+
+
+def _close_run(conn: Connection, run_id: int, **values: Any) -> bool:
+    """Collect a run once: False if it was already collected (nothing to do)."""
+    result = conn.execute(
+        update(runs)
+        .where(runs.c.id == run_id, runs.c.status != RUN_COLLECTED)
+        .values(status=RUN_COLLECTED, collected_at=utcnow(), **values)
+    )
+    return result.rowcount == 1
+
+
+def heartbeat(conn: Connection, owner: str, run_ids: Iterable[int], lease: dt.timedelta) -> None:
+    ids = list(run_ids)
+    if not ids:
+        return
+    now = utcnow()
+    conn.execute(
+        update(runs)
+        .where(runs.c.id.in_(ids), runs.c.owner == owner, runs.c.status != RUN_COLLECTED)
+        .values(heartbeat_at=now, lease_expires_at=now + lease)
+    )
+
+
+def release(conn: Connection, owner: str) -> None:
+    """Give up our leases (clean stop) so the next daemon re-attaches at once."""
+    conn.execute(
+        update(runs)
+        .where(runs.c.owner == owner, runs.c.status.in_(ACTIVE_RUN_STATUSES))
+        .values(lease_expires_at=utcnow())
+    )
+
+
+def adopt_orphaned_runs(
+    conn: Connection, event: EventInfo, owner: str, lease: dt.timedelta
+) -> list[RunRow]:
+    """Take over the event's unfinished runs whose owner's lease expired."""
+    now = utcnow()
+    candidates = conn.execute(
+        select(runs.c.id).where(
+            runs.c.event_id == event.id,
+            runs.c.status.in_(ACTIVE_RUN_STATUSES),
+            runs.c.lease_expires_at < now,
+        )
+    ).scalars().all()
+    adopted = []
+    for run_id in candidates:
+        # The lease check again in the UPDATE makes the takeover atomic.
+        taken = conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id, runs.c.lease_expires_at < now)
+            .values(owner=owner, heartbeat_at=now, lease_expires_at=now + lease)
+        ).rowcount
+        if taken:
+            adopted.append(run_id)
+    if not adopted:
+        return []
+    rows = conn.execute(
+        select(
+            runs.c.id,
+            runs.c.submission_id,
+            S.c.name,
+            runs.c.attempt,
+            runs.c.status,
+            runs.c.owner,
+            runs.c.handle,
+            runs.c.started_at,
+        )
+        .join(S, S.c.id == runs.c.submission_id)
+        .where(runs.c.id.in_(adopted))
+        .order_by(runs.c.id)
+    ).all()
+    return [RunRow(*r) for r in rows]
+
+
+# --------------------------------------------------------------------------- results
+
+
+def write_results(
+    conn: Connection,
+    event: EventInfo,
+    run_id: int,
+    submission_id: int,
+    results: TrainingResults,
+    max_ram_mb: float | None,
+) -> bool:
+    """Store a successful run exactly where ramp-database's set_time, set_scores
+    and set_bagged_scores put it; the submission becomes ``scored``.
+
+    Statements are per table (executemany), not per value. Returns False when
+    the run was already collected.
+    """
+    if not _close_run(conn, run_id, outcome="scored", max_ram_mb=_int(max_ram_mb)):
+        return False
+    fold_ids = conn.execute(
+        select(submission_on_cv_folds.c.id)
+        .where(submission_on_cv_folds.c.submission_id == submission_id)
+        .order_by(submission_on_cv_folds.c.id)
+    ).scalars().all()
+    score_ids = dict(
+        conn.execute(
+            select(submission_scores.c.event_score_type_id, submission_scores.c.id).where(
+                submission_scores.c.submission_id == submission_id
+            )
+        ).all()
+    )
+    if len(fold_ids) != len(results.folds):
+        raise ValueError(
+            f"submission {submission_id} has {len(fold_ids)} fold rows, "
+            f"the output has {len(results.folds)} folds"
+        )
+    conn.execute(
+        update(submission_on_cv_folds)
+        .where(submission_on_cv_folds.c.id == bindparam("fid"))
+        .values(
+            train_time=bindparam("tr"),
+            valid_time=bindparam("va"),
+            test_time=bindparam("te"),
+            state="scored",
+            error_msg="",
+        ),
+        [
+            {"fid": fid, "tr": f.train_time, "va": f.valid_time, "te": f.test_time}
+            for fid, f in zip(fold_ids, results.folds)
+        ],
+    )
+    fold_scores = [
+        {
+            "fid": fid,
+            "sid": score_ids[spec.event_score_type_id],
+            # the parser guarantees every step of every score name
+            "tr": float(f.scores[spec.name]["train"]),
+            "va": float(f.scores[spec.name]["valid"]),
+            "te": float(f.scores[spec.name]["test"]),
+        }
+        for fid, f in zip(fold_ids, results.folds)
+        for spec in event.scores
+        if spec.event_score_type_id in score_ids
+    ]
+    if fold_scores:
+        ssf = submission_score_on_cv_folds
+        conn.execute(
+            update(ssf)
+            .where(
+                ssf.c.submission_on_cv_fold_id == bindparam("fid"),
+                ssf.c.submission_score_id == bindparam("sid"),
+            )
+            .values(train_score=bindparam("tr"), valid_score=bindparam("va"), test_score=bindparam("te")),
+            fold_scores,
+        )
+    bagged = []
+    for spec in event.scores:
+        if spec.event_score_type_id not in score_ids:
+            continue
+        row: dict[str, Any] = {"sid": score_ids[spec.event_score_type_id]}
+        for step in ("valid", "test"):
+            # A step missing from bagged_scores.csv keeps the worst score that
+            # ramp-board wrote when it created the row (the kit's score type
+            # knows "worst"; the score_types table holds placeholders).
+            row[f"{step}_bag"] = results.bagged.last.get(spec.name, {}).get(step)
+            bags = results.bagged.all_bags.get(spec.name, {}).get(step)
+            row[f"{step}_bags"] = None if bags is None else [float(b) for b in bags]
+        bagged.append(row)
+    if bagged:
+        conn.execute(
+            update(submission_scores)
+            .where(submission_scores.c.id == bindparam("sid"))
+            .values(
+                valid_score_cv_bag=func.coalesce(
+                    bindparam("valid_bag", type_=Float), submission_scores.c.valid_score_cv_bag
+                ),
+                test_score_cv_bag=func.coalesce(
+                    bindparam("test_bag", type_=Float), submission_scores.c.test_score_cv_bag
+                ),
+                valid_score_cv_bags=bindparam("valid_bags", type_=submission_scores.c.valid_score_cv_bags.type),
+                test_score_cv_bags=bindparam("test_bags", type_=submission_scores.c.test_score_cv_bags.type),
+            ),
+            bagged,
+        )
+    stats = results.time_stats()
+    values: dict[str, Any] = {"error_msg": ""}
+    for step, (mean, std) in stats.items():
+        values[f"{step}_time_cv_mean"] = float(mean)
+        values[f"{step}_time_cv_std"] = float(std)
+    if max_ram_mb is not None:
+        values["max_ram"] = float(max_ram_mb)
+    set_state(conn, [submission_id], "scored", **values)
+    return True
+
+
+def write_failure(
+    conn: Connection,
+    run_id: int,
+    submission_id: int,
+    state: str,
+    error_msg: str,
+    failure_class: str,
+    max_ram_mb: float | None,
+) -> bool:
+    """A final failure: ``training_error`` or ``checking_error`` with its message."""
+    if not _close_run(
+        conn, run_id, outcome=state, failure_class=failure_class, max_ram_mb=_int(max_ram_mb)
+    ):
+        return False
+    values: dict[str, Any] = {"error_msg": error_msg}
+    if max_ram_mb is not None:
+        values["max_ram"] = float(max_ram_mb)
+    set_state(conn, [submission_id], state, **values)
+    conn.execute(
+        update(submission_on_cv_folds)
+        .where(submission_on_cv_folds.c.submission_id == submission_id)
+        .values(error_msg=error_msg)
+    )
+    return True
+
+
+def requeue(
+    conn: Connection,
+    run_id: int,
+    submission_id: int,
+    failure_class: str,
+    message: str,
+    retry_after: dt.datetime,
+) -> bool:
+    """An infrastructure failure with attempts left: back to ``new`` after a backoff."""
+    if not _close_run(
+        conn, run_id, outcome="retry", failure_class=failure_class, message=message,
+        retry_after=retry_after,
+    ):
+        return False
+    set_state(conn, [submission_id], "new")
+    return True
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(round(value))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class SubmissionSummary:
+    id: int
+    name: str
+    team: str
+    state: str
+    queue_position: int | None
+    scores: dict[str, tuple[float | None, float | None]]  # name -> (valid bag, test bag)
+    train_time: float | None
+    valid_time: float | None
+    test_time: float | None
+    max_ram: float | None
+    error_msg: str
+
+
+def submission_summaries(conn: Connection, event: EventInfo) -> list[SubmissionSummary]:
+    """Every submission of the event with its bagged scores, in submission order."""
+    from .ramp_schema import teams
+
+    rows = conn.execute(
+        select(
+            S.c.id, S.c.name, teams.c.name.label("team"), S.c.state, S.c.queue_position,
+            S.c.train_time_cv_mean, S.c.valid_time_cv_mean, S.c.test_time_cv_mean,
+            S.c.max_ram, S.c.error_msg,
+        )
+        .join(event_teams, event_teams.c.id == S.c.event_team_id)
+        .join(teams, teams.c.id == event_teams.c.team_id)
+        .where(event_teams.c.event_id == event.id)
+        .order_by(S.c.submission_timestamp, S.c.id)
+    ).all()
+    names = {s.event_score_type_id: s.name for s in event.scores}
+    scores: dict[int, dict[str, tuple[float | None, float | None]]] = {}
+    for r in conn.execute(
+        select(
+            submission_scores.c.submission_id,
+            submission_scores.c.event_score_type_id,
+            submission_scores.c.valid_score_cv_bag,
+            submission_scores.c.test_score_cv_bag,
+        ).where(submission_scores.c.submission_id.in_([r.id for r in rows]))
+    ):
+        scores.setdefault(r.submission_id, {})[names.get(r.event_score_type_id, "?")] = (
+            r.valid_score_cv_bag,
+            r.test_score_cv_bag,
+        )
+    return [
+        SubmissionSummary(
+            r.id, r.name, r.team, r.state, r.queue_position, scores.get(r.id, {}),
+            r.train_time_cv_mean, r.valid_time_cv_mean, r.test_time_cv_mean,
+            r.max_ram, r.error_msg or "",
+        )
+        for r in rows
+    ]

@@ -1,0 +1,451 @@
+"""The daemon: claim waiting submissions, start runs, collect them, write results.
+
+This module orchestrates only. Statements live in ``database.queries``, output
+parsing in ``results``, messages in ``messages``, retry rules in ``retry``, and
+everything a run does in its worker. Two APScheduler jobs share one thread, so
+they never run at once and need no locks:
+
+- ``collect`` (every ``time_between_collection`` s) asks the worker about each
+  run and writes what finished; workers wake it the moment a run ends;
+- ``claim`` (every ``poll_interval`` s) renews leases, claims as many waiting
+  submissions as there are free slots, starts them, and refreshes queue
+  positions; PostgreSQL's NOTIFY and freed slots wake it at once.
+
+Between jobs the daemon sleeps: no busy loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from . import messages
+from .config import EventConfig, ServerConfig
+from .database import queries
+from .database.engine import make_engine
+from .results import ResultsError, parse_training_output, read_fold_error
+from .retry import RetryPolicy
+from .workers import make_worker
+from .workers.base import FailureClass, RunOutcome, RunRequest, Worker, WorkerError
+
+log = logging.getLogger(__name__)
+
+#: how long a daemon's claim on its runs lasts without a heartbeat
+LEASE = dt.timedelta(seconds=60)
+#: exceptions that mean "the database is away", not "our bug"
+DB_ERRORS = (OperationalError, DBAPIError)
+
+
+@dataclass
+class ActiveRun:
+    run_id: int
+    submission_id: int
+    name: str  # the participant's name for the submission
+    attempt: int
+    request: RunRequest
+    handle: dict[str, Any] | None = None
+    last_check: float = 0.0
+    due: bool = True
+    outcome: RunOutcome | None = None
+    finished_recorded: bool = False
+
+    def label(self) -> str:
+        return f"submission {self.submission_id} ({self.name!r}) attempt {self.attempt}"
+
+
+def new_owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        engine: Engine,
+        config: EventConfig,
+        worker: Worker,
+        owner: str | None = None,
+    ):
+        self.engine = engine
+        self.config = config
+        self.worker = worker
+        self.owner = owner or new_owner_id()
+        self.policy = RetryPolicy(
+            max_attempts=config.dispatcher.max_attempts,
+            base_delay_s=config.dispatcher.retry_delay,
+        )
+        self.active: dict[int, ActiveRun] = {}
+        self.stopped = threading.Event()
+        self._scheduler: BackgroundScheduler | None = None
+        self._listener = None
+        self._event: queries.EventInfo | None = None
+        self._db_down_since: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def event(self) -> queries.EventInfo:
+        assert self._event is not None, "start() first"
+        return self._event
+
+    def start(self) -> None:
+        with self.engine.begin() as conn:
+            self._event = queries.load_event(conn, self.config.ramp.event_name)
+            queries.update_queue_positions(conn, self.event, full=True)
+        log.info(
+            "dispatcher %s serving event %r: %d worker(s) of type %s",
+            self.owner,
+            self.event.name,
+            self.config.dispatcher.n_workers,
+            self.config.worker_type,
+        )
+        tbc = self.config.dispatcher.time_between_collection
+        poll = self.config.dispatcher.poll_interval
+        scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(1)},
+            job_defaults={"coalesce": True, "max_instances": 3, "misfire_grace_time": None},
+            timezone=dt.timezone.utc,
+        )
+        now = dt.datetime.now(dt.timezone.utc)
+        scheduler.add_job(self._guard(self.claim_cycle), "interval", seconds=poll, id="claim", next_run_time=now)
+        scheduler.add_job(self._guard(self.collect_cycle), "interval", seconds=tbc, id="collect", next_run_time=now)
+        self._scheduler = scheduler
+        scheduler.start()
+        if self.engine.dialect.name == "postgresql":
+            from .listen import NotifyListener
+
+            self._listener = NotifyListener(self.engine, self.event.id, lambda: self.wake("claim"))
+            self._listener.start()
+
+    def stop(self) -> None:
+        """Stop claiming; leave runs going for the next start to re-attach."""
+        self.stopped.set()
+        if self._listener is not None:
+            self._listener.stop()
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+        try:
+            with self.engine.begin() as conn:
+                queries.release(conn, self.owner)
+        except DB_ERRORS as exc:
+            log.warning("could not release leases (%s); they expire in %s", _short(exc), LEASE)
+        self.worker.close()
+        if self.active:
+            log.info("left %d run(s) running for the next start to re-attach", len(self.active))
+
+    def wake(self, job_id: str) -> None:
+        """Run a job now (thread-safe); called by workers and the listener."""
+        scheduler = self._scheduler
+        if scheduler is None or self.stopped.is_set():
+            return
+        try:
+            scheduler.modify_job(job_id, next_run_time=dt.datetime.now(dt.timezone.utc))
+        except Exception:  # the scheduler is shutting down
+            pass
+
+    def _guard(self, job):
+        """A job never dies: database outages are logged once and retried."""
+
+        def run() -> None:
+            if self.stopped.is_set():
+                return
+            try:
+                job()
+                if self._db_down_since is not None:
+                    log.warning(
+                        "database reachable again after %.0f s",
+                        time.monotonic() - self._db_down_since,
+                    )
+                    self._db_down_since = None
+            except DB_ERRORS as exc:
+                if self._db_down_since is None:
+                    self._db_down_since = time.monotonic()
+                    log.error("database unavailable (%s); runs are kept, retrying", _short(exc))
+            except Exception:
+                log.exception("unexpected error in %s; continuing", job.__name__)
+
+        run.__name__ = job.__name__
+        return run
+
+    # ------------------------------------------------------------------ claim
+
+    def claim_cycle(self) -> None:
+        lease_ids = [r.run_id for r in self.active.values()]
+        with self.engine.begin() as conn:
+            queries.heartbeat(conn, self.owner, lease_ids, LEASE)
+            adopted = queries.adopt_orphaned_runs(conn, self.event, self.owner, LEASE)
+        for row in adopted:
+            self._reattach(row)
+        free = self.config.dispatcher.n_workers - len(self.active)
+        claims: list[queries.Claim] = []
+        with self.engine.begin() as conn:
+            if free > 0:
+                claims = queries.claim(
+                    conn, self.event, free, self.owner, self.config.worker_type, LEASE
+                )
+            queries.update_queue_positions(conn, self.event)
+        for claim in claims:
+            self._launch(claim)
+        if not self.active and not claims:
+            self._on_hunger()
+
+    def _request(self, submission_id: int, attempt: int) -> RunRequest:
+        ramp = self.config.ramp
+        return RunRequest(
+            submission_id=submission_id,
+            submission_name=f"submission_{submission_id:09d}",
+            attempt=attempt,
+            kit_dir=ramp.kit_dir,
+            data_dir=ramp.data_dir,
+            submissions_dir=ramp.submissions_dir,
+            logs_dir=ramp.logs_dir,
+            predictions_dir=ramp.predictions_dir,
+            n_threads=self.config.dispatcher.n_threads,
+        )
+
+    def _launch(self, claim: queries.Claim) -> None:
+        request = self._request(claim.submission_id, claim.attempt)
+        run = ActiveRun(claim.run_id, claim.submission_id, claim.name, claim.attempt, request)
+        self.active[run.run_id] = run
+        log.info("%s: sent_to_training", run.label())
+        submission_dir = request.submissions_dir / request.submission_name
+        try:
+            if not submission_dir.is_dir():
+                raise WorkerError(f"the submission's folder {submission_dir} does not exist")
+            run.handle = self.worker.start(request, lambda: self._mark_due(run.run_id))
+        except WorkerError as exc:
+            run.outcome = RunOutcome(FailureClass.INFRASTRUCTURE, str(exc))
+            self.wake("collect")
+            return
+        except Exception as exc:  # a worker bug must not cost other runs
+            log.exception("%s: worker failed to start the run", run.label())
+            run.outcome = RunOutcome(FailureClass.INFRASTRUCTURE, f"worker error: {exc}")
+            self.wake("collect")
+            return
+        with self.engine.begin() as conn:
+            queries.mark_running(conn, run.run_id, run.handle)
+        log.info("%s: training", run.label())
+
+    def _reattach(self, row: queries.RunRow) -> None:
+        request = self._request(row.submission_id, row.attempt)
+        run = ActiveRun(row.id, row.submission_id, row.submission_name, row.attempt, request)
+        run.handle = row.handle
+        if row.status == "starting" or row.handle is None:
+            run.outcome = RunOutcome(
+                FailureClass.INFRASTRUCTURE, "the dispatcher stopped while starting this run"
+            )
+        log.info("%s: re-attached (was %s)", run.label(), row.status)
+        self.active[run.run_id] = run
+
+    def _on_hunger(self) -> None:
+        if self.config.dispatcher.hunger_policy != "exit":
+            return  # None and "sleep": wait for news; polling never spins
+        with self.engine.connect() as conn:
+            waiting = conn.execute(_count_waiting(self.event)).scalar_one()
+        if waiting == 0:
+            log.info("no submission left to run: exiting (hunger_policy: exit)")
+            self.stopped.set()
+
+    # ------------------------------------------------------------------ collect
+
+    def _mark_due(self, run_id: int) -> None:
+        run = self.active.get(run_id)
+        if run is not None:
+            run.due = True
+        self.wake("collect")
+
+    def collect_cycle(self) -> None:
+        tbc = self.config.dispatcher.time_between_collection
+        freed = False
+        for run in list(self.active.values()):
+            now = time.monotonic()
+            if run.outcome is None and (run.due or now - run.last_check >= tbc):
+                run.due, run.last_check = False, now
+                try:
+                    run.outcome = self.worker.check(run.request, run.handle or {})
+                except Exception as exc:
+                    log.exception("%s: status check failed", run.label())
+                    run.outcome = RunOutcome(FailureClass.INFRASTRUCTURE, f"status check failed: {exc}")
+            if run.outcome is not None:
+                self._finish(run)
+                del self.active[run.run_id]
+                freed = True
+        if freed:
+            self.wake("claim")
+
+    def _finish(self, run: ActiveRun) -> None:
+        """Write a finished run's outcome. Raises on database errors, keeping the
+        run for the next cycle; every step is safe to repeat."""
+        outcome = run.outcome
+        assert outcome is not None
+        if not run.finished_recorded:
+            with self.engine.begin() as conn:
+                queries.mark_finished(
+                    conn,
+                    run.run_id,
+                    None if outcome.failure is None else outcome.failure.value,
+                    outcome.message,
+                    succeeded=outcome.failure is None,
+                )
+            run.finished_recorded = True
+        if outcome.failure is None:
+            try:
+                self._store_results(run, outcome)
+            except ResultsError as exc:
+                # ramp-test said it succeeded but its output is unusable: not the
+                # participant's doing, so it is ours to retry.
+                run.outcome = outcome = RunOutcome(
+                    FailureClass.INFRASTRUCTURE,
+                    f"unusable output: {exc}",
+                    exit_code=outcome.exit_code,
+                    max_ram_mb=outcome.max_ram_mb,
+                    log_path=outcome.log_path,
+                )
+                self._store_failure(run, outcome)
+        else:
+            self._store_failure(run, outcome)
+        try:
+            self.worker.cleanup(run.request, run.handle or {})
+        except Exception:
+            log.exception("%s: cleanup failed", run.label())
+
+    def _store_results(self, run: ActiveRun, outcome: RunOutcome) -> None:
+        request = run.request
+        kept = request.predictions_dir / request.submission_name
+        # A previous try may have moved the output already and then lost the database.
+        source = outcome.output_dir if outcome.output_dir and outcome.output_dir.is_dir() else kept
+        if not source.is_dir():
+            raise ResultsError(f"no training_output folder at {outcome.output_dir}")
+        results = parse_training_output(source, self.event.n_folds, self.event.score_names)
+        if source != kept:
+            _replace_dir(source, kept)
+        with self.engine.begin() as conn:
+            written = queries.write_results(
+                conn, self.event, run.run_id, run.submission_id, results, outcome.max_ram_mb
+            )
+        if written:
+            log.info("%s: scored", run.label())
+
+    def _store_failure(self, run: ActiveRun, outcome: RunOutcome) -> None:
+        failure = outcome.failure
+        assert failure is not None
+        if self.policy.should_retry(failure, run.attempt):
+            delay = self.policy.delay_s(run.attempt)
+            retry_after = queries.utcnow() + dt.timedelta(seconds=delay)
+            with self.engine.begin() as conn:
+                done = queries.requeue(
+                    conn, run.run_id, run.submission_id, failure.value, outcome.message, retry_after
+                )
+            if done:
+                log.warning(
+                    "%s: infrastructure failure (%s); retry in %.0f s",
+                    run.label(), outcome.message, delay,
+                )
+                self.wake("claim")
+            return
+        detail = self._failure_detail(run, outcome)
+        state, reason = self._failure_text(run, outcome, detail)
+        error_msg = messages.error_message(reason, detail)
+        with self.engine.begin() as conn:
+            done = queries.write_failure(
+                conn, run.run_id, run.submission_id, state, error_msg, failure.value, outcome.max_ram_mb
+            )
+        if done:
+            log.info("%s: %s (%s: %s)", run.label(), state, failure.value, outcome.message)
+
+    def _failure_text(
+        self, run: ActiveRun, outcome: RunOutcome, detail: str | None
+    ) -> tuple[str, str]:
+        """The submission's final state and the sentence that leads its error_msg
+        (the frontend's lists show its first line)."""
+        failure = outcome.failure
+        if failure is FailureClass.INFRASTRUCTURE:
+            return "checking_error", (
+                "The platform could not run this submission; this is a problem on the "
+                f"platform's side, not in your code ({outcome.message}; "
+                f"attempt {run.attempt} of {self.policy.max_attempts})."
+            )
+        if failure in (FailureClass.TIMEOUT, FailureClass.MEMORY):
+            return "training_error", outcome.message
+        # The exception line says more than an exit code: lead with it.
+        last = next((ln.strip() for ln in reversed((detail or "").splitlines()) if ln.strip()), "")
+        cause = f"{last} ({outcome.message})" if last else outcome.message
+        return "training_error", f"Your submission failed: {cause}"
+
+    def _failure_detail(self, run: ActiveRun, outcome: RunOutcome) -> str | None:
+        """The traceback: the fold's error.txt if ramp-test wrote one, else the log."""
+        if outcome.failure is FailureClass.INFRASTRUCTURE:
+            return None
+        try:
+            fold_error = read_fold_error(run.request.output_dir)
+        except OSError:
+            fold_error = None
+        if fold_error:
+            return fold_error
+        log_path = outcome.log_path or run.request.log_path
+        try:
+            return messages.extract_traceback(log_path.read_text(errors="replace"))
+        except OSError:
+            return None
+
+
+def _replace_dir(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.move(str(source), str(dest))
+
+
+def _count_waiting(event: queries.EventInfo):
+    from sqlalchemy import func, select
+
+    from .database.ramp_schema import event_teams, submissions as S
+
+    return (
+        select(func.count())
+        .select_from(S)
+        .join(event_teams, event_teams.c.id == S.c.event_team_id)
+        .where(event_teams.c.event_id == event.id, S.c.state == "new", S.c.name != event.sandbox_name)
+    )
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def run_daemon(server: ServerConfig, config: EventConfig) -> int:
+    """``ramp-dispatcher run``: serve one event until a signal or hunger_policy exit."""
+    from .database.migrate import require_head
+
+    engine = make_engine(server.database_url)
+    require_head(engine)
+    worker = make_worker(config.worker_type, config.worker)
+    dispatcher = Dispatcher(engine, config, worker)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        dispatcher.stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    dispatcher.start()
+    try:
+        dispatcher.stopped.wait()
+    finally:
+        dispatcher.stop()
+        engine.dispose()
+    return 0

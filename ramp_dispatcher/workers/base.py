@@ -1,0 +1,103 @@
+"""The one small interface every worker type implements.
+
+The dispatcher loop only ever calls :meth:`Worker.start`, :meth:`Worker.check`
+and :meth:`Worker.cleanup`, each of which must return quickly: anything slow
+(booting an instance, uploading, waiting for a process) happens off the loop,
+in the worker's own threads or processes. A worker calls the ``wake`` callback
+it was given when something changed, so the loop need not poll fast.
+
+A run's *handle* is a small JSON-serialisable dict the worker returns from
+``start``; the dispatcher stores it in the runs table before anything slow
+happens, so that a restarted daemon can find the run again.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+Handle = dict[str, Any]
+Wake = Callable[[], None]
+
+
+class FailureClass(str, enum.Enum):
+    """Why a run did not produce results; decides state, message and retry."""
+
+    PARTICIPANT = "participant"  # the submission's code failed: not retried
+    TIMEOUT = "timeout"  # ran out of time: not retried
+    MEMORY = "memory"  # ran out of memory: not retried
+    INFRASTRUCTURE = "infrastructure"  # our side failed: retried, never charged
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything a worker needs to run one submission once."""
+
+    submission_id: int
+    submission_name: str  # the on-disk name, ``submission_%09d``
+    attempt: int
+    kit_dir: Path
+    data_dir: Path
+    submissions_dir: Path  # holds ``<submission_name>/`` with the files
+    logs_dir: Path  # the log goes to ``<logs_dir>/<submission_name>/log``
+    predictions_dir: Path  # results are kept in ``<predictions_dir>/<submission_name>``
+    n_threads: int | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.logs_dir / self.submission_name / "log"
+
+    @property
+    def output_dir(self) -> Path:
+        """Where ``ramp-test --save-output`` writes, inside the submission."""
+        return self.submissions_dir / self.submission_name / "training_output"
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a finished run produced, as seen by the worker.
+
+    ``failure`` is None when ramp-test exited 0; then ``output_dir`` holds the
+    ``training_output`` folder (on local disk) for the results parser.
+    """
+
+    failure: FailureClass | None
+    message: str  # reason in one or two sentences; empty on success
+    exit_code: int | None = None
+    max_ram_mb: float | None = None
+    output_dir: Path | None = None
+    log_path: Path | None = None
+    duration_s: float | None = None
+
+
+class WorkerError(Exception):
+    """An infrastructure failure while starting or checking a run."""
+
+
+class Worker(ABC):
+    """One worker type. One instance serves all runs of one daemon."""
+
+    #: the ``worker_type`` value in the event config
+    type_name: str
+
+    @abstractmethod
+    def start(self, request: RunRequest, wake: Wake) -> Handle:
+        """Start the run without waiting for it; return its handle.
+
+        Raise :class:`WorkerError` when the run cannot be started because of
+        the platform (environment missing, spawn failure, ...).
+        """
+
+    @abstractmethod
+    def check(self, request: RunRequest, handle: Handle) -> RunOutcome | None:
+        """Cheap status check: None while running, the outcome once finished."""
+
+    @abstractmethod
+    def cleanup(self, request: RunRequest, handle: Handle) -> None:
+        """Release what the run holds (process, instance, temporary files)."""
+
+    def close(self) -> None:
+        """Called once when the daemon stops; runs are left to be re-attached."""

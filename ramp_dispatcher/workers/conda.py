@@ -1,0 +1,475 @@
+"""The local worker: runs ``ramp-test`` from a conda environment on this host.
+
+Each run is a separate supervisor process (:mod:`.supervise`) started in its
+own session. The supervisor applies the time and memory limits, makes sure
+nothing of the run survives it, and writes a JSON status file beside the log.
+Everything :meth:`CondaWorker.check` needs is in the handle and that file, so
+a restarted daemon can pick up runs started by its predecessor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker, WorkerError
+from .supervise import read_stat
+
+log = logging.getLogger(__name__)
+
+#: how long ``conda info --envs`` may take
+CONDA_INFO_TIMEOUT_S = 60.0
+#: how long :meth:`CondaWorker.cleanup` waits for a stopping supervisor
+STOP_WAIT_S = 10.0
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class CondaConfig:
+    """The ``worker`` section of an event's config for ``worker_type: conda``."""
+
+    #: an environment name known to ``conda``, or a path to an env prefix
+    conda_env: str
+    #: wall-clock limit of one run, seconds
+    timeout: float = 7200.0
+    #: limit on the summed RSS of the run's process tree (sampled every 0.5 s)
+    memory_limit_mb: float | None = None
+    #: niceness increment of the run (the daemon itself keeps its priority)
+    niceness: int = 5
+    #: how long a resolved environment name is trusted before asking conda again
+    env_cache_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.conda_env, str) or not self.conda_env.strip():
+            raise ValueError("conda worker: 'conda_env' must be a non-empty string")
+        if not self.timeout > 0:
+            raise ValueError(f"conda worker: 'timeout' must be > 0, got {self.timeout!r}")
+        if self.memory_limit_mb is not None and not self.memory_limit_mb > 0:
+            raise ValueError(
+                f"conda worker: 'memory_limit_mb' must be > 0, got {self.memory_limit_mb!r}"
+            )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> CondaConfig:
+        """Build from a parsed config section; unknown keys are an error."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"conda worker: unknown setting(s) {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+        if "conda_env" not in data:
+            raise ValueError("conda worker: 'conda_env' is required")
+        return cls(**dict(data))
+
+
+# ---------------------------------------------------------------- environments
+def _check_ramp_test(prefix: Path, label: str) -> Path:
+    ramp_test = prefix / "bin" / "ramp-test"
+    if not prefix.is_dir():
+        raise WorkerError(f"{label}: '{prefix}' does not exist")
+    if not (ramp_test.is_file() and os.access(ramp_test, os.X_OK)):
+        raise WorkerError(f"{label}: '{prefix}' has no bin/ramp-test")
+    return prefix
+
+
+def _find_conda() -> str:
+    exe = os.environ.get("CONDA_EXE")
+    if exe:
+        if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+            raise WorkerError(f"CONDA_EXE={exe!r} is not an executable file")
+        return exe
+    found = shutil.which("conda")
+    if found is None:
+        raise WorkerError(
+            "no conda executable: set CONDA_EXE or put conda on PATH, "
+            "or give conda_env as a path to an environment prefix"
+        )
+    return found
+
+
+def _conda_envs(conda: str) -> tuple[list[Path], Path | None]:
+    """The env prefixes and the root prefix, as ``conda info`` reports them."""
+    try:
+        proc = subprocess.run(
+            [conda, "info", "--envs", "--json"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=CONDA_INFO_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise WorkerError(
+            f"'{conda} info --envs --json' did not answer within {CONDA_INFO_TIMEOUT_S:g} s"
+        ) from None
+    except OSError as exc:
+        raise WorkerError(f"cannot run {conda!r}: {exc}") from exc
+    if proc.returncode != 0:
+        tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
+        raise WorkerError(
+            f"'{conda} info --envs --json' failed with code {proc.returncode}: "
+            + " | ".join(tail)
+        )
+    try:
+        info = json.loads(proc.stdout)
+        envs = [Path(p) for p in info["envs"]]
+        root = info.get("root_prefix")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WorkerError(
+            f"'{conda} info --envs --json' printed unexpected output: {exc!r}"
+        ) from exc
+    return envs, (Path(root) if root else None)
+
+
+def resolve_env(conda_env: str) -> Path:
+    """Return the prefix of ``conda_env``; its ramp-test is ``<prefix>/bin/ramp-test``.
+
+    ``conda_env`` holding a ``/`` is a prefix path; otherwise it is an
+    environment name looked up with ``conda info --envs --json`` (``base``
+    being the root prefix). Raises :class:`WorkerError` saying what is wrong.
+    """
+    if os.path.isabs(conda_env) or "/" in conda_env:
+        prefix = Path(os.path.abspath(os.path.expanduser(conda_env)))
+        return _check_ramp_test(prefix, f"conda environment {conda_env!r}")
+
+    envs, root = _conda_envs(_find_conda())
+
+    def name_of(prefix: Path) -> str:
+        return "base" if root is not None and prefix == root else prefix.name
+
+    matches = [p for p in envs if name_of(p) == conda_env]
+    if conda_env == "base" and root is not None:
+        matches = [root]
+    if not matches:
+        known = ", ".join(sorted({name_of(p) for p in envs})) or "none"
+        raise WorkerError(f"conda environment {conda_env!r} not found (known: {known})")
+    # Same name in several envs_dirs: conda itself uses the first one listed.
+    return _check_ramp_test(matches[0], f"conda environment {conda_env!r}")
+
+
+# ----------------------------------------------------------------- processes
+def _start_time(pid: int) -> int | None:
+    info = read_stat(pid)
+    return None if info is None else info.start_time
+
+
+def _is_running(pid: Any, start_time: Any) -> bool:
+    """True when ``pid`` is the same, not yet exited process as at start."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    info = read_stat(pid)
+    if info is None or info.state in ("Z", "X"):
+        return False
+    # A different start time means the pid was reused by another process.
+    return start_time is None or info.start_time == start_time
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _status_path(request: RunRequest) -> Path:
+    # Beside the log: survives daemon restarts, one file per attempt.
+    return request.log_path.parent / f"run-{request.attempt}.json"
+
+
+# -------------------------------------------------------------------- worker
+class CondaWorker(Worker):
+    """Runs submissions with ``<env>/bin/ramp-test`` on the local machine."""
+
+    type_name = "conda"
+
+    def __init__(self, config: CondaConfig) -> None:
+        self.config = config
+        self._env_lock = threading.Lock()  # held while conda runs
+        self._procs_lock = threading.Lock()
+        self._env_cache: tuple[Path, float] | None = None  # prefix, expiry (monotonic)
+        # Supervisors started by this daemon, so their exit status is reaped.
+        self._procs: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
+
+    # -- environment
+    def env_prefix(self) -> Path:
+        """The resolved environment, re-checked cheaply on every call."""
+        with self._env_lock:
+            cached = self._env_cache
+            now = time.monotonic()
+            if cached is not None and now < cached[1]:
+                prefix = cached[0]
+                if os.access(prefix / "bin" / "ramp-test", os.X_OK):
+                    return prefix
+            self._env_cache = None
+            prefix = resolve_env(self.config.conda_env)
+            self._env_cache = (prefix, now + self.config.env_cache_s)
+            return prefix
+
+    # -- Worker interface
+    def start(self, request: RunRequest, wake: Wake) -> Handle:
+        prefix = self.env_prefix()
+        log_path = Path(os.path.abspath(request.log_path))
+        status_path = Path(os.path.abspath(_status_path(request)))
+        output_dir = request.output_dir
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            if output_dir.exists():  # left by an earlier attempt
+                shutil.rmtree(output_dir)
+            for stale in (status_path, status_path.with_name(status_path.name + ".tmp")):
+                stale.unlink(missing_ok=True)
+        except OSError as exc:
+            raise WorkerError(f"cannot prepare run folders: {exc}") from exc
+
+        kit_dir = os.path.abspath(request.kit_dir)
+        command = [
+            str(prefix / "bin" / "ramp-test"),
+            "--submission", request.submission_name,
+            "--ramp-kit-dir", kit_dir,
+            "--ramp-data-dir", os.path.abspath(request.data_dir),
+            "--ramp-submission-dir", os.path.abspath(request.submissions_dir),
+            "--save-output",
+            "--ignore-warning",
+        ]  # fmt: skip
+        setenv = {"PYTHONUNBUFFERED": "1"}
+        # The env's bin first, as `conda activate` would, for tools a kit calls.
+        setenv["PATH"] = os.pathsep.join(
+            [str(prefix / "bin")] + [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+        )
+        if request.n_threads is not None:
+            for name in THREAD_VARIABLES:
+                setenv[name] = str(int(request.n_threads))
+        argv = [
+            sys.executable, "-m", "ramp_dispatcher.workers.supervise",
+            "--log", str(log_path),
+            "--status", str(status_path),
+            "--timeout", repr(float(self.config.timeout)),
+            "--nice", str(int(self.config.niceness)),
+            "--cwd", kit_dir,
+        ]  # fmt: skip
+        if self.config.memory_limit_mb is not None:
+            argv += ["--memory-limit-mb", repr(float(self.config.memory_limit_mb))]
+        for name, value in setenv.items():
+            argv += ["--setenv", f"{name}={value}"]
+        argv += ["--", *command]
+
+        try:
+            # Truncate the log of an earlier attempt; O_APPEND because the
+            # supervisor appends ramp-test's output to the same file.
+            log_fd = os.open(
+                log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644
+            )
+        except OSError as exc:
+            raise WorkerError(f"cannot open the log {log_path}: {exc}") from exc
+        try:
+            # Own session: not killed with the daemon; the log file (not a
+            # pipe to us) takes its stderr, so our exit cannot SIGPIPE it.
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                close_fds=True,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise WorkerError(f"cannot start the run supervisor: {exc}") from exc
+        finally:
+            os.close(log_fd)
+        started_at = time.time()
+        # Not reaped yet (the waiter starts below), so /proc/<pid> exists.
+        pid_start_time = _start_time(proc.pid)
+
+        key = (request.submission_id, request.attempt)
+        with self._procs_lock:
+            self._procs[key] = proc
+        threading.Thread(
+            target=self._wait_and_wake,
+            args=(key, proc, wake),
+            name=f"conda-run-{request.submission_id}-{request.attempt}",
+            daemon=True,
+        ).start()
+        return {
+            "pid": proc.pid,
+            "pid_start_time": pid_start_time,
+            "status_path": str(status_path),
+            "log_path": str(log_path),
+            "env_prefix": str(prefix),
+            "started_at": started_at,
+            "timeout": float(self.config.timeout),
+            "memory_limit_mb": self.config.memory_limit_mb,
+        }
+
+    def _wait_and_wake(
+        self, key: tuple[int, int], proc: subprocess.Popen[bytes], wake: Wake
+    ) -> None:
+        proc.wait()  # also reaps the supervisor
+        with self._procs_lock:
+            if self._procs.get(key) is proc:
+                del self._procs[key]
+        try:
+            wake()
+        except Exception:  # a broken callback must not go unnoticed
+            log.exception("conda worker: wake callback failed")
+
+    def check(self, request: RunRequest, handle: Handle) -> RunOutcome | None:
+        try:
+            status_path = Path(handle["status_path"])
+            log_path = Path(handle["log_path"])
+        except (KeyError, TypeError) as exc:
+            return RunOutcome(FailureClass.INFRASTRUCTURE, f"invalid conda run handle: {exc!r}")
+        status = _read_status(status_path)
+        if status is None or "reason" not in status:
+            if _is_running(handle.get("pid"), handle.get("pid_start_time")):
+                return None
+            # It may have written its final status just before exiting.
+            status = _read_status(status_path)
+            if status is None or "reason" not in status:
+                return RunOutcome(
+                    FailureClass.INFRASTRUCTURE,
+                    "the run's supervisor process disappeared",
+                    log_path=log_path,
+                )
+        return self._outcome(request, handle, status, log_path)
+
+    def _outcome(
+        self, request: RunRequest, handle: Handle, status: dict[str, Any], log_path: Path
+    ) -> RunOutcome:
+        reason = status.get("reason")
+        exit_code = status.get("exit_code")
+        sig = status.get("signal")
+        if exit_code is None and isinstance(sig, int):
+            exit_code = -sig  # subprocess's convention for "killed by signal"
+        try:
+            duration: float | None = float(status["finished_at"]) - float(status["started_at"])
+        except (KeyError, TypeError, ValueError):
+            duration = None
+        max_ram = status.get("max_ram_mb")
+        common: dict[str, Any] = {
+            "exit_code": exit_code,
+            "max_ram_mb": float(max_ram) if isinstance(max_ram, (int, float)) else None,
+            "log_path": log_path,
+            "duration_s": duration,
+        }
+        if reason == "exited":
+            if exit_code == 0:
+                if request.output_dir.is_dir():
+                    return RunOutcome(None, "", output_dir=request.output_dir, **common)
+                return RunOutcome(
+                    FailureClass.PARTICIPANT,
+                    "ramp-test exited 0 but wrote no training_output",
+                    **common,
+                )
+            if isinstance(sig, int):
+                name = _signal_name(sig)
+                hint = ""
+                if sig == signal.SIGKILL:  # what the kernel's OOM killer sends
+                    hint = " (possibly by the system for lack of memory)"
+                return RunOutcome(
+                    FailureClass.PARTICIPANT, f"ramp-test was killed by {name}{hint}", **common
+                )
+            return RunOutcome(
+                FailureClass.PARTICIPANT, f"ramp-test exited with code {exit_code}", **common
+            )
+        if reason == "timeout":
+            limit = handle.get("timeout", self.config.timeout)
+            return RunOutcome(
+                FailureClass.TIMEOUT,
+                f"Training stopped: the time limit of {float(limit):g} s was reached.",
+                **common,
+            )
+        if reason == "memory":
+            limit = handle.get("memory_limit_mb") or self.config.memory_limit_mb
+            return RunOutcome(
+                FailureClass.MEMORY,
+                f"Training stopped: the memory limit of {float(limit or 0):g} MB was exceeded.",
+                **common,
+            )
+        if reason == "spawn_error":
+            return RunOutcome(
+                FailureClass.INFRASTRUCTURE,
+                f"could not start ramp-test: {status.get('message', '')}",
+                **common,
+            )
+        if reason == "killed":
+            return RunOutcome(
+                FailureClass.INFRASTRUCTURE,
+                "the run was stopped before it finished "
+                f"({status.get('message') or 'its supervisor was signalled'})",
+                **common,
+            )
+        return RunOutcome(
+            FailureClass.INFRASTRUCTURE,
+            f"unknown run status {reason!r} in {handle.get('status_path')}",
+            **common,
+        )
+
+    def cleanup(self, request: RunRequest, handle: Handle) -> None:
+        pid = handle.get("pid")
+        start_time = handle.get("pid_start_time")
+        with self._procs_lock:
+            proc = self._procs.get((request.submission_id, request.attempt))
+        if _is_running(pid, start_time):
+            # A cancel: the supervisor stops its tree on SIGTERM (<= ~5 s).
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+            deadline = time.monotonic() + STOP_WAIT_S
+            while time.monotonic() < deadline and _is_running(pid, start_time):
+                time.sleep(0.05)
+            if _is_running(pid, start_time):
+                log.warning("conda worker: supervisor %s ignored SIGTERM; killing it", pid)
+                try:
+                    os.killpg(pid, signal.SIGKILL)  # session leader: pgid == pid
+                except OSError:
+                    pass
+        if proc is not None:
+            try:
+                proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill_orphaned_run(handle)
+        try:
+            if request.output_dir.exists():
+                shutil.rmtree(request.output_dir)
+        except OSError as exc:
+            log.warning("conda worker: cannot remove %s: %s", request.output_dir, exc)
+
+    def _kill_orphaned_run(self, handle: Handle) -> None:
+        """If the supervisor died without stopping ramp-test, stop its group."""
+        status = _read_status(Path(str(handle.get("status_path", ""))))
+        if not status or "reason" in status:
+            return
+        child = status.get("child_pid")
+        if _is_running(child, status.get("child_start_time")):
+            log.warning("conda worker: killing ramp-test %s left by a lost supervisor", child)
+            try:
+                os.killpg(child, signal.SIGKILL)  # ramp-test leads its own group
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        # Runs keep going so a restarted daemon can re-attach to them; the
+        # waiter threads still reap supervisors that end before we exit.
+        with self._procs_lock:
+            self._procs.clear()
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return f"{signal.Signals(sig).name} (signal {sig})"
+    except ValueError:
+        return f"signal {sig}"

@@ -1,0 +1,396 @@
+"""Supervise one ramp-test run: time and memory limits, cleanup, status file.
+
+Run as::
+
+    python -m ramp_dispatcher.workers.supervise --log LOG --status STATUS \\
+        --timeout SECONDS [--memory-limit-mb MB] [--nice N] [--cwd DIR] \\
+        [--setenv NAME=VALUE ...] -- COMMAND [ARG ...]
+
+The conda worker starts this program in its own session, so it outlives the
+daemon that started it; the daemon (or a restarted one) learns the result
+from the status file only. Standard library only: it must start fast and not
+depend on the daemon's heavier imports.
+
+The status file is JSON, always replaced atomically. Right after the command
+is spawned it holds ``{"started_at", "supervisor_pid", "child_pid",
+"child_start_time"}``; the final version adds ``reason`` (``exited``,
+``timeout``, ``memory``, ``killed``, ``spawn_error``), ``exit_code``,
+``signal``, ``max_ram_mb``, ``finished_at`` and ``message``. A status file
+with a ``reason`` is final.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import json
+import os
+import resource
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+PR_SET_CHILD_SUBREAPER = 36
+#: seconds between SIGTERM and SIGKILL when stopping the tree
+TERM_GRACE_S = 5.0
+#: seconds between two memory samples of the tree
+SAMPLE_INTERVAL_S = 0.5
+
+
+# ---------------------------------------------------------------- /proc helpers
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    pgid: int
+    state: str
+    start_time: int  # field 22 of /proc/<pid>/stat, clock ticks since boot
+
+
+def read_stat(pid: int) -> ProcInfo | None:
+    """Parse /proc/<pid>/stat; None when the process does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: split at the last ')'.
+    rest = data[data.rfind(")") + 2 :].split()
+    try:
+        return ProcInfo(pid, int(rest[1]), int(rest[2]), rest[0], int(rest[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+def all_processes() -> list[ProcInfo]:
+    procs = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            info = read_stat(int(name))
+            if info is not None:
+                procs.append(info)
+    return procs
+
+
+def descendants(root: int) -> list[ProcInfo]:
+    """Every process below ``root`` (zombies included), found by ppid chains."""
+    children: dict[int, list[ProcInfo]] = {}
+    for info in all_processes():
+        children.setdefault(info.ppid, []).append(info)
+    found: list[ProcInfo] = []
+    todo = [root]
+    while todo:
+        for info in children.get(todo.pop(), []):
+            found.append(info)
+            todo.append(info.pid)
+    return found
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0  # gone, a zombie, or a kernel thread
+
+
+# ------------------------------------------------------------------ supervisor
+@dataclass
+class Supervisor:
+    command: list[str]
+    log_path: Path
+    status_path: Path
+    timeout: float
+    memory_limit_mb: float | None = None
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    stop_signal: int | None = None
+    child: subprocess.Popen[bytes] | None = None
+    child_status: int | None = None  # raw wait status once reaped
+    peak_tree_kib: int = 0
+    started_at: float = 0.0
+    log_fd: int = -1
+
+    # -- small pieces
+    def note(self, text: str) -> None:
+        """Append a line to the run's log (participants read it)."""
+        if self.log_fd >= 0:
+            try:
+                os.write(self.log_fd, f"\n[ramp-dispatcher] {text}\n".encode())
+            except OSError:
+                pass
+
+    def write_status(self, data: dict[str, Any]) -> None:
+        self.status_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.status_path.with_name(self.status_path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        # A reader sees either the old or the new file, never half of one.
+        os.replace(tmp, self.status_path)
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+
+    def reap(self) -> None:
+        """Collect every exited child; orphans re-parented to us included."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            if self.child is not None and pid == self.child.pid:
+                self.child_status = status
+                # Keep Popen consistent: we reaped it behind its back.
+                self.child.returncode = os.waitstatus_to_exitcode(status)
+
+    def live_descendants(self) -> list[ProcInfo]:
+        """Descendants that can still run.
+
+        Careful: a multi-threaded process whose main thread exited shows
+        state Z while its other threads still run, and it cannot be reaped
+        yet; so "all gone" must be judged with :meth:`remaining`.
+        """
+        return [p for p in descendants(os.getpid()) if p.state not in ("Z", "X")]
+
+    def remaining(self) -> list[ProcInfo]:
+        """Descendants not reaped yet, after reaping what can be."""
+        self.reap()
+        return descendants(os.getpid())
+
+    def sample_memory(self) -> int:
+        total = sum(rss_kib(p.pid) for p in self.live_descendants())
+        self.peak_tree_kib = max(self.peak_tree_kib, total)
+        return total
+
+    def signal_tree(self, sig: int) -> None:
+        if self.child is not None:
+            try:
+                os.killpg(self.child.pid, sig)
+            except OSError:
+                pass  # the group is empty
+        for p in self.live_descendants():
+            try:
+                os.kill(p.pid, sig)
+            except OSError:
+                pass
+
+    def stop_tree(self, grace: float) -> None:
+        """SIGTERM everything below us, SIGKILL what is left after ``grace``."""
+        self.signal_tree(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self.remaining():
+            time.sleep(0.05)
+        # Loop because a process may fork between our scan and our kill.
+        for _ in range(200):
+            if not self.remaining():
+                break
+            self.signal_tree(signal.SIGKILL)
+            time.sleep(0.05)
+
+    def wait_child(self, pidfd: int | None, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking early when the child exits."""
+        seconds = max(0.0, seconds)
+        if pidfd is None:
+            time.sleep(min(seconds, 0.1))
+            return
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.poll(seconds * 1000)
+
+    # -- the run
+    def run(self) -> int:
+        self.started_at = time.time()
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            # O_APPEND: the worker may share this file as our stdout/stderr.
+            self.log_fd = os.open(
+                self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644
+            )
+            env = dict(os.environ)
+            env.update(self.env)
+            self.child = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=self.log_fd,
+                stderr=self.log_fd,
+                cwd=self.cwd,
+                env=env,
+                close_fds=True,
+                process_group=0,  # its own group: one killpg stops it all
+            )
+        except OSError as exc:
+            self.note(f"could not start ramp-test: {exc}")
+            return self.finish("spawn_error", f"could not start {self.command[0]}: {exc}")
+
+        child_info = read_stat(self.child.pid)
+        self.write_status(
+            {
+                "started_at": self.started_at,
+                "supervisor_pid": os.getpid(),
+                "child_pid": self.child.pid,
+                "child_start_time": child_info.start_time if child_info else None,
+            }
+        )
+        try:
+            pidfd: int | None = os.pidfd_open(self.child.pid)
+        except (AttributeError, OSError):
+            pidfd = None  # old kernel: fall back to short sleeps
+
+        deadline = time.monotonic() + self.timeout
+        limit_kib = None if self.memory_limit_mb is None else self.memory_limit_mb * 1024
+        next_sample = 0.0
+        reason = "exited"
+        message = ""
+        while True:
+            self.reap()
+            if self.child_status is not None:
+                break
+            now = time.monotonic()
+            if self.stop_signal is not None:
+                reason = "killed"
+                message = f"the supervisor received signal {self.stop_signal}"
+                self.note(f"Training stopped: {message}.")
+                break
+            if now >= deadline:
+                reason = "timeout"
+                message = f"the time limit of {self.timeout:g} s was reached"
+                self.note(f"Training stopped: {message}.")
+                break
+            if now >= next_sample:
+                next_sample = now + SAMPLE_INTERVAL_S
+                total = self.sample_memory()
+                if limit_kib is not None and total > limit_kib:
+                    reason = "memory"
+                    message = (
+                        f"the memory limit of {self.memory_limit_mb:g} MB was exceeded "
+                        f"({total / 1024:.0f} MB in use)"
+                    )
+                    self.note(f"Training stopped: {message}.")
+                    break
+            self.wait_child(pidfd, min(deadline, next_sample) - now)
+        if pidfd is not None:
+            os.close(pidfd)
+        # Also after a normal exit: a submission must leave no process behind.
+        self.stop_tree(TERM_GRACE_S)
+        return self.finish(reason, message)
+
+    def finish(self, reason: str, message: str) -> int:
+        exit_code: int | None = None
+        sig: int | None = None
+        if self.child_status is not None:
+            if os.WIFEXITED(self.child_status):
+                exit_code = os.WEXITSTATUS(self.child_status)
+            elif os.WIFSIGNALED(self.child_status):
+                sig = os.WTERMSIG(self.child_status)
+        if reason == "exited" and not message:
+            message = (
+                f"exited with code {exit_code}" if sig is None else f"killed by signal {sig}"
+            )
+        # ru_maxrss (KiB) is the peak of the largest single reaped process;
+        # the sampled tree sum can be larger when several processes work.
+        peak_kib = max(
+            self.peak_tree_kib, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        )
+        self.write_status(
+            {
+                "reason": reason,
+                "exit_code": exit_code,
+                "signal": sig,
+                "max_ram_mb": round(peak_kib / 1024, 1),
+                "started_at": self.started_at,
+                "finished_at": time.time(),
+                "message": message,
+                "supervisor_pid": os.getpid(),
+                "child_pid": self.child.pid if self.child is not None else None,
+            }
+        )
+        return 0
+
+
+def _become_subreaper() -> bool:
+    """Orphaned descendants (daemonised helpers) get re-parented to us."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _parse_setenv(items: Sequence[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"--setenv wants NAME=VALUE, got {item!r}")
+        env[name] = value
+    return env
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ramp_dispatcher.workers.supervise",
+        description="Run one command under time/memory limits; write a JSON status file.",
+    )
+    parser.add_argument("--log", required=True, type=Path, help="the command's output (appended)")
+    parser.add_argument("--status", required=True, type=Path, help="JSON status file")
+    parser.add_argument("--timeout", required=True, type=float, help="seconds")
+    parser.add_argument("--memory-limit-mb", type=float, default=None)
+    parser.add_argument("--nice", type=int, default=5, help="niceness increment")
+    parser.add_argument("--cwd", default=None, help="the command's working directory")
+    parser.add_argument("--setenv", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        parser.error("no command given")
+    try:
+        env = _parse_setenv(args.setenv)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+
+    sup = Supervisor(
+        command=command,
+        log_path=args.log,
+        status_path=args.status,
+        timeout=args.timeout,
+        memory_limit_mb=args.memory_limit_mb,
+        cwd=args.cwd,
+        env=env,
+    )
+    # Installed before spawning so an early cancel is not lost.
+    signal.signal(signal.SIGTERM, sup.on_signal)
+    signal.signal(signal.SIGINT, sup.on_signal)
+    # No terminal and no pipe to the daemon: its death must not stop us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if args.nice:
+        try:
+            os.nice(args.nice)  # inherited by the command
+        except OSError:
+            pass
+    if not _become_subreaper():
+        print("supervise: could not become a child subreaper", file=sys.stderr)
+    return sup.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Shared fixtures: fresh databases on SQLite and on a real PostgreSQL.
+
+Every database test runs once per backend. PostgreSQL is the server on
+127.0.0.1:5432 (override with RAMP_DISPATCHER_TEST_PG, a URL to a maintenance
+database); each test gets its own database, dropped afterwards. If the server
+is unreachable the PostgreSQL variants are skipped with the reason, unless
+RAMP_DISPATCHER_REQUIRE_PG=1 (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+PG_ADMIN_URL = os.environ.get(
+    "RAMP_DISPATCHER_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+_counter = itertools.count()
+_pg_problem: list[str] = []
+
+
+def _pg_reachable() -> str | None:
+    """None when PostgreSQL answers, else why not (checked once)."""
+    if not _pg_problem:
+        try:
+            engine = create_engine(PG_ADMIN_URL)
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            engine.dispose()
+            _pg_problem.append("")
+        except Exception as exc:  # any reason: refused, auth, missing driver
+            _pg_problem.append(f"PostgreSQL at {PG_ADMIN_URL} unreachable: {exc}".splitlines()[0])
+    return _pg_problem[0] or None
+
+
+def create_pg_database() -> str:
+    """Create an empty PostgreSQL database; return its URL."""
+    problem = _pg_reachable()
+    if problem:
+        if os.environ.get("RAMP_DISPATCHER_REQUIRE_PG") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    name = f"rdtest_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(url: str) -> None:
+    name = make_url(url).database
+    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :n AND pid <> pg_backend_pid()"
+            ),
+            {"n": name},
+        )
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def empty_db_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """URL of a fresh, empty database on the parametrized backend."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ramp.sqlite'}"
+        return
+    url = create_pg_database()
+    try:
+        yield url
+    finally:
+        drop_pg_database(url)

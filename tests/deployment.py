@@ -1,0 +1,92 @@
+"""Build a real deployment (kit, configs, database) for a test, on either backend."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from ramp_dispatcher.config import EventConfig, load_event_config, load_server_config
+from ramp_dispatcher.database import queries
+from ramp_dispatcher.database.engine import make_engine
+from ramp_dispatcher.demo import EVENT, SUBMISSIONS, build_deployment
+from ramp_dispatcher.dispatcher import Dispatcher
+from ramp_dispatcher.workers import make_worker
+
+GOOD = SUBMISSIONS["random_forest"]
+RAISES = SUBMISSIONS["raises_in_fit"]
+SYNTAX_ERROR = SUBMISSIONS["syntax_error"]
+
+
+def sleeper(seconds: float) -> str:
+    """An estimator whose fit sleeps: a slow but correct submission."""
+    return f"""\
+        import time
+
+        from sklearn.linear_model import LogisticRegression
+
+
+        class Slow(LogisticRegression):
+            def fit(self, X, y):
+                time.sleep({seconds})
+                return super().fit(X, y)
+
+
+        def get_estimator():
+            return Slow(max_iter=500)
+        """
+
+
+def sqlalchemy_section(url: str) -> str:
+    """The server config's ``sqlalchemy`` section (ramp-board format) for a URL."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        return f"drivername: sqlite\n  database: {u.database}"
+    return (
+        f"drivername: postgresql\n  username: {u.username}\n  host: {u.host}\n"
+        f"  port: {u.port or 5432}\n  database: {u.database}"
+    )
+
+
+class Deployment:
+    def __init__(self, root: Path, url: str, submissions: dict[str, str], **kw):
+        self.root = root
+        self.server_path, self.event_path = build_deployment(
+            root, sqlalchemy_section=sqlalchemy_section(url), submissions=submissions, **kw
+        )
+        self.server = load_server_config(self.server_path)
+        self.engine = make_engine(self.server.database_url)
+
+    def event_config(self) -> EventConfig:
+        return load_event_config(self.event_path, self.server)
+
+    def dispatcher(self) -> Dispatcher:
+        config = self.event_config()
+        return Dispatcher(self.engine, config, make_worker(config.worker_type, config.worker))
+
+    def run_until_done(self, timeout: float = 180.0) -> Dispatcher:
+        """Run a dispatcher in this process until hunger_policy exit stops it."""
+        d = self.dispatcher()
+        d.start()
+        try:
+            if not d.stopped.wait(timeout):
+                raise AssertionError(f"dispatcher did not finish within {timeout} s")
+        finally:
+            d.stop()
+        return d
+
+    def summaries(self) -> dict[str, queries.SubmissionSummary]:
+        with self.engine.connect() as conn:
+            info = queries.load_event(conn, EVENT)
+            return {s.name: s for s in queries.submission_summaries(conn, info)}
+
+    def submission_dir(self, submission_id: int) -> Path:
+        return self.event_config().ramp.submissions_dir / f"submission_{submission_id:09d}"
+
+
+def run_in_thread(d: Dispatcher) -> threading.Thread:
+    d.start()
+    t = threading.Thread(target=d.stopped.wait, daemon=True)
+    t.start()
+    return t
