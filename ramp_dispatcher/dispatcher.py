@@ -45,14 +45,17 @@ from .workers.base import FailureClass, RunOutcome, RunRequest, Worker, WorkerEr
 
 log = logging.getLogger(__name__)
 
-#: how long a daemon's claim on its runs lasts without a heartbeat
-LEASE = dt.timedelta(seconds=60)
+#: how long a daemon's claim on its runs lasts without a heartbeat (at least)
+MIN_LEASE = dt.timedelta(seconds=60)
+#: how often unfinished runs' external resources are checked for orphans
+REAP_INTERVAL_S = 120.0
 #: exceptions that mean "the database is away", not "our bug"
 DB_ERRORS = (OperationalError, DBAPIError)
 
 
 @dataclass
 class ActiveRun:
+    event_name: str
     run_id: int
     submission_id: int
     name: str  # the participant's name for the submission
@@ -62,14 +65,28 @@ class ActiveRun:
     last_check: float = 0.0
     due: bool = True
     outcome: RunOutcome | None = None
+    #: the handle is in the runs table (a database outage may delay it)
+    handle_recorded: bool = False
     finished_recorded: bool = False
 
     def label(self) -> str:
-        return f"submission {self.submission_id} ({self.name!r}) attempt {self.attempt}"
+        return (
+            f"event {self.event_name}: submission {self.submission_id} ({self.name!r}) "
+            f"attempt {self.attempt}"
+        )
 
 
 def new_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead(owner: str) -> bool:
+    """True for a daemon of this host whose process is gone (killed, crashed)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another host: only its lease tells
+    return not Path(f"/proc/{pid}").exists()
 
 
 class Dispatcher:
@@ -90,12 +107,17 @@ class Dispatcher:
         )
         self.active: dict[int, ActiveRun] = {}
         self.stopped = threading.Event()
+        self._last_reap = 0.0
         self._scheduler: BackgroundScheduler | None = None
         self._listener = None
         self._event: queries.EventInfo | None = None
         self._db_down_since: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def lease(self) -> dt.timedelta:
+        return max(MIN_LEASE, dt.timedelta(seconds=3 * self.config.dispatcher.poll_interval))
 
     @property
     def event(self) -> queries.EventInfo:
@@ -142,10 +164,39 @@ class Dispatcher:
             with self.engine.begin() as conn:
                 queries.release(conn, self.owner)
         except DB_ERRORS as exc:
-            log.warning("could not release leases (%s); they expire in %s", _short(exc), LEASE)
+            log.warning("could not release leases (%s); they expire in %s", _short(exc), self.lease)
         self.worker.close()
         if self.active:
             log.info("left %d run(s) running for the next start to re-attach", len(self.active))
+
+    def reload(self, config: EventConfig) -> None:
+        """Apply a re-read event config (SIGHUP) without dropping runs.
+
+        n_workers, limits, intervals and retry settings take effect for what
+        starts from now on; the event and the worker type need a restart.
+        """
+        if (config.ramp.event_name, config.worker_type) != (
+            self.config.ramp.event_name,
+            self.config.worker_type,
+        ):
+            log.error("reload refused: changing the event or worker_type needs a restart")
+            return
+        self.config = config
+        self.policy = RetryPolicy(
+            max_attempts=config.dispatcher.max_attempts,
+            base_delay_s=config.dispatcher.retry_delay,
+        )
+        self.worker.reconfigure(config.worker)
+        if self._scheduler is not None:
+            self._scheduler.reschedule_job("claim", trigger="interval", seconds=config.dispatcher.poll_interval)
+            self._scheduler.reschedule_job(
+                "collect", trigger="interval", seconds=config.dispatcher.time_between_collection
+            )
+        log.info(
+            "event config reloaded: %d worker(s), poll every %g s",
+            config.dispatcher.n_workers, config.dispatcher.poll_interval,
+        )
+        self.wake("claim")
 
     def wake(self, job_id: str) -> None:
         """Run a job now (thread-safe); called by workers and the listener."""
@@ -184,10 +235,16 @@ class Dispatcher:
     # ------------------------------------------------------------------ claim
 
     def claim_cycle(self) -> None:
-        lease_ids = [r.run_id for r in self.active.values()]
         with self.engine.begin() as conn:
-            queries.heartbeat(conn, self.owner, lease_ids, LEASE)
-            adopted = queries.adopt_orphaned_runs(conn, self.event, self.owner, LEASE)
+            ours = queries.heartbeat(conn, self.owner, self.active, self.lease)
+            adopted = queries.adopt_orphaned_runs(
+                conn, self.event, self.owner, self.lease, self.active, owner_is_dead
+            )
+        for run_id in set(self.active) - ours:
+            # Our lease lapsed (a long database outage) and another daemon took
+            # the run over: it is theirs to collect now.
+            log.warning("%s: taken over by another daemon; dropped", self.active[run_id].label())
+            del self.active[run_id]
         for row in adopted:
             self._reattach(row)
         free = self.config.dispatcher.n_workers - len(self.active)
@@ -195,13 +252,26 @@ class Dispatcher:
         with self.engine.begin() as conn:
             if free > 0:
                 claims = queries.claim(
-                    conn, self.event, free, self.owner, self.config.worker_type, LEASE
+                    conn, self.event, free, self.owner, self.config.worker_type, self.lease
                 )
             queries.update_queue_positions(conn, self.event)
         for claim in claims:
             self._launch(claim)
+        self._reap()
         if not self.active and not claims:
             self._on_hunger()
+
+    def _reap(self) -> None:
+        """Let the worker free resources of runs nobody owns (e.g. instances)."""
+        if time.monotonic() - self._last_reap < REAP_INTERVAL_S:
+            return
+        with self.engine.connect() as conn:
+            unfinished = queries.unfinished_runs(conn, self.event)
+        self._last_reap = time.monotonic()
+        try:
+            self.worker.reap(unfinished)
+        except Exception:
+            log.exception("worker reaper failed; continuing")
 
     def _request(self, submission_id: int, attempt: int) -> RunRequest:
         ramp = self.config.ramp
@@ -219,7 +289,9 @@ class Dispatcher:
 
     def _launch(self, claim: queries.Claim) -> None:
         request = self._request(claim.submission_id, claim.attempt)
-        run = ActiveRun(claim.run_id, claim.submission_id, claim.name, claim.attempt, request)
+        run = ActiveRun(
+            self.event.name, claim.run_id, claim.submission_id, claim.name, claim.attempt, request
+        )
         self.active[run.run_id] = run
         log.info("%s: sent_to_training", run.label())
         submission_dir = request.submissions_dir / request.submission_name
@@ -236,14 +308,26 @@ class Dispatcher:
             run.outcome = RunOutcome(FailureClass.INFRASTRUCTURE, f"worker error: {exc}")
             self.wake("collect")
             return
-        with self.engine.begin() as conn:
-            queries.mark_running(conn, run.run_id, run.handle)
         log.info("%s: training", run.label())
+        self._record_handle(run)
+
+    def _record_handle(self, run: ActiveRun) -> None:
+        """Store the handle so a restarted daemon can find the run. A database
+        outage must not abort the other launches: collect retries it."""
+        try:
+            with self.engine.begin() as conn:
+                queries.mark_running(conn, run.run_id, run.handle or {})
+            run.handle_recorded = True
+        except DB_ERRORS as exc:
+            log.warning("%s: handle not recorded yet (%s); will retry", run.label(), _short(exc))
 
     def _reattach(self, row: queries.RunRow) -> None:
         request = self._request(row.submission_id, row.attempt)
-        run = ActiveRun(row.id, row.submission_id, row.submission_name, row.attempt, request)
+        run = ActiveRun(
+            self.event.name, row.id, row.submission_id, row.submission_name, row.attempt, request
+        )
         run.handle = row.handle
+        run.handle_recorded = True
         if row.status == "starting" or row.handle is None:
             run.outcome = RunOutcome(
                 FailureClass.INFRASTRUCTURE, "the dispatcher stopped while starting this run"
@@ -272,6 +356,8 @@ class Dispatcher:
         tbc = self.config.dispatcher.time_between_collection
         freed = False
         for run in list(self.active.values()):
+            if run.handle is not None and not run.handle_recorded:
+                self._record_handle(run)
             now = time.monotonic()
             if run.outcome is None and (run.due or now - run.last_check >= tbc):
                 run.due, run.last_check = False, now
@@ -429,10 +515,12 @@ def _short(exc: BaseException) -> str:
 
 def run_daemon(server: ServerConfig, config: EventConfig) -> int:
     """``ramp-dispatcher run``: serve one event until a signal or hunger_policy exit."""
+    from .config import load_event_config
     from .database.migrate import require_head
+    from .errors import UserError
 
     engine = make_engine(server.database_url)
-    require_head(engine)
+    require_head(engine, server.path)
     worker = make_worker(config.worker_type, config.worker)
     dispatcher = Dispatcher(engine, config, worker)
 
@@ -440,8 +528,18 @@ def run_daemon(server: ServerConfig, config: EventConfig) -> int:
         log.info("received %s: stopping", signal.Signals(signum).name)
         dispatcher.stopped.set()
 
+    def on_hangup(_signum: int, _frame: Any) -> None:
+        # Python runs this in the main thread (not in a C signal context), so
+        # reading files here is safe.
+        log.info("received SIGHUP: re-reading %s", config.path)
+        try:
+            dispatcher.reload(load_event_config(config.path, server))
+        except UserError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     dispatcher.start()
     try:
         dispatcher.stopped.wait()

@@ -174,13 +174,19 @@ def test_malformed_output_is_reported_not_fatal(empty_db_url: str, tmp_path: Pat
         'while [ $# -gt 0 ]; do [ "$1" = --ramp-submission-dir ] && out="$2"; shift; done\n'
         'case "$sub" in\n'
         f'  *) if grep -q MISSING_FOLD "$out/$sub/estimator.py"; then rm -r "$out/$sub/training_output/fold_1"; fi\n'
-        '     if grep -q BAD_CSV "$out/$sub/estimator.py"; then echo "step,acc" > "$out/$sub/training_output/fold_0/scores.csv"; echo "train,notanumber" >> "$out/$sub/training_output/fold_0/scores.csv"; fi;;\n'
+        '     if grep -q BAD_CSV "$out/$sub/estimator.py"; then echo "step,acc" > "$out/$sub/training_output/fold_0/scores.csv"; echo "train,notanumber" >> "$out/$sub/training_output/fold_0/scores.csv"; fi\n'
+        '     if grep -q NO_OUTPUT "$out/$sub/estimator.py"; then rm -r "$out/$sub/training_output"; fi;;\n'
         "esac\n"
     )
     script.chmod(0o755)
     dep = Deployment(
         tmp_path / "deploy", empty_db_url,
-        {"missing_fold": dedent(GOOD) + "# MISSING_FOLD\n", "bad_csv": dedent(GOOD) + "# BAD_CSV\n", "good": GOOD},
+        {
+            "missing_fold": dedent(GOOD) + "# MISSING_FOLD\n",
+            "bad_csv": dedent(GOOD) + "# BAD_CSV\n",
+            "no_output": dedent(GOOD) + "# NO_OUTPUT\n",
+            "good": GOOD,
+        },
         dispatcher_extra="max_attempts: 1",
     )
     dep.event_path.write_text(dep.event_path.read_text().replace(f"conda_env: {sys.prefix}", f"conda_env: {env}"))
@@ -191,6 +197,9 @@ def test_malformed_output_is_reported_not_fatal(empty_db_url: str, tmp_path: Pat
     assert "fold_1" in s["missing_fold"].error_msg
     assert s["bad_csv"].state == "checking_error"
     assert "fold_0/scores.csv" in s["bad_csv"].error_msg
+    # ramp-test said success but left nothing: the platform's problem, not the participant's
+    assert s["no_output"].state == "checking_error"
+    assert "training_output" in s["no_output"].error_msg
 
 
 def test_timeout_kills_the_whole_tree(empty_db_url: str, tmp_path: Path) -> None:

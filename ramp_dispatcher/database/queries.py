@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import Connection, Float, and_, bindparam, exists, func, insert, select, update
 
@@ -278,15 +278,24 @@ def _close_run(conn: Connection, run_id: int, **values: Any) -> bool:
     return result.rowcount == 1
 
 
-def heartbeat(conn: Connection, owner: str, run_ids: Iterable[int], lease: dt.timedelta) -> None:
+def heartbeat(
+    conn: Connection, owner: str, run_ids: Iterable[int], lease: dt.timedelta
+) -> set[int]:
+    """Renew our leases; return the runs that are still ours (another daemon
+    may have taken over a run whose lease lapsed during a database outage)."""
     ids = list(run_ids)
     if not ids:
-        return
+        return set()
     now = utcnow()
     conn.execute(
         update(runs)
         .where(runs.c.id.in_(ids), runs.c.owner == owner, runs.c.status != RUN_COLLECTED)
         .values(heartbeat_at=now, lease_expires_at=now + lease)
+    )
+    return set(
+        conn.execute(
+            select(runs.c.id).where(runs.c.id.in_(ids), runs.c.owner == owner)
+        ).scalars()
     )
 
 
@@ -299,24 +308,49 @@ def release(conn: Connection, owner: str) -> None:
     )
 
 
-def adopt_orphaned_runs(
-    conn: Connection, event: EventInfo, owner: str, lease: dt.timedelta
-) -> list[RunRow]:
-    """Take over the event's unfinished runs whose owner's lease expired."""
-    now = utcnow()
-    candidates = conn.execute(
-        select(runs.c.id).where(
-            runs.c.event_id == event.id,
-            runs.c.status.in_(ACTIVE_RUN_STATUSES),
-            runs.c.lease_expires_at < now,
+def unfinished_runs(conn: Connection, event: EventInfo) -> set[tuple[int, int]]:
+    """(submission id, attempt) of every run of the event not yet collected."""
+    return {
+        (r.submission_id, r.attempt)
+        for r in conn.execute(
+            select(runs.c.submission_id, runs.c.attempt).where(
+                runs.c.event_id == event.id, runs.c.status.in_(ACTIVE_RUN_STATUSES)
+            )
         )
-    ).scalars().all()
+    }
+
+
+def adopt_orphaned_runs(
+    conn: Connection,
+    event: EventInfo,
+    owner: str,
+    lease: dt.timedelta,
+    held: Iterable[int],
+    owner_is_dead: Callable[[str], bool],
+) -> list[RunRow]:
+    """Take over the event's unfinished runs that nobody serves any more.
+
+    A run is orphaned when its owner's lease lapsed, or its owner is a daemon
+    on this host whose process is gone (a restart after ``kill -9`` need not
+    wait for the lease). ``held`` are the runs this daemon already serves.
+    """
+    now = utcnow()
+    held = set(held)
+    candidates = conn.execute(
+        select(runs.c.id, runs.c.owner, runs.c.lease_expires_at).where(
+            runs.c.event_id == event.id, runs.c.status.in_(ACTIVE_RUN_STATUSES)
+        )
+    ).all()
     adopted = []
-    for run_id in candidates:
-        # The lease check again in the UPDATE makes the takeover atomic.
+    for run_id, old_owner, expires in candidates:
+        if run_id in held:
+            continue
+        if not (expires is None or expires < now or old_owner == owner or owner_is_dead(old_owner)):
+            continue
+        # Compare-and-set on the owner makes the takeover atomic between daemons.
         taken = conn.execute(
             update(runs)
-            .where(runs.c.id == run_id, runs.c.lease_expires_at < now)
+            .where(runs.c.id == run_id, runs.c.owner == old_owner)
             .values(owner=owner, heartbeat_at=now, lease_expires_at=now + lease)
         ).rowcount
         if taken:

@@ -82,6 +82,8 @@ class Worker(ABC):
 
     #: the ``worker_type`` value in the event config
     type_name: str
+    #: the worker type's own config dataclass
+    config: Any
 
     @abstractmethod
     def start(self, request: RunRequest, wake: Wake) -> Handle:
@@ -98,6 +100,18 @@ class Worker(ABC):
     @abstractmethod
     def cleanup(self, request: RunRequest, handle: Handle) -> None:
         """Release what the run holds (process, instance, temporary files)."""
+
+    def reconfigure(self, config: Any) -> None:
+        """A re-read config (SIGHUP) applies to the runs started from now on."""
+        self.config = config
+
+    def reap(self, active: set[tuple[int, int]]) -> None:
+        """Release resources of runs that no daemon owns any more.
+
+        Called periodically with the (submission_id, attempt) pairs of every
+        unfinished run of the event (from the database). A worker whose runs
+        hold external resources (an EC2 instance) frees those of any other run.
+        """
 
     def close(self) -> None:
         """Called once when the daemon stops; runs are left to be re-attached."""

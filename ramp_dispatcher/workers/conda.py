@@ -365,13 +365,9 @@ class CondaWorker(Worker):
         }
         if reason == "exited":
             if exit_code == 0:
-                if request.output_dir.is_dir():
-                    return RunOutcome(None, "", output_dir=request.output_dir, **common)
-                return RunOutcome(
-                    FailureClass.PARTICIPANT,
-                    "ramp-test exited 0 but wrote no training_output",
-                    **common,
-                )
+                # Whether the output is usable is the results parser's call: the
+                # dispatcher may already have moved it before a crash.
+                return RunOutcome(None, "", output_dir=request.output_dir, **common)
             if isinstance(sig, int):
                 name = _signal_name(sig)
                 hint = ""
