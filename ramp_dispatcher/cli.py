@@ -185,10 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    # -v/-q are accepted after the command too (`ramp-dispatcher run ... -v`).
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
+    verbosity.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS, help="less logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str, **kw):
-        p = sub.add_parser(name, help=help, description=help, **kw)
+        p = sub.add_parser(name, help=help, description=help, parents=[verbosity], **kw)
         p.set_defaults(func=func)
         return p
 
@@ -206,11 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("upgrade", cmd_db_upgrade, "head", "create or adopt the schema, apply our migrations"),
         ("downgrade", cmd_db_downgrade, "baseline", "remove what ramp-dispatcher added"),
     ):
-        p = db_sub.add_parser(name, help=help, description=help)
+        p = db_sub.add_parser(name, help=help, description=help, parents=[verbosity])
         p.set_defaults(func=func)
         _add_db_args(p)
         p.add_argument("revision", nargs="?", default=default, help="(default: %(default)s)")
-    p = db_sub.add_parser("current", help="print the schema revision")
+    p = db_sub.add_parser("current", help="print the schema revision", parents=[verbosity])
     p.set_defaults(func=cmd_db_current)
     _add_db_args(p)
 
@@ -218,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     a_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
 
     def add_admin(name: str, func: Callable[[argparse.Namespace], int], help: str):
-        p = a_sub.add_parser(name, help=help, description=help)
+        p = a_sub.add_parser(name, help=help, description=help, parents=[verbosity])
         p.set_defaults(func=func)
         _add_db_args(p)
         return p
