@@ -95,7 +95,7 @@ def test_server_missing_section_file_and_bad_yaml(tmp_path: Path) -> None:
         load_server_config(write(tmp_path / "a.yml", {"flask": {}}))
     with pytest.raises(ConfigError, match=r"nope\.yml: file not found"):
         load_server_config(tmp_path / "nope.yml")
-    with pytest.raises(ConfigError, match=r"bad\.yml: invalid YAML \(line 2, column"):
+    with pytest.raises(ConfigError, match=r"bad\.yml: invalid YAML \(line 3, column 1\): expected ','"):
         load_server_config(write(tmp_path / "bad.yml", "sqlalchemy:\n  drivername: [sqlite\n"))
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_server_config(write(tmp_path / "list.yml", "- a\n- b\n"))
