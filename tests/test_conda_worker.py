@@ -415,12 +415,3 @@ def test_env_cache_expires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     time.sleep(0.4)
     with pytest.raises(WorkerError, match=r"'alpha' not found \(known: none\)"):
         worker.env_prefix()
-
-
-def test_config_from_mapping() -> None:
-    cfg = CondaConfig.from_mapping({"conda_env": "ramp", "timeout": 60})
-    assert cfg == CondaConfig(conda_env="ramp", timeout=60)
-    with pytest.raises(ValueError, match="unknown setting"):
-        CondaConfig.from_mapping({"conda_env": "ramp", "timeuot": 60})
-    with pytest.raises(ValueError, match="conda_env"):
-        CondaConfig.from_mapping({"timeout": 60})

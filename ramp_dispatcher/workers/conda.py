@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker, WorkerError
 from .supervise import read_stat
@@ -58,20 +58,6 @@ class CondaConfig:
             raise ValueError(
                 f"conda worker: 'memory_limit_mb' must be > 0, got {self.memory_limit_mb!r}"
             )
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> CondaConfig:
-        """Build from a parsed config section; unknown keys are an error."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"conda worker: unknown setting(s) {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(known))})"
-            )
-        if "conda_env" not in data:
-            raise ValueError("conda worker: 'conda_env' is required")
-        return cls(**dict(data))
 
 
 # ---------------------------------------------------------------- environments
