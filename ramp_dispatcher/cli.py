@@ -169,6 +169,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.dir), n_workers=args.n_workers)
 
 
+# --------------------------------------------------------------------------- operations
+
+
+def _engine_at_head(args: argparse.Namespace):
+    """The operations read and write our runs table: the schema must be current."""
+    from .database.migrate import require_head
+
+    engine = _engine(args)
+    require_head(engine, args.config)
+    return engine
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import status_text
+
+    if args.limit < 0:
+        raise UserError("--limit must be 0 or more")
+    engine = _engine_at_head(args)
+    print(status_text(engine, args.event, args.event_config, args.json, args.limit))
+    return 0
+
+
+def _submission_action(args: argparse.Namespace, action: str) -> int:
+    from .database import control
+
+    with _engine_at_head(args).begin() as conn:
+        ref = control.find_submission(conn, args.submission, args.event)
+        do = control.retry_submission if action == "retry" else control.cancel_submission
+        print(do(conn, ref))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    return _submission_action(args, "retry")
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    return _submission_action(args, "cancel")
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -203,6 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "build an SQLite iris deployment in DIR and run it to completion")
     p.add_argument("dir", nargs="?", default="demo-deployment", help="folder (default: %(default)s)")
     p.add_argument("--n-workers", type=int, default=2, help="parallel runs (default: %(default)s)")
+
+    p = add("status", cmd_status, "show an event's waiting, running and finished submissions")
+    _add_db_args(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--event", help="event name (default: the database's only event)")
+    g.add_argument("--event-config", help="take the event name from this event config.yml")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--limit", type=int, default=20, help="rows per list (default: %(default)s)"
+    )
+
+    ref_help = (
+        "submission id (42), on-disk name (submission_000000042), "
+        "or TEAM/NAME or NAME with --event"
+    )
+    for name, func, help in (
+        ("retry", cmd_retry, "requeue a failed submission (a new attempt; history kept)"),
+        ("cancel", cmd_cancel, "cancel a waiting submission, or stop a running one"),
+    ):
+        p = add(name, func, help)
+        p.add_argument("submission", help=ref_help)
+        _add_db_args(p)
+        p.add_argument("--event", help="the submission's event (needed for TEAM/NAME or NAME)")
 
     db = sub.add_parser("db", help="database schema: upgrade, downgrade, current")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")

@@ -69,7 +69,7 @@ class Section:
         self.data: dict[str, Any] = data
         self._used: set[str] = set()
 
-    def _where(self, key: str) -> str:
+    def where(self, key: str) -> str:
         return f"{self.path}: key '{self.name}.{key}'"
 
     def _convert(self, key: str, value: Any, kind: Callable[[Any], T], type_name: str) -> T:
@@ -81,14 +81,19 @@ class Section:
         }.get(kind, lambda v: True)(value)
         if not ok:
             raise ConfigError(
-                f"{self._where(key)} must be {type_name}, got {type(value).__name__} {value!r}"
+                f"{self.where(key)} must be {type_name}, got {type(value).__name__} {value!r}"
             )
         return kind(value)
+
+    def value(self, key: str) -> Any:
+        """The raw value (or None) of a key whose type the caller checks."""
+        self._used.add(key)
+        return self.data.get(key)
 
     def required(self, key: str, kind: Callable[[Any], T], type_name: str) -> T:
         self._used.add(key)
         if key not in self.data or self.data[key] is None:
-            raise ConfigError(f"{self._where(key)} is required")
+            raise ConfigError(f"{self.where(key)} is required")
         return self._convert(key, self.data[key], kind, type_name)
 
     def optional(self, key: str, kind: Callable[[Any], T], type_name: str, default: T) -> T:
@@ -102,7 +107,7 @@ class Section:
         value = self.data.get(key, default)
         if value not in choices:
             shown = ", ".join(repr(c) for c in choices)
-            raise ConfigError(f"{self._where(key)} must be one of {shown}, got {value!r}")
+            raise ConfigError(f"{self.where(key)} must be one of {shown}, got {value!r}")
         return value
 
     def path_key(self, key: str, default: Path, base: Path) -> Path:
@@ -194,6 +199,12 @@ class DispatcherConfig:
     max_attempts: int = 3
     #: seconds before the first retry of an infrastructure failure (doubles each time)
     retry_delay: float = 30.0
+    #: run after results are written (coalesced), e.g. ramp-database update-leaderboards
+    leaderboard_command: tuple[str, ...] | None = None
+    #: seconds between two runs of leaderboard_command, at least
+    leaderboard_interval: float = 60.0
+    #: serve Prometheus metrics on 127.0.0.1:<port>
+    metrics_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -241,19 +252,25 @@ def _load_dispatcher(section: Section) -> DispatcherConfig:
     n_workers = section.optional("n_workers", int, "an integer", 1)
     n_threads = section.optional("n_threads", int, "an integer", None)
     if n_threads is not None and n_threads < 1:
-        raise ConfigError(f"{section._where('n_threads')} must be a positive integer")
+        raise ConfigError(f"{section.where('n_threads')} must be a positive integer")
     policy = section.choice("hunger_policy", (None, "sleep", "exit"), None)
     tbc = section.optional("time_between_collection", float, "a number of seconds", 1.0)
     poll = section.optional("poll_interval", float, "a number of seconds", 5.0)
     attempts = section.optional("max_attempts", int, "an integer", 3)
     retry_delay = section.optional("retry_delay", float, "a number of seconds", 30.0)
     if retry_delay < 0:
-        raise ConfigError(f"{section._where('retry_delay')} must not be negative")
+        raise ConfigError(f"{section.where('retry_delay')} must not be negative")
+    from .leaderboard import leaderboard_settings
+
+    board = leaderboard_settings(section)
+    metrics_port = section.optional("metrics_port", int, "an integer", None)
+    if metrics_port is not None and not 0 < metrics_port < 65536:
+        raise ConfigError(f"{section.where('metrics_port')} must be a TCP port (1-65535)")
     for key, value in (("time_between_collection", tbc), ("poll_interval", poll)):
         if value <= 0:
-            raise ConfigError(f"{section._where(key)} must be positive")
+            raise ConfigError(f"{section.where(key)} must be positive")
     if attempts < 1:
-        raise ConfigError(f"{section._where('max_attempts')} must be at least 1")
+        raise ConfigError(f"{section.where('max_attempts')} must be at least 1")
     section.warn_unknown()
     return DispatcherConfig(
         n_workers=resolve_n_workers(n_workers),
@@ -263,6 +280,9 @@ def _load_dispatcher(section: Section) -> DispatcherConfig:
         poll_interval=float(poll),
         max_attempts=attempts,
         retry_delay=float(retry_delay),
+        leaderboard_command=board.command,
+        leaderboard_interval=board.interval,
+        metrics_port=metrics_port,
     )
 
 

@@ -211,7 +211,6 @@ def run_demo(root: Path, n_workers: int = 2) -> int:
     from .database import queries
     from .database.engine import make_engine
     from .dispatcher import Dispatcher
-    from .workers import make_worker
 
     root = root.absolute()
     if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
@@ -227,7 +226,7 @@ def run_demo(root: Path, n_workers: int = 2) -> int:
     server = load_server_config(server_path)
     event = load_event_config(event_path, server)
     engine = make_engine(server.database_url)
-    dispatcher = Dispatcher(engine, event, make_worker(event.worker_type, event.worker))
+    dispatcher = Dispatcher.for_event(engine, event)
     print(f"Running the dispatcher ({n_workers} workers) until the queue is empty ...", flush=True)
     started = time.monotonic()
     dispatcher.start()

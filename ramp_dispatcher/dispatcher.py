@@ -36,10 +36,13 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from . import messages
 from .config import EventConfig, ServerConfig
-from .database import queries
+from .database import control, queries, reports
 from .database.engine import make_engine
+from .leaderboard import LeaderboardRefresher
+from .metrics import Metrics
 from .results import ResultsError, parse_training_output, read_fold_error
 from .retry import RetryPolicy
+from .sdnotify import SystemdNotifier
 from .workers import make_worker
 from .workers.base import FailureClass, RunOutcome, RunRequest, Worker, WorkerError
 
@@ -48,7 +51,9 @@ log = logging.getLogger(__name__)
 #: how long a daemon's claim on its runs lasts without a heartbeat (at least)
 MIN_LEASE = dt.timedelta(seconds=60)
 #: how often unfinished runs' external resources are checked for orphans
-REAP_INTERVAL_S = 120.0
+REAP_INTERVAL_S = 300.0
+#: how often the one-line summary is sent to systemd (STATUS=)
+STATUS_INTERVAL_S = 30.0
 #: exceptions that mean "the database is away", not "our bug"
 DB_ERRORS = (OperationalError, DBAPIError)
 
@@ -67,6 +72,8 @@ class ActiveRun:
     outcome: RunOutcome | None = None
     #: the handle is in the runs table (a database outage may delay it)
     handle_recorded: bool = False
+    #: the attempt's rank since the submission was new or retried by an admin
+    budget_attempt: int = 1
     finished_recorded: bool = False
 
     def label(self) -> str:
@@ -96,6 +103,7 @@ class Dispatcher:
         config: EventConfig,
         worker: Worker,
         owner: str | None = None,
+        notifier: SystemdNotifier | None = None,
     ):
         self.engine = engine
         self.config = config
@@ -105,13 +113,32 @@ class Dispatcher:
             max_attempts=config.dispatcher.max_attempts,
             base_delay_s=config.dispatcher.retry_delay,
         )
+        self.notifier = notifier or SystemdNotifier(env={})
+        self.metrics = Metrics(config.ramp.event_name)
+        self.leaderboard = LeaderboardRefresher(
+            list(config.dispatcher.leaderboard_command or []) or None,
+            config.dispatcher.leaderboard_interval,
+            cwd=config.path.parent,
+        )
         self.active: dict[int, ActiveRun] = {}
         self.stopped = threading.Event()
-        self._last_reap = 0.0
+        self._last_reap = -REAP_INTERVAL_S  # the first claim cycle reaps
+        self._last_status = -STATUS_INTERVAL_S
         self._scheduler: BackgroundScheduler | None = None
         self._listener = None
         self._event: queries.EventInfo | None = None
         self._db_down_since: float | None = None
+
+    @classmethod
+    def for_event(
+        cls, engine: Engine, config: EventConfig, notifier: SystemdNotifier | None = None
+    ) -> Dispatcher:
+        """A dispatcher with its worker; the owner id also names the worker's resources."""
+        owner = new_owner_id()
+        worker = make_worker(
+            config.worker_type, config.worker, event_name=config.ramp.event_name, daemon_id=owner
+        )
+        return cls(engine, config, worker, owner=owner, notifier=notifier)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -145,13 +172,21 @@ class Dispatcher:
         now = dt.datetime.now(dt.timezone.utc)
         scheduler.add_job(self._guard(self.claim_cycle), "interval", seconds=poll, id="claim", next_run_time=now)
         scheduler.add_job(self._guard(self.collect_cycle), "interval", seconds=tbc, id="collect", next_run_time=now)
+        watchdog = self.notifier.watchdog_interval()
+        if watchdog:
+            # On the loop's own thread: the pings stop if the loop is stuck.
+            scheduler.add_job(self._systemd_ping, "interval", seconds=watchdog, id="watchdog", next_run_time=now)
         self._scheduler = scheduler
+        if self.config.dispatcher.metrics_port:
+            self.metrics.serve(self.config.dispatcher.metrics_port)
         scheduler.start()
         if self.engine.dialect.name == "postgresql":
             from .listen import NotifyListener
 
             self._listener = NotifyListener(self.engine, self.event.id, lambda: self.wake("claim"))
             self._listener.start()
+        self.leaderboard.request()  # results may have come in while we were down
+        self.notifier.ready(status=f"serving event {self.event.name}")
 
     def stop(self) -> None:
         """Stop claiming; leave runs going for the next start to re-attach."""
@@ -166,6 +201,8 @@ class Dispatcher:
         except DB_ERRORS as exc:
             log.warning("could not release leases (%s); they expire in %s", _short(exc), self.lease)
         self.worker.close()
+        self.leaderboard.close(wait=10)
+        self.metrics.close()
         if self.active:
             log.info("left %d run(s) running for the next start to re-attach", len(self.active))
 
@@ -187,6 +224,8 @@ class Dispatcher:
             base_delay_s=config.dispatcher.retry_delay,
         )
         self.worker.reconfigure(config.worker)
+        self.leaderboard.command = list(config.dispatcher.leaderboard_command or []) or None
+        self.leaderboard.interval = config.dispatcher.leaderboard_interval
         if self._scheduler is not None:
             self._scheduler.reschedule_job("claim", trigger="interval", seconds=config.dispatcher.poll_interval)
             self._scheduler.reschedule_job(
@@ -216,6 +255,7 @@ class Dispatcher:
                 return
             try:
                 job()
+                self.metrics.loop_ok()
                 if self._db_down_since is not None:
                     log.warning(
                         "database reachable again after %.0f s",
@@ -240,6 +280,10 @@ class Dispatcher:
             adopted = queries.adopt_orphaned_runs(
                 conn, self.event, self.owner, self.lease, self.active, owner_is_dead
             )
+            cancels = control.pending_cancels(conn, list(self.active))
+        for run_id in cancels:
+            if run_id in self.active:
+                self._cancel(self.active[run_id])
         for run_id in set(self.active) - ours:
             # Our lease lapsed (a long database outage) and another daemon took
             # the run over: it is theirs to collect now.
@@ -255,11 +299,48 @@ class Dispatcher:
                     conn, self.event, free, self.owner, self.config.worker_type, self.lease
                 )
             queries.update_queue_positions(conn, self.event)
+            if self.metrics.serving:
+                self.metrics.set_queue_depth(queries.count_waiting(conn, self.event))
         for claim in claims:
             self._launch(claim)
+        self.metrics.set_running(len(self.active))
         self._reap()
         if not self.active and not claims:
             self._on_hunger()
+
+    def _cancel(self, run: ActiveRun) -> None:
+        """An admin asked (``ramp-dispatcher cancel``) to stop this run."""
+        try:
+            self.worker.cleanup(run.request, run.handle or {})
+        except Exception:
+            log.exception("%s: stopping the cancelled run failed", run.label())
+        with self.engine.begin() as conn:
+            done = control.write_cancelled(conn, run.run_id, run.submission_id)
+        if done:
+            log.info("%s: checking_error (cancelled by an administrator)", run.label())
+            self.metrics.outcome("cancelled")
+            self.leaderboard.request()
+        del self.active[run.run_id]
+        self.wake("claim")
+
+    def _systemd_ping(self) -> None:
+        """WATCHDOG=1 while the loop turns, and now and then a STATUS= summary."""
+        self.notifier.watchdog()
+        if time.monotonic() - self._last_status < STATUS_INTERVAL_S:
+            return
+        self._last_status = time.monotonic()
+        if self._db_down_since is not None:
+            self.notifier.status(
+                f"database unavailable for {time.monotonic() - self._db_down_since:.0f} s; "
+                f"{len(self.active)} run(s) kept"
+            )
+            return
+        try:
+            with self.engine.connect().execution_options(sqlite_readonly=True) as conn:
+                summary = reports.state_counts(conn, self.event.id, self.event.sandbox_name).summary()
+            self.notifier.status(summary)
+        except DB_ERRORS as exc:
+            log.debug("status summary skipped: %s", _short(exc))
 
     def _reap(self) -> None:
         """Let the worker free resources of runs nobody owns (e.g. instances)."""
@@ -339,7 +420,8 @@ class Dispatcher:
         if self.config.dispatcher.hunger_policy != "exit":
             return  # None and "sleep": wait for news; polling never spins
         with self.engine.connect() as conn:
-            waiting = conn.execute(_count_waiting(self.event)).scalar_one()
+            # backing-off retries count as waiting: they will come back
+            waiting = queries.count_waiting(conn, self.event, include_backoff=True)
         if waiting == 0:
             log.info("no submission left to run: exiting (hunger_policy: exit)")
             self.stopped.set()
@@ -371,6 +453,7 @@ class Dispatcher:
                 del self.active[run.run_id]
                 freed = True
         if freed:
+            self.metrics.set_running(len(self.active))
             self.wake("claim")
 
     def _finish(self, run: ActiveRun) -> None:
@@ -379,6 +462,8 @@ class Dispatcher:
         outcome = run.outcome
         assert outcome is not None
         if not run.finished_recorded:
+            if outcome.duration_s is not None:
+                self.metrics.observe_duration(outcome.duration_s)
             with self.engine.begin() as conn:
                 queries.mark_finished(
                     conn,
@@ -425,12 +510,17 @@ class Dispatcher:
             )
         if written:
             log.info("%s: scored", run.label())
+            self.metrics.outcome("scored")
+            self.leaderboard.request()
 
     def _store_failure(self, run: ActiveRun, outcome: RunOutcome) -> None:
         failure = outcome.failure
         assert failure is not None
-        if self.policy.should_retry(failure, run.attempt):
-            delay = self.policy.delay_s(run.attempt)
+        with self.engine.connect() as conn:
+            # an admin retry starts a fresh budget of infrastructure retries
+            run.budget_attempt = control.attempt_in_budget(conn, run.submission_id, run.attempt)
+        if self.policy.should_retry(failure, run.budget_attempt):
+            delay = self.policy.delay_s(run.budget_attempt)
             retry_after = queries.utcnow() + dt.timedelta(seconds=delay)
             with self.engine.begin() as conn:
                 done = queries.requeue(
@@ -441,6 +531,7 @@ class Dispatcher:
                     "%s: infrastructure failure (%s); retry in %.0f s",
                     run.label(), outcome.message, delay,
                 )
+                self.metrics.outcome(failure.value)
                 self.wake("claim")
             return
         detail = self._failure_detail(run, outcome)
@@ -452,6 +543,8 @@ class Dispatcher:
             )
         if done:
             log.info("%s: %s (%s: %s)", run.label(), state, failure.value, outcome.message)
+            self.metrics.outcome(failure.value)
+            self.leaderboard.request()
 
     def _failure_text(
         self, run: ActiveRun, outcome: RunOutcome, detail: str | None
@@ -463,7 +556,7 @@ class Dispatcher:
             return "checking_error", (
                 "The platform could not run this submission; this is a problem on the "
                 f"platform's side, not in your code ({outcome.message}; "
-                f"attempt {run.attempt} of {self.policy.max_attempts})."
+                f"attempt {run.budget_attempt} of {self.policy.max_attempts})."
             )
         if failure in (FailureClass.TIMEOUT, FailureClass.MEMORY):
             return "training_error", outcome.message
@@ -496,19 +589,6 @@ def _replace_dir(source: Path, dest: Path) -> None:
     shutil.move(str(source), str(dest))
 
 
-def _count_waiting(event: queries.EventInfo):
-    from sqlalchemy import func, select
-
-    from .database.ramp_schema import event_teams, submissions as S
-
-    return (
-        select(func.count())
-        .select_from(S)
-        .join(event_teams, event_teams.c.id == S.c.event_team_id)
-        .where(event_teams.c.event_id == event.id, S.c.state == "new", S.c.name != event.sandbox_name)
-    )
-
-
 def _short(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -521,21 +601,24 @@ def run_daemon(server: ServerConfig, config: EventConfig) -> int:
 
     engine = make_engine(server.database_url)
     require_head(engine, server.path)
-    worker = make_worker(config.worker_type, config.worker)
-    dispatcher = Dispatcher(engine, config, worker)
+    notifier = SystemdNotifier()
+    dispatcher = Dispatcher.for_event(engine, config, notifier)
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
+        notifier.stopping()
         dispatcher.stopped.set()
 
     def on_hangup(_signum: int, _frame: Any) -> None:
         # Python runs this in the main thread (not in a C signal context), so
         # reading files here is safe.
         log.info("received SIGHUP: re-reading %s", config.path)
+        notifier.reloading()
         try:
             dispatcher.reload(load_event_config(config.path, server))
         except UserError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
+        notifier.ready()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -546,4 +629,5 @@ def run_daemon(server: ServerConfig, config: EventConfig) -> int:
     finally:
         dispatcher.stop()
         engine.dispose()
+        notifier.close()
     return 0

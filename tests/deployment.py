@@ -12,7 +12,6 @@ from ramp_dispatcher.database import queries
 from ramp_dispatcher.database.engine import make_engine
 from ramp_dispatcher.demo import EVENT, SUBMISSIONS, build_deployment
 from ramp_dispatcher.dispatcher import Dispatcher
-from ramp_dispatcher.workers import make_worker
 
 GOOD = SUBMISSIONS["random_forest"]
 RAISES = SUBMISSIONS["raises_in_fit"]
@@ -62,8 +61,7 @@ class Deployment:
         return load_event_config(self.event_path, self.server)
 
     def dispatcher(self) -> Dispatcher:
-        config = self.event_config()
-        return Dispatcher(self.engine, config, make_worker(config.worker_type, config.worker))
+        return Dispatcher.for_event(self.engine, self.event_config())
 
     def run_until_done(self, timeout: float = 180.0) -> Dispatcher:
         """Run a dispatcher in this process until hunger_policy exit stops it."""

@@ -256,20 +256,61 @@ def test_baseline_matches_ramp_database_create_all(
         ours.dispose()
 
 
-def test_migration_0002_matches_dispatcher_schema(empty_db_url: str, other_db_url: str) -> None:
-    """The frozen op.create_table in 0002 and the live ``runs`` Table agree.
+def test_migrations_match_dispatcher_schema(empty_db_url: str, other_db_url: str) -> None:
+    """The frozen migrations, applied up to head, give the live ``runs`` Table.
 
-    When this fails, dispatcher_schema changed: write migration 0003.
+    When this fails, dispatcher_schema changed: write the next migration.
     """
     live = plain_engine(other_db_url)
     ours = make_engine(empty_db_url)
     try:
         ramp_schema.metadata.create_all(live)  # ramp-board's tables and dispatcher_runs
         migrate.upgrade(ours)
+        assert migrate.current(ours) == migrate.HEAD
         assert describe(ours, {runs.name}) == describe(live, {runs.name})
     finally:
         live.dispose()
         ours.dispose()
+
+
+def test_migration_0003_adds_and_removes_cancel_requested_at(engine: Engine) -> None:
+    """0003 on a database with runs: the column appears empty, and goes on downgrade
+    with the rows kept."""
+    from datetime import datetime
+
+    migrate.upgrade(engine, "0002_dispatcher_runs")
+    ids = insert_minimal_event(engine)[0]
+    now = datetime(2024, 1, 1)
+    with engine.begin() as conn:
+        sub = conn.execute(
+            insert(ramp_schema.submissions).values(
+                event_team_id=ids["event_team_id"], name="s1", hash_="h1",
+                submission_timestamp=now, **ramp_schema.SUBMISSION_DEFAULTS,
+            )
+        ).inserted_primary_key[0]
+        conn.exec_driver_sql(
+            "INSERT INTO dispatcher_runs (submission_id, event_id, attempt, worker_type, owner, "
+            f"status, created_at) VALUES ({sub}, {ids['event_id']}, 1, 'conda', 'o', 'running', "
+            "'2024-01-01 00:00:00')"
+        )
+    columns = lambda: [c["name"] for c in inspect(engine).get_columns(runs.name)]  # noqa: E731
+    assert "cancel_requested_at" not in columns()
+
+    lines = migrate.upgrade(engine)
+    assert any("applied 0003_cancel_requests" in line for line in lines)
+    assert columns()[-1] == "cancel_requested_at"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT attempt, cancel_requested_at FROM dispatcher_runs")).all() == [
+            (1, None)
+        ]
+
+    lines = migrate.downgrade(engine, "0002_dispatcher_runs")
+    assert any("reverted 0003_cancel_requests" in line for line in lines)
+    assert "cancel_requested_at" not in columns()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT attempt, status FROM dispatcher_runs")).all() == [
+            (1, "running")
+        ]
 
 
 # --------------------------------------------------------------------------- c) adoption
@@ -470,7 +511,7 @@ def test_refuses_our_tables_without_a_revision(engine: Engine) -> None:
 
 
 def test_require_head_and_unknown_revisions(engine: Engine) -> None:
-    with pytest.raises(UserError, match=r"at none .*needs 0002.*`ramp-dispatcher db upgrade --conf"):
+    with pytest.raises(UserError, match=rf"at none .*needs {migrate.HEAD}.*`ramp-dispatcher db upgrade --conf"):
         migrate.require_head(engine)
     with pytest.raises(UserError, match="db upgrade --config /etc/ramp/config.yml"):
         migrate.require_head(engine, "/etc/ramp/config.yml")

@@ -19,7 +19,6 @@ from ramp_dispatcher.database import migrate
 from ramp_dispatcher.database.engine import make_engine, normalise_url
 from ramp_dispatcher.database.ramp_schema import submissions
 from ramp_dispatcher.dispatcher import Dispatcher
-from ramp_dispatcher.workers import make_worker
 
 from deployment import sqlalchemy_section
 from rampboard import build_rampboard_db
@@ -86,7 +85,7 @@ def test_rampboard_database_processed_and_read_back(empty_db_url: str, tmp_path:
     server_path, event_path = _write_configs(tmp_path, board)
     server = load_server_config(server_path)
     config = load_event_config(event_path, server)
-    d = Dispatcher(engine, config, make_worker(config.worker_type, config.worker))
+    d = Dispatcher.for_event(engine, config)
     d.start()
     try:
         assert d.stopped.wait(180), "the daemon did not finish"

@@ -59,6 +59,9 @@ runs = Table(
     Column("lease_expires_at", DateTime),
     # an infrastructure failure requeues the submission no earlier than this
     Column("retry_after", DateTime),
+    # an admin asked to cancel this run (``ramp-dispatcher cancel``); the daemon
+    # holding it stops it and closes it (migration 0003)
+    Column("cancel_requested_at", DateTime),
     UniqueConstraint("submission_id", "attempt", name="uq_dispatcher_runs_attempt"),
     Index("ix_dispatcher_runs_event_status", "event_id", "status"),
 )

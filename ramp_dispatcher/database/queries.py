@@ -106,6 +106,16 @@ def _waiting(event: EventInfo, now: dt.datetime):
     )
 
 
+def count_waiting(conn: Connection, event: EventInfo, include_backoff: bool = False) -> int:
+    """Submissions waiting for a run (with those backing off after a platform failure)."""
+    condition = (
+        and_(S.c.state == "new", _event_submissions(event.id), S.c.name != event.sandbox_name)
+        if include_backoff
+        else _waiting(event, utcnow())
+    )
+    return conn.execute(select(func.count()).select_from(S).where(condition)).scalar_one()
+
+
 # --------------------------------------------------------------------------- claim
 
 

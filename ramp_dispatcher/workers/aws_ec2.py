@@ -1,0 +1,368 @@
+"""The aws worker's EC2 API calls, and how an instance is reached.
+
+:class:`Ec2` wraps the few calls the worker makes (find the image, launch,
+find by tags, terminate). Errors become :class:`Ec2Error`, whose message names
+the operation and AWS's error code and never holds credentials.
+
+:class:`InstanceNetwork` is the worker's one test seam: where to reach an
+instance over SSH, which host keys it may present, and where its metadata
+service answers. :class:`Ec2InstanceNetwork`, the default, uses the instance's
+public (else private) IP and the host keys cloud-init prints on the serial
+console. Tests swap in an implementation that maps every instance to a local
+sshd, because moto's addresses are not reachable and its console output
+cannot know that sshd's key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from .aws_ssh import fingerprint_of_public_key
+
+if TYPE_CHECKING:
+    from .aws import AWSConfig
+
+TAG_EVENT = "ramp-dispatcher:event"
+TAG_SUBMISSION = "ramp-dispatcher:submission"
+TAG_ATTEMPT = "ramp-dispatcher:attempt"
+TAG_RUN = "ramp-dispatcher:run"  # the handle's run id: tells apart reused (submission, attempt)
+TAG_DAEMON = "ramp-dispatcher:daemon"
+
+LIVE_STATES = ("pending", "running")
+#: every state in which an instance may still cost money or come back
+NOT_TERMINATED = ("pending", "running", "stopping", "stopped")
+GONE_STATES = ("shutting-down", "terminated", "stopping", "stopped")
+
+#: RunInstances errors after which a spot request is retried on demand
+SPOT_FALLBACK_CODES = frozenset(
+    {
+        "InsufficientInstanceCapacity",
+        "InsufficientCapacity",
+        "InsufficientHostCapacity",
+        "SpotMaxPriceTooLow",
+        "MaxSpotInstanceCountExceeded",
+        "UnfulfillableCapacity",
+        "InsufficientFreeAddressesInSubnet",
+    }
+)
+
+METADATA_URL = "http://169.254.169.254"
+_FPR_BLOCK = re.compile(
+    r"-----BEGIN SSH HOST KEY FINGERPRINTS-----(.*?)-----END SSH HOST KEY FINGERPRINTS-----", re.S
+)
+_KEYS_BLOCK = re.compile(
+    r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S
+)
+_FPR = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+_PUBKEY = re.compile(
+    r"\b(?:ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)\s+([A-Za-z0-9+/]+={0,3})"
+)
+
+
+class Ec2Error(Exception):
+    """An EC2 call failed. ``code`` is AWS's error code when there is one."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Image:
+    image_id: str
+    name: str
+    owner_id: str
+    creation_date: str
+    root_device_name: str | None
+
+
+@dataclass(frozen=True)
+class Instance:
+    instance_id: str
+    state: str
+    public_ip: str | None
+    private_ip: str | None
+    launch_time: dt.datetime | None
+    lifecycle: str | None  # "spot" for spot instances
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Instance:
+        return cls(
+            instance_id=data["InstanceId"],
+            state=data.get("State", {}).get("Name", "unknown"),
+            public_ip=data.get("PublicIpAddress"),
+            private_ip=data.get("PrivateIpAddress"),
+            launch_time=data.get("LaunchTime"),
+            lifecycle=data.get("InstanceLifecycle"),
+            tags={t["Key"]: t["Value"] for t in data.get("Tags", [])},
+        )
+
+    def tag_int(self, key: str) -> int | None:
+        value = self.tags.get(key, "")
+        return int(value) if value.isdigit() else None
+
+    @property
+    def run_key(self) -> tuple[int | None, int | None]:
+        return self.tag_int(TAG_SUBMISSION), self.tag_int(TAG_ATTEMPT)
+
+
+def client_token(event: str, submission_id: int, attempt: int, run: str, market: str) -> str:
+    """RunInstances' idempotency token: a retried call returns the same instance."""
+    digest = hashlib.sha256(f"{event}\0{submission_id}\0{attempt}\0{run}\0{market}".encode())
+    return "ramp-" + digest.hexdigest()[:48]  # EC2 allows 64 ASCII characters
+
+
+#: added to RunInstances for a spot instance (one-time: never restarted by AWS)
+SPOT_MARKET = {
+    "InstanceMarketOptions": {
+        "MarketType": "spot",
+        "SpotOptions": {
+            "SpotInstanceType": "one-time",
+            "InstanceInterruptionBehavior": "terminate",
+        },
+    }
+}
+
+
+def launch_params(config: AWSConfig, image: Image, tags: dict[str, str]) -> dict[str, Any]:
+    """RunInstances parameters for one run's instance (without market and token)."""
+    tag_list = [{"Key": k, "Value": v[:255]} for k, v in tags.items()]
+    params: dict[str, Any] = {
+        "ImageId": image.image_id,
+        "InstanceType": config.instance_type,
+        "KeyName": config.key_name,
+        "MinCount": 1,
+        "MaxCount": 1,
+        # At creation, so no instance ever exists untagged (the reaper finds all).
+        "TagSpecifications": [
+            {"ResourceType": "instance", "Tags": tag_list},
+            {"ResourceType": "volume", "Tags": tag_list},
+        ],
+        # A shutdown from inside must not leave a stopped instance billed for its disk.
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        # IMDSv2 only: what the spot check speaks, and safer for every process on it.
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+    }
+    if config.security_group_ids:
+        params["SecurityGroupIds"] = list(config.security_group_ids)
+    else:
+        params["SecurityGroups"] = [config.security_group]
+    if config.subnet_id:
+        params["SubnetId"] = config.subnet_id
+    profile = config.iam_instance_profile
+    if profile:
+        params["IamInstanceProfile"] = {"Arn" if profile.startswith("arn:") else "Name": profile}
+    if config.root_volume_size_gb and image.root_device_name:
+        params["BlockDeviceMappings"] = [
+            {
+                "DeviceName": image.root_device_name,
+                "Ebs": {"VolumeSize": int(config.root_volume_size_gb), "DeleteOnTermination": True},
+            }
+        ]
+    return params
+
+
+def _error(operation: str, exc: Exception) -> Ec2Error:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code = err.get("Code") or "Unknown"
+        return Ec2Error(f"EC2 {operation} failed: {code}: {err.get('Message', '')}".strip(), code)
+    # NoCredentialsError, EndpointConnectionError, ...: their text names no secret
+    return Ec2Error(f"EC2 {operation} failed: {type(exc).__name__}: {exc}")
+
+
+_API_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+
+
+class Ec2:
+    """The EC2 calls of one worker; safe to share between threads."""
+
+    def __init__(self, config: AWSConfig):
+        if config.access_key_id:
+            session = boto3.session.Session(
+                aws_access_key_id=config.access_key_id,
+                aws_secret_access_key=config.secret_access_key,
+                region_name=config.region_name,
+            )
+        else:  # a named profile, or the default chain (env, files, instance role)
+            session = boto3.session.Session(
+                profile_name=config.profile_name, region_name=config.region_name
+            )
+        self.client = session.client(
+            "ec2",
+            endpoint_url=config.endpoint_url,
+            config=botocore.config.Config(
+                retries={"mode": "standard", "max_attempts": 5},
+                connect_timeout=10,
+                read_timeout=60,
+            ),
+        )
+
+    def find_image(self, name: str, owners: Iterable[str]) -> Image:
+        """The newest available image called ``name`` (wildcards allowed) among ``owners``."""
+        owners = list(owners)
+        try:
+            images = self.client.describe_images(
+                Owners=owners,
+                Filters=[
+                    {"Name": "name", "Values": [name]},
+                    {"Name": "state", "Values": ["available"]},
+                ],
+            )["Images"]
+        except _API_ERRORS as exc:
+            raise _error("DescribeImages", exc) from None
+        if not images:
+            raise Ec2Error(f"no available AMI named {name!r} owned by {', '.join(owners)}")
+        best = max(images, key=lambda i: i.get("CreationDate", ""))
+        return Image(
+            image_id=best["ImageId"],
+            name=best.get("Name", name),
+            owner_id=best.get("OwnerId", ""),
+            creation_date=best.get("CreationDate", ""),
+            root_device_name=best.get("RootDeviceName"),
+        )
+
+    def launch(self, params: dict[str, Any]) -> Instance:
+        try:
+            reply = self.client.run_instances(**params)
+        except _API_ERRORS as exc:
+            raise _error("RunInstances", exc) from None
+        return Instance.from_api(reply["Instances"][0])
+
+    def describe(self, instance_id: str) -> Instance | None:
+        """The instance, or None when EC2 no longer knows it."""
+        try:
+            reply = self.client.describe_instances(InstanceIds=[instance_id])
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidInstanceID.NotFound":
+                return None
+            raise _error("DescribeInstances", exc) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise _error("DescribeInstances", exc) from None
+        for reservation in reply.get("Reservations", []):
+            for data in reservation.get("Instances", []):
+                return Instance.from_api(data)
+        return None
+
+    def find(self, tags: dict[str, str], states: Iterable[str] | None = None) -> list[Instance]:
+        """Instances carrying all of ``tags``, oldest first."""
+        filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in tags.items()]
+        if states is not None:
+            filters.append({"Name": "instance-state-name", "Values": list(states)})
+        found: list[Instance] = []
+        try:
+            for page in self.client.get_paginator("describe_instances").paginate(Filters=filters):
+                for reservation in page.get("Reservations", []):
+                    found += [Instance.from_api(d) for d in reservation.get("Instances", [])]
+        except _API_ERRORS as exc:
+            raise _error("DescribeInstances", exc) from None
+        epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+        return sorted(found, key=lambda i: (i.launch_time or epoch, i.instance_id))
+
+    def terminate(self, instance_ids: list[str]) -> dict[str, str]:
+        """Ask for termination; return each instance's new state."""
+        if not instance_ids:
+            return {}
+        try:
+            reply = self.client.terminate_instances(InstanceIds=instance_ids)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidInstanceID.NotFound":
+                return {i: "terminated" for i in instance_ids}  # nothing left to stop
+            raise _error("TerminateInstances", exc) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise _error("TerminateInstances", exc) from None
+        return {
+            t["InstanceId"]: t.get("CurrentState", {}).get("Name", "unknown")
+            for t in reply.get("TerminatingInstances", [])
+        }
+
+    def wait_terminated(self, instance_ids: list[str], timeout: float, delay: float) -> None:
+        delay = max(1, int(round(delay)))
+        try:
+            self.client.get_waiter("instance_terminated").wait(
+                InstanceIds=instance_ids,
+                WaiterConfig={"Delay": delay, "MaxAttempts": max(1, int(timeout // delay))},
+            )
+        except botocore.exceptions.WaiterError as exc:
+            raise Ec2Error(
+                f"instance(s) {', '.join(instance_ids)} not terminated after {timeout:g} s: {exc}"
+            )
+        except _API_ERRORS as exc:
+            raise _error("DescribeInstances", exc) from None
+
+    def console_output(self, instance_id: str) -> str:
+        try:
+            try:  # the live buffer (Nitro instances); older types only have the cached copy
+                reply = self.client.get_console_output(InstanceId=instance_id, Latest=True)
+            except botocore.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "UnsupportedOperation":
+                    raise
+                reply = self.client.get_console_output(InstanceId=instance_id)
+        except _API_ERRORS as exc:
+            raise _error("GetConsoleOutput", exc) from None
+        return reply.get("Output") or ""
+
+
+def host_keys_from_console(text: str) -> frozenset[str]:
+    """SHA256 fingerprints of the host keys cloud-init printed on the console.
+
+    Both of cloud-init's blocks count: the fingerprints and the public keys
+    (whose fingerprints we compute). Outside those blocks nothing is trusted.
+    """
+    found: set[str] = set()
+    for block in _FPR_BLOCK.findall(text):
+        found.update(_FPR.findall(block))
+    for block in _KEYS_BLOCK.findall(text):
+        for blob in _PUBKEY.findall(block):
+            fp = fingerprint_of_public_key(blob)
+            if fp:
+                found.add(fp)
+    return frozenset(found)
+
+
+class InstanceNetwork(Protocol):
+    """How the worker reaches an instance (the one seam tests replace)."""
+
+    def address(self, instance: Instance) -> tuple[str, int] | None:
+        """(host, port) of its sshd; None while it has no address yet."""
+
+    def host_keys(self, instance: Instance) -> frozenset[str] | None:
+        """Fingerprints its sshd may present; None while they are not known yet."""
+
+    def metadata_url(self, instance: Instance) -> str:
+        """Base URL of its metadata service, as seen from the instance."""
+
+
+class Ec2InstanceNetwork:
+    """The real thing: public IP (else private) and console-published host keys.
+
+    With ``trusted_keys`` (from the ``known_hosts_file`` setting) those keys
+    are trusted instead: for images whose host keys are baked in.
+    """
+
+    def __init__(self, ec2: Ec2, ssh_port: int, trusted_keys: frozenset[str] | None = None):
+        self.ec2 = ec2
+        self.ssh_port = ssh_port
+        self.trusted_keys = trusted_keys
+
+    def address(self, instance: Instance) -> tuple[str, int] | None:
+        host = instance.public_ip or instance.private_ip
+        return (host, self.ssh_port) if host else None
+
+    def host_keys(self, instance: Instance) -> frozenset[str] | None:
+        if self.trusted_keys is not None:
+            return self.trusted_keys
+        # Written by cloud-init once sshd's keys exist; empty until then.
+        return host_keys_from_console(self.ec2.console_output(instance.instance_id)) or None
+
+    def metadata_url(self, instance: Instance) -> str:
+        return METADATA_URL

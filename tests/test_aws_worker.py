@@ -1,0 +1,682 @@
+"""The aws worker against moto's EC2 API and a real sshd playing the instances.
+
+Real parts: moto's server (EC2 API), OpenSSH's sshd with generated keys
+(host key pinned), real ``ramp-test`` runs of the iris kit from this
+environment, the real dispatcher and database. Fakes, named in
+``aws_fixtures``: SLOW BOOT, SPOT NOTICE (IMDSv2) and SPOT SHORTAGE, for what
+moto cannot simulate. Every test ends by asserting no instance is left running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from sqlalchemy import select
+
+pytest.importorskip("boto3")
+pytest.importorskip("paramiko")
+pytest.importorskip("moto")
+
+from aws_fixtures import (  # noqa: E402
+    AMI_NAME,
+    KEY_NAME,
+    REGION,
+    SECURITY_GROUP,
+    LocalNetwork,
+    MotoEc2,
+    Sshd,
+    fake_spot_capacity_shortage,
+    imds,  # noqa: F401  (fixtures)
+    moto_ec2,  # noqa: F401
+    network,  # noqa: F401
+    sshd,  # noqa: F401
+)
+from kit import GOOD, make_iris_kit, slow_source  # noqa: E402
+
+from ramp_dispatcher.config import (
+    ConfigError,
+    load_event_config,
+    server_config_for_url,
+)  # noqa: E402
+from ramp_dispatcher.workers import make_worker  # noqa: E402
+from ramp_dispatcher.workers.aws import AWSConfig, AWSWorker  # noqa: E402
+from ramp_dispatcher.workers.aws_ec2 import host_keys_from_console  # noqa: E402
+from ramp_dispatcher.workers.aws_ssh import known_hosts_fingerprints  # noqa: E402
+from ramp_dispatcher.workers.base import FailureClass, RunOutcome, RunRequest  # noqa: E402
+from ramp_dispatcher.workers.supervise import all_processes  # noqa: E402
+
+EVENT = "iris_aws"
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzz-not-a-real-secret"
+ACCESS_KEY = "AKIARAMPDISPATCHTEST"
+
+
+def sleeping_good(seconds: float, probe_dir: Path | None = None) -> str:
+    """A working classifier whose fit sleeps; with ``probe_dir``, each process
+    that imports it leaves a file named by its pid there."""
+    probe = ""
+    if probe_dir is not None:
+        probe = f"pathlib.Path({str(probe_dir)!r}, str(os.getpid())).touch()\n"
+    return (
+        "import os\nimport pathlib\nimport time\n"
+        + probe
+        + GOOD.replace(
+            "        self.clf.fit(X, y)",
+            f"        time.sleep({float(seconds)!r})\n        self.clf.fit(X, y)",
+        )
+    )
+
+
+# --------------------------------------------------------------------- helpers
+@dataclasses.dataclass
+class AwsEnv:
+    moto: MotoEc2
+    sshd: Sshd
+    network: LocalNetwork
+    tmp: Path
+    kit: Path  # the "image's" kit folder, on this machine through the sshd
+    workers: list[AWSWorker] = dataclasses.field(default_factory=list)
+
+    def settings(self, **over: Any) -> dict[str, Any]:
+        values: dict[str, Any] = dict(
+            access_key_id=ACCESS_KEY,
+            secret_access_key=SECRET,
+            region_name=REGION,
+            endpoint_url=self.moto.url,
+            ami_image_name=AMI_NAME,
+            ami_user_name=self.sshd.user,
+            instance_type="t3.micro",
+            key_name=KEY_NAME,
+            key_path=self.sshd.client_key,
+            security_group=SECURITY_GROUP,
+            remote_ramp_kit_folder=str(self.kit),
+            remote_python_env=None,  # the image's login shell activates this environment
+            local_predictions_folder=self.tmp / "downloads" / "predictions",
+            local_log_folder=self.tmp / "downloads" / "logs",
+            memory_profiling=True,
+            timeout=120.0,
+            boot_timeout=30.0,
+            ssh_connect_timeout=5.0,
+            ssh_command_timeout=20.0,
+            unreachable_timeout=30.0,
+            poll_interval=0.2,
+            terminate_timeout=10.0,
+        )
+        values.update(over)
+        return values
+
+    def config(self, **over: Any) -> AWSConfig:
+        return AWSConfig(**self.settings(**over))
+
+    def worker(self, config: AWSConfig | None = None, event: str = EVENT) -> AWSWorker:
+        w = AWSWorker(config or self.config(), event, network=self.network)
+        self.workers.append(w)
+        return w
+
+    def request(self, source: str, submission_id: int = 1, attempt: int = 1) -> RunRequest:
+        name = f"submission_{submission_id:09d}"
+        folder = self.tmp / "submissions" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "classifier.py").write_text(source)
+        return RunRequest(
+            submission_id=submission_id,
+            submission_name=name,
+            attempt=attempt,
+            kit_dir=self.kit,
+            data_dir=self.kit,
+            submissions_dir=self.tmp / "submissions",
+            logs_dir=self.tmp / "logs",
+            predictions_dir=self.tmp / "predictions",
+            n_threads=1,
+        )
+
+    def wait(
+        self, worker: AWSWorker, request: RunRequest, handle: dict[str, Any], timeout: float = 90.0
+    ) -> RunOutcome:
+        """Call check() as the dispatcher would; every call must return at once."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            outcome = worker.check(request, handle)
+            assert time.monotonic() - t0 < 0.2, "check() blocked the loop"
+            if outcome is not None:
+                return outcome
+            time.sleep(0.2)
+        raise AssertionError(f"no outcome within {timeout} s")
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what or predicate}")
+
+    def live_instances(self) -> list[dict[str, Any]]:
+        return self.moto.instances(("pending", "running", "stopping", "stopped"))
+
+    def assert_no_instance_running(self) -> None:
+        # Termination is confirmed before the outcome is out; allow the
+        # cleanup threads (tag-based) a moment.
+        self.wait_for(lambda: not self.live_instances(), 10, "every instance to be terminated")
+
+    def remote_pid(self, handle: dict[str, Any]) -> int | None:
+        path = Path(handle["remote_run_dir"]) / "pid"
+        return int(path.read_text()) if path.exists() else None
+
+    def group_alive(self, pgid: int) -> bool:
+        return any(p.pgid == pgid and p.state not in ("Z", "X") for p in all_processes())
+
+
+def _kill_leftover_runs(kit: Path) -> None:
+    """A failed test must not leave ramp-test running on this machine."""
+    import os
+    import signal
+
+    for pid_file in kit.glob(".ramp-dispatcher/*/pid"):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+@pytest.fixture
+def aws_env(
+    moto_ec2: MotoEc2, sshd: Sshd, network: LocalNetwork, tmp_path: Path  # noqa: F811
+) -> Iterator[AwsEnv]:
+    moto_ec2.reset(sshd.client_public_key)
+    kit = make_iris_kit(tmp_path / "instance" / "ramp-kits" / "iris")
+    env = AwsEnv(moto_ec2, sshd, network, tmp_path, kit)
+    yield env
+    for w in env.workers:
+        w.close()
+    _kill_leftover_runs(kit)
+    if sshd.proc is None:
+        sshd.start()
+
+
+def _outcome_ok(outcome: RunOutcome, request: RunRequest) -> None:
+    assert outcome.failure is None, outcome.message
+    assert outcome.output_dir == request.output_dir
+    assert (request.output_dir / "bagged_scores.csv").is_file()
+    assert (request.output_dir / "fold_0" / "scores.csv").is_file()
+    assert request.log_path.is_file() and request.log_path.stat().st_size > 0
+    assert outcome.max_ram_mb is not None and outcome.max_ram_mb > 10  # Python + sklearn
+
+
+# ---------------------------------------------------------------- config
+def _event_yaml(worker: dict[str, Any], event: str = EVENT) -> str:
+    lines = [
+        f"  {k}: {json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in worker.items()
+    ]
+    return textwrap.dedent(f"""\
+        ramp:
+          problem_name: iris
+          event_name: {event}
+          event_title: Iris on EC2
+          event_is_public: true
+        worker:
+          worker_type: aws
+        """) + "\n".join(lines) + "\n"
+
+
+def test_config_is_read_and_validated(tmp_path: Path, sshd: Sshd, caplog) -> None:  # noqa: F811
+    server = server_config_for_url(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    path = tmp_path / "config.yml"
+    key = tmp_path / "worker.pem"
+    key.write_bytes(sshd.client_key.read_bytes())
+    key.chmod(0o600)
+    worker = {
+        "access_key_id": ACCESS_KEY,
+        "secret_access_key": SECRET,
+        "region_name": REGION,
+        "ami_image_name": "ramp-iris-*",
+        "ami_user_name": "ubuntu",
+        "instance_type": "t3.micro",
+        "key_name": KEY_NAME,
+        "security_group": SECURITY_GROUP,
+        "key_path": "worker.pem",  # relative: next to the config file
+        "remote_ramp_kit_folder": "/home/ubuntu/ramp-kits/iris",
+        "local_predictions_folder": "downloads/predictions",
+        "local_log_folder": "downloads/logs",
+        "memory_profiling": True,
+        "use_spot_instance": True,
+        "ami_owners": ["self", "123456789012"],
+        "unknown_setting": 1,
+    }
+    path.write_text(_event_yaml(worker))
+    with caplog.at_level(logging.WARNING):
+        config = load_event_config(path, server).worker
+    assert "worker.unknown_setting" in caplog.text
+    assert isinstance(config, AWSConfig)
+    assert config.key_path == key and config.local_log_folder == tmp_path / "downloads" / "logs"
+    assert config.ami_owners == ("self", "123456789012") and config.use_spot_instance
+    assert (config.timeout, config.ssh_port, config.boot_timeout) == (7200.0, 22, 600.0)
+    assert SECRET not in repr(config) and ACCESS_KEY not in repr(config)
+    with pytest.raises(ValueError, match="event_name"):
+        make_worker("aws", config)
+    assert isinstance(make_worker("aws", config, event_name=EVENT), AWSWorker)
+
+    def error(**changes: Any) -> str:
+        path.write_text(_event_yaml({**worker, **changes}))
+        with pytest.raises(ConfigError) as info:
+            load_event_config(path, server)
+        return str(info.value)
+
+    key.chmod(0o640)
+    message = error()
+    assert str(path) in message and "worker.key_path" in message and "chmod 600" in message
+    key.chmod(0o600)
+    assert "worker.key_path" in error(key_path="missing.pem")
+    message = error(ami_image_name=None)
+    assert str(path) in message and "worker.ami_image_name" in message and "required" in message
+    assert "worker.timeout" in error(timeout=0)
+    assert "worker.remote_ramp_kit_folder" in error(remote_ramp_kit_folder="ramp-kits/iris")
+    assert "worker.security_group" in error(security_group=None)
+    assert "worker.profile_name" in error(profile_name="default")
+    message = error(secret_access_key=[SECRET])
+    assert "worker.secret_access_key" in message and SECRET not in message
+    # Without keys, boto3's default credential chain (or profile_name) is used.
+    path.write_text(_event_yaml({k: v for k, v in worker.items() if "access" not in k}))
+    assert load_event_config(path, server).worker.access_key_id is None
+
+
+def test_example_config_is_valid(tmp_path: Path, sshd: Sshd) -> None:  # noqa: F811
+    import yaml
+
+    example = Path(__file__).parents[1] / "deploy" / "aws-event-config.yml"
+    data = yaml.safe_load(example.read_text())
+    assert data["worker"]["worker_type"] == "aws"
+    key = tmp_path / "key.pem"
+    key.write_bytes(sshd.client_key.read_bytes())
+    key.chmod(0o600)
+    data["worker"]["key_path"] = str(key)
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(data))
+    config = load_event_config(path, server_config_for_url(f"sqlite:///{tmp_path / 'x.db'}"))
+    assert isinstance(config.worker, AWSConfig)
+
+
+def test_host_keys_come_only_from_cloud_init_blocks(sshd: Sshd) -> None:  # noqa: F811
+    pub = (sshd.host_key.parent / "ssh_host_ed25519_key.pub").read_text().split()
+    other = "SHA256:" + "B" * 43
+    console = textwrap.dedent(f"""\
+        [  OK  ] Started OpenBSD Secure Shell server.
+        SHA256:{"C" * 43} printed outside the blocks is not trusted
+        -----BEGIN SSH HOST KEY FINGERPRINTS-----
+        256 {other} root@ip-10-0-0-1 (ECDSA)
+        -----END SSH HOST KEY FINGERPRINTS-----
+        -----BEGIN SSH HOST KEY KEYS-----
+        {pub[0]} {pub[1]} root@ip-10-0-0-1
+        -----END SSH HOST KEY KEYS-----
+        """)
+    assert host_keys_from_console(console) == {other, sshd.host_fingerprint}
+    assert host_keys_from_console("Linux version 2.6.16-xenU") == frozenset()
+    # known_hosts_file: keys baked into the image, whatever the host name.
+    known = sshd.host_key.parent / "known_hosts"
+    known.write_text(f"# image keys\n* {pub[0]} {pub[1]}\n{pub[0]} {pub[1]} bare-key-line\n")
+    assert known_hosts_fingerprints(known) == {sshd.host_fingerprint}
+
+
+# ------------------------------------------------------------- lifecycle
+def test_full_lifecycle_through_the_dispatcher(
+    empty_db_url: str, tmp_path: Path, aws_env: AwsEnv
+) -> None:
+    from deployment import GOOD as DEMO_GOOD
+    from deployment import RAISES as DEMO_RAISES
+    from deployment import Deployment
+
+    from ramp_dispatcher.demo import write_iris_kit
+    from ramp_dispatcher.dispatcher import Dispatcher
+
+    dep = Deployment(tmp_path / "deploy", empty_db_url, {"good": DEMO_GOOD, "raises": DEMO_RAISES})
+    # The image holds the same kit as the server (the demo's estimator workflow).
+    image_kit = tmp_path / "image-kit"
+    write_iris_kit(image_kit, image_kit)
+    settings = aws_env.settings(remote_ramp_kit_folder=str(image_kit), remote_python_env=sys.prefix)
+    event_path = dep.event_path.with_name("aws-config.yml")
+    event_path.write_text(_event_yaml(settings, event="iris_demo") + textwrap.dedent("""\
+            dispatcher:
+              n_workers: 2
+              n_threads: 1
+              hunger_policy: exit
+              poll_interval: 0.5
+              time_between_collection: 0.5
+              retry_delay: 0
+            """))
+    config = load_event_config(event_path, dep.server)
+    worker = AWSWorker(config.worker, config.ramp.event_name, network=aws_env.network)
+    aws_env.workers.append(worker)
+    d = Dispatcher(dep.engine, config, worker)
+    d.start()
+    try:
+        assert d.stopped.wait(120), "the dispatcher did not finish"
+    finally:
+        d.stop()
+
+    s = dep.summaries()
+    good, raises = s["good"], s["raises"]
+    assert good.state == "scored", good.error_msg
+    assert good.error_msg == "" and good.max_ram and good.max_ram > 10
+    assert good.scores["acc"][0] is not None and good.train_time and good.train_time > 0
+    kept = config.ramp.predictions_dir / f"submission_{good.id:09d}"
+    assert (kept / "bagged_scores.csv").is_file()
+    assert (config.ramp.logs_dir / f"submission_{good.id:09d}" / "log").stat().st_size > 0
+    # The participant's failure: the traceback reached error_msg from the
+    # downloaded fold error.txt, and the log came back too.
+    assert raises.state == "training_error"
+    assert "refuses to learn" in raises.error_msg
+    raises_log = config.ramp.logs_dir / f"submission_{raises.id:09d}" / "log"
+    assert "refuses to learn" in raises_log.read_text()
+    # Staging folders are emptied once their content is handed over.
+    assert not any((aws_env.tmp / "downloads").rglob("*.csv"))
+    ours = [
+        i
+        for i in aws_env.moto.instances()
+        if {"Key": "ramp-dispatcher:event", "Value": "iris_demo"} in i["Tags"]
+    ]
+    assert len(ours) == 2 and all(i["State"]["Name"] == "terminated" for i in ours)
+    aws_env.assert_no_instance_running()
+
+
+def test_parallel_boots_do_not_block_start(aws_env: AwsEnv) -> None:
+    aws_env.network.boot_delay = 1.0  # SLOW BOOT fake
+    worker = aws_env.worker()
+    wakes: list[int] = []
+    runs = []
+    for sid in (11, 12, 13):
+        request = aws_env.request(GOOD, submission_id=sid)
+        t0 = time.monotonic()
+        handle = worker.start(request, lambda: wakes.append(1))
+        assert time.monotonic() - t0 < 0.5, "start() waited for the boot"
+        assert json.loads(json.dumps(handle)) == handle  # stored as JSON by the dispatcher
+        runs.append((request, handle))
+    # The three instances boot at the same time, not one after another.
+    aws_env.wait_for(lambda: len(aws_env.live_instances()) == 3, 10, "three instances at once")
+    for request, handle in runs:
+        _outcome_ok(aws_env.wait(worker, request, handle), request)
+    assert len(wakes) >= 3
+    tags = [{t["Key"]: t["Value"] for t in i["Tags"]} for i in aws_env.moto.instances()]
+    assert sorted(t["ramp-dispatcher:submission"] for t in tags) == ["11", "12", "13"]
+    assert all(
+        t["ramp-dispatcher:event"] == EVENT and t["ramp-dispatcher:attempt"] == "1" for t in tags
+    )
+    aws_env.assert_no_instance_running()
+
+
+def test_spot_without_capacity_falls_back_to_on_demand(aws_env: AwsEnv) -> None:
+    worker = aws_env.worker(aws_env.config(use_spot_instance=True))
+    calls = fake_spot_capacity_shortage(worker.ec2_client)  # SPOT SHORTAGE fake
+    request = aws_env.request(GOOD)
+    handle = worker.start(request, lambda: None)
+    _outcome_ok(aws_env.wait(worker, request, handle), request)
+    assert [c.get("InstanceMarketOptions.MarketType") for c in calls] == ["spot", None]
+    assert calls[0]["ClientToken"] != calls[1]["ClientToken"]
+    (instance,) = aws_env.moto.instances()
+    assert instance.get("InstanceLifecycle") != "spot"
+    aws_env.assert_no_instance_running()
+
+
+def test_spot_interruption_notice_is_an_infrastructure_failure(aws_env: AwsEnv) -> None:
+    worker = aws_env.worker(aws_env.config(use_spot_instance=True))
+    request = aws_env.request(sleeping_good(60))
+    handle = worker.start(request, lambda: None)
+    aws_env.wait_for(lambda: aws_env.remote_pid(handle), 30, "ramp-test to start")
+    for _ in range(3):  # checks ask the (fake) metadata service: no notice yet
+        assert worker.check(request, handle) is None
+        time.sleep(0.3)
+    imds = aws_env.network.imds
+    assert ("PUT", "/latest/api/token") in imds.requests
+    assert ("GET", "/latest/meta-data/spot/instance-action") in imds.requests
+    imds.interrupt()  # SPOT NOTICE fake: AWS announces the reclaim
+    outcome = aws_env.wait(worker, request, handle)
+    assert outcome.failure is FailureClass.INFRASTRUCTURE
+    assert "interruption notice" in outcome.message
+    (instance,) = aws_env.moto.instances()
+    assert instance["InstanceLifecycle"] == "spot"
+    assert not aws_env.group_alive(aws_env.remote_pid(handle))
+    aws_env.assert_no_instance_running()
+
+
+def test_upload_failure_is_infrastructure_and_a_retry_succeeds(aws_env: AwsEnv) -> None:
+    worker = aws_env.worker()
+    request = aws_env.request(GOOD)
+    # The image's submissions folder cannot take this submission.
+    blocker = aws_env.kit / "submissions" / request.submission_name
+    blocker.write_text("a file where the submission's folder should go")
+    outcome = aws_env.wait(worker, request, worker.start(request, lambda: None))
+    assert outcome.failure is FailureClass.INFRASTRUCTURE
+    assert "upload of the submission failed" in outcome.message
+    aws_env.assert_no_instance_running()
+    request.output_dir.mkdir(parents=True)  # what an earlier attempt may leave
+    worker.cleanup(request, {})
+    assert not request.output_dir.exists()
+
+    blocker.unlink()  # what the dispatcher's retry meets: a new attempt, a new instance
+    retry = dataclasses.replace(request, attempt=2)
+    _outcome_ok(aws_env.wait(worker, retry, worker.start(retry, lambda: None)), retry)
+    assert len(aws_env.moto.instances()) == 2
+    aws_env.assert_no_instance_running()
+
+
+def test_ssh_lost_mid_run_reconnects(aws_env: AwsEnv) -> None:
+    worker = aws_env.worker()
+    request = aws_env.request(sleeping_good(1.5))
+    handle = worker.start(request, lambda: None)
+    aws_env.wait_for(lambda: aws_env.remote_pid(handle), 30, "ramp-test to start")
+    assert worker.check(request, handle) is None
+    aws_env.sshd.stop()  # every connection dies; the detached run goes on
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        assert worker.check(request, handle) is None
+        assert time.monotonic() - t0 < 0.2
+        time.sleep(0.2)
+    aws_env.sshd.start()
+    _outcome_ok(aws_env.wait(worker, request, handle), request)
+    aws_env.assert_no_instance_running()
+
+
+def test_instance_gone_mid_run_is_infrastructure(aws_env: AwsEnv) -> None:
+    worker = aws_env.worker()
+    request = aws_env.request(sleeping_good(60))
+    handle = worker.start(request, lambda: None)
+    aws_env.wait_for(lambda: aws_env.remote_pid(handle), 30, "ramp-test to start")
+    (instance,) = aws_env.live_instances()
+    aws_env.moto.client().terminate_instances(InstanceIds=[instance["InstanceId"]])
+    aws_env.sshd.stop()  # as a real terminated instance: no more SSH
+    outcome = aws_env.wait(worker, request, handle, timeout=30)
+    aws_env.sshd.start()
+    assert outcome.failure is FailureClass.INFRASTRUCTURE
+    assert "terminated" in outcome.message
+    aws_env.assert_no_instance_running()
+
+
+def test_timeout_kills_the_remote_run_and_terminates(aws_env: AwsEnv) -> None:
+    worker = aws_env.worker(aws_env.config(timeout=3.0))
+    request = aws_env.request(slow_source(60))
+    handle = worker.start(request, lambda: None)
+    outcome = aws_env.wait(worker, request, handle, timeout=60)
+    assert outcome.failure is FailureClass.TIMEOUT
+    assert "time limit of 3 s" in outcome.message
+    pgid = aws_env.remote_pid(handle)
+    assert pgid and not aws_env.group_alive(pgid), "ramp-test survived its timeout"
+    assert "[ramp-dispatcher] Training stopped" in request.log_path.read_text()
+    assert outcome.log_path == request.log_path
+    aws_env.assert_no_instance_running()
+
+
+def test_restarted_daemon_reattaches_without_relaunching(aws_env: AwsEnv) -> None:
+    probe = aws_env.tmp / "imports"
+    probe.mkdir()
+    config = aws_env.config()
+    first = aws_env.worker(config)
+    request = aws_env.request(sleeping_good(1, probe_dir=probe))
+    handle = json.loads(json.dumps(first.start(request, lambda: None)))  # as stored
+    pid = aws_env.wait_for(lambda: aws_env.remote_pid(handle), 30, "ramp-test to start")
+    assert first.check(request, handle) is None
+    first.close()  # the daemon goes away; the instance and the run stay
+
+    second = aws_env.worker(config)  # a new daemon, same handle from the database
+    _outcome_ok(aws_env.wait(second, request, handle), request)
+    assert aws_env.remote_pid(handle) == pid  # the same run, collected
+    assert len(list(probe.iterdir())) == 1  # ramp-test ran in one process only
+    (instance,) = aws_env.moto.instances()  # never relaunched
+    assert instance["State"]["Name"] == "terminated"
+    aws_env.assert_no_instance_running()
+
+
+def test_restarted_daemon_collects_a_run_that_finished_meanwhile(aws_env: AwsEnv) -> None:
+    config = aws_env.config()
+    first = aws_env.worker(config)
+    request = aws_env.request(GOOD)
+    handle = first.start(request, lambda: None)
+    aws_env.wait_for(lambda: aws_env.remote_pid(handle), 30, "ramp-test to start")
+    first.close()  # gone before ramp-test ends; nobody checks the run
+    exit_file = Path(handle["remote_run_dir"]) / "exit"
+    aws_env.wait_for(exit_file.exists, 60, "ramp-test to finish")
+    second = aws_env.worker(config)
+    _outcome_ok(aws_env.wait(second, request, handle), request)
+    (instance,) = aws_env.moto.instances()
+    assert instance["State"]["Name"] == "terminated"
+    aws_env.assert_no_instance_running()
+
+
+def test_reattach_to_a_terminated_instance_is_infrastructure(aws_env: AwsEnv) -> None:
+    aws_env.network.boot_delay = 600  # SLOW BOOT fake: it never gets an address
+    config = aws_env.config()
+    first = aws_env.worker(config)
+    request = aws_env.request(GOOD)
+    handle = first.start(request, lambda: None)
+    (instance,) = aws_env.wait_for(aws_env.live_instances, 10, "the launch")
+    first.close()
+    aws_env.moto.client().terminate_instances(InstanceIds=[instance["InstanceId"]])
+    second = aws_env.worker(config)
+    outcome = aws_env.wait(second, request, handle, timeout=30)
+    assert outcome.failure is FailureClass.INFRASTRUCTURE
+    assert f"{instance['InstanceId']} is terminated" in outcome.message
+    aws_env.assert_no_instance_running()
+
+
+def test_unknown_host_key_is_refused(aws_env: AwsEnv) -> None:
+    # The instance "published" another key than the one its sshd presents.
+    aws_env.network.published_keys = frozenset({"SHA256:" + "A" * 43})
+    worker = aws_env.worker()
+    request = aws_env.request(GOOD)
+    outcome = aws_env.wait(worker, request, worker.start(request, lambda: None), timeout=30)
+    assert outcome.failure is FailureClass.INFRASTRUCTURE
+    assert (
+        "refusing to connect" in outcome.message
+        and aws_env.sshd.host_fingerprint in outcome.message
+    )
+    assert not (aws_env.kit / "submissions" / request.submission_name).exists()  # nothing sent
+    aws_env.assert_no_instance_running()
+
+
+def test_default_network_waits_for_console_host_keys(aws_env: AwsEnv) -> None:
+    # No seam: the worker reads moto's console output, which publishes no
+    # host key, so it never connects anywhere and gives up at boot_timeout.
+    worker = AWSWorker(aws_env.config(boot_timeout=1.0), EVENT)
+    aws_env.workers.append(worker)
+    request = aws_env.request(GOOD)
+    outcome = aws_env.wait(worker, request, worker.start(request, lambda: None), timeout=30)
+    assert outcome.failure is FailureClass.INFRASTRUCTURE
+    assert (
+        "not reachable over SSH within 1 s (its host keys are not published yet)" in outcome.message
+    )
+    aws_env.assert_no_instance_running()
+
+
+def test_reaper_terminates_instances_without_an_active_run(aws_env: AwsEnv) -> None:
+    ec2 = aws_env.moto.client()
+    image_id = ec2.describe_images(Owners=["self"])["Images"][0]["ImageId"]
+
+    def launch(event: str, submission: int, attempt: int) -> str:
+        tags = {"ramp-dispatcher:event": event, "ramp-dispatcher:submission": str(submission),
+                "ramp-dispatcher:attempt": str(attempt)}  # fmt: skip
+        reply = ec2.run_instances(
+            ImageId=image_id, MinCount=1, MaxCount=1, InstanceType="t3.micro",
+            TagSpecifications=[{"ResourceType": "instance",
+                                "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+        )  # fmt: skip
+        return reply["Instances"][0]["InstanceId"]
+
+    orphan = launch(EVENT, 99, 1)
+    active = launch(EVENT, 98, 2)
+    foreign = launch("another_event", 99, 1)
+
+    def state(instance_id: str) -> str:
+        reply = ec2.describe_instances(InstanceIds=[instance_id])
+        return reply["Reservations"][0]["Instances"][0]["State"]["Name"]
+
+    # Young instances are spared: their run may be newer than the list of active runs.
+    careful = aws_env.worker()
+    careful.reap(set())
+    careful._reaper.join(10)
+    assert state(orphan) == "running"
+
+    reaper = aws_env.worker(aws_env.config(reap_min_age=0))
+    reaper.reap({(98, 2)})
+    reaper._reaper.join(10)
+    assert state(orphan) == "terminated"
+    assert state(active) == "running" and state(foreign) == "running"
+    ec2.terminate_instances(InstanceIds=[active, foreign])
+    aws_env.assert_no_instance_running()
+
+
+def test_cleanup_of_an_unknown_run_terminates_its_instance(aws_env: AwsEnv) -> None:
+    # The dispatcher gives up on a run it re-attached in state "starting": it
+    # calls cleanup with an empty handle; the instance is found by its tags.
+    aws_env.network.boot_delay = 600  # SLOW BOOT fake
+    config = aws_env.config()
+    first = aws_env.worker(config)
+    request = aws_env.request(GOOD)
+    first.start(request, lambda: None)
+    aws_env.wait_for(aws_env.live_instances, 10, "the launch")
+    first.close()
+    aws_env.worker(config).cleanup(request, {})
+    aws_env.assert_no_instance_running()
+
+
+def test_failures_never_leak_credentials(tmp_path: Path, aws_env: AwsEnv, caplog) -> None:
+    from deployment import GOOD as DEMO_GOOD
+    from deployment import Deployment
+
+    from ramp_dispatcher.database.dispatcher_schema import runs
+    from ramp_dispatcher.dispatcher import Dispatcher
+
+    caplog.set_level(logging.DEBUG)
+    dep = Deployment(
+        tmp_path / "deploy", f"sqlite:///{tmp_path / 'ramp.sqlite'}", {"good": DEMO_GOOD}
+    )
+    event_path = dep.event_path.with_name("aws-config.yml")
+    event_path.write_text(
+        _event_yaml(aws_env.settings(ami_image_name="no-such-image"), event="iris_demo")
+        + "dispatcher:\n  hunger_policy: exit\n  poll_interval: 0.5\n"
+        "  time_between_collection: 0.5\n  max_attempts: 1\n"
+    )
+    config = load_event_config(event_path, dep.server)
+    worker = AWSWorker(config.worker, "iris_demo", network=aws_env.network)
+    aws_env.workers.append(worker)
+    d = Dispatcher(dep.engine, config, worker)
+    d.start()
+    try:
+        assert d.stopped.wait(60)
+    finally:
+        d.stop()
+    good = dep.summaries()["good"]
+    assert good.state == "checking_error"
+    assert "no available AMI named 'no-such-image'" in good.error_msg
+    with dep.engine.connect() as conn:
+        messages = conn.execute(select(runs.c.message)).scalars().all()
+    for text in [caplog.text, good.error_msg, *messages]:
+        assert SECRET not in text
+    aws_env.assert_no_instance_running()
