@@ -83,17 +83,29 @@ class ActiveRun:
         )
 
 
+def _process_start(pid: int | str) -> tuple[str, str] | None:
+    """(state, start time in clock ticks) of a process, None if there is none."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = data[data.rfind(")") + 2 :].split()
+    return fields[0], fields[19]
+
+
 def new_owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """``host:pid:start:random``: the start time tells a reused pid apart."""
+    start = (_process_start("self") or ("", "0"))[1]
+    return f"{socket.gethostname()}:{os.getpid()}:{start}:{uuid.uuid4().hex[:8]}"
 
 
 def owner_is_dead(owner: str) -> bool:
     """True for a daemon of this host whose process is gone (killed, crashed)."""
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
+    host, pid, start, *_ = (owner.split(":") + ["", "", ""])[:4]
     if host != socket.gethostname() or not pid.isdigit():
         return False  # another host: only its lease tells
-    return not Path(f"/proc/{pid}").exists()
+    proc = _process_start(pid)
+    return proc is None or proc[0] == "Z" or proc[1] != start
 
 
 class Dispatcher:
@@ -410,9 +422,15 @@ class Dispatcher:
         run.handle = row.handle
         run.handle_recorded = True
         if row.status == "starting" or row.handle is None:
-            run.outcome = RunOutcome(
-                FailureClass.INFRASTRUCTURE, "the dispatcher stopped while starting this run"
-            )
+            # The daemon died between starting the run and recording its
+            # handle: the worker may find it; otherwise it never started.
+            run.handle = self.worker.recover(request)
+            if run.handle is None:
+                run.outcome = RunOutcome(
+                    FailureClass.INFRASTRUCTURE, "the dispatcher stopped while starting this run"
+                )
+            else:
+                run.handle_recorded = False  # collect records it
         log.info("%s: re-attached (was %s)", run.label(), row.status)
         self.active[run.run_id] = run
 
@@ -449,18 +467,26 @@ class Dispatcher:
                     log.exception("%s: status check failed", run.label())
                     run.outcome = RunOutcome(FailureClass.INFRASTRUCTURE, f"status check failed: {exc}")
             if run.outcome is not None:
-                self._finish(run)
+                if not self._finish(run):
+                    log.warning("%s: taken over by another daemon; dropped", run.label())
                 del self.active[run.run_id]
                 freed = True
         if freed:
             self.metrics.set_running(len(self.active))
             self.wake("claim")
 
-    def _finish(self, run: ActiveRun) -> None:
-        """Write a finished run's outcome. Raises on database errors, keeping the
-        run for the next cycle; every step is safe to repeat."""
+    def _finish(self, run: ActiveRun) -> bool:
+        """Write a finished run's outcome; False if the run is not ours any more.
+
+        Raises on database errors, keeping the run for the next cycle; every
+        step is safe to repeat. Nothing on disk is touched for a run another
+        daemon took over: its files may already belong to a newer attempt.
+        """
         outcome = run.outcome
         assert outcome is not None
+        with self.engine.connect() as conn:
+            if not queries.run_is_ours(conn, run.run_id, self.owner):
+                return False
         if not run.finished_recorded:
             if outcome.duration_s is not None:
                 self.metrics.observe_duration(outcome.duration_s)
@@ -468,6 +494,7 @@ class Dispatcher:
                 queries.mark_finished(
                     conn,
                     run.run_id,
+                    self.owner,
                     None if outcome.failure is None else outcome.failure.value,
                     outcome.message,
                     succeeded=outcome.failure is None,
@@ -475,7 +502,7 @@ class Dispatcher:
             run.finished_recorded = True
         if outcome.failure is None:
             try:
-                self._store_results(run, outcome)
+                done = self._store_results(run, outcome)
             except ResultsError as exc:
                 # ramp-test said it succeeded but its output is unusable: not the
                 # participant's doing, so it is ours to retry.
@@ -486,15 +513,18 @@ class Dispatcher:
                     max_ram_mb=outcome.max_ram_mb,
                     log_path=outcome.log_path,
                 )
-                self._store_failure(run, outcome)
+                done = self._store_failure(run, outcome)
         else:
-            self._store_failure(run, outcome)
+            done = self._store_failure(run, outcome)
+        if not done:
+            return False
         try:
             self.worker.cleanup(run.request, run.handle or {})
         except Exception:
             log.exception("%s: cleanup failed", run.label())
+        return True
 
-    def _store_results(self, run: ActiveRun, outcome: RunOutcome) -> None:
+    def _store_results(self, run: ActiveRun, outcome: RunOutcome) -> bool:
         request = run.request
         kept = request.predictions_dir / request.submission_name
         # A previous try may have moved the output already and then lost the database.
@@ -506,14 +536,16 @@ class Dispatcher:
             _replace_dir(source, kept)
         with self.engine.begin() as conn:
             written = queries.write_results(
-                conn, self.event, run.run_id, run.submission_id, results, outcome.max_ram_mb
+                conn, self.event, run.run_id, self.owner, run.submission_id, results,
+                outcome.max_ram_mb,
             )
         if written:
             log.info("%s: scored", run.label())
             self.metrics.outcome("scored")
             self.leaderboard.request()
+        return written
 
-    def _store_failure(self, run: ActiveRun, outcome: RunOutcome) -> None:
+    def _store_failure(self, run: ActiveRun, outcome: RunOutcome) -> bool:
         failure = outcome.failure
         assert failure is not None
         with self.engine.connect() as conn:
@@ -524,7 +556,8 @@ class Dispatcher:
             retry_after = queries.utcnow() + dt.timedelta(seconds=delay)
             with self.engine.begin() as conn:
                 done = queries.requeue(
-                    conn, run.run_id, run.submission_id, failure.value, outcome.message, retry_after
+                    conn, run.run_id, self.owner, run.submission_id, failure.value,
+                    outcome.message, retry_after,
                 )
             if done:
                 log.warning(
@@ -533,18 +566,20 @@ class Dispatcher:
                 )
                 self.metrics.outcome(failure.value)
                 self.wake("claim")
-            return
+            return done
         detail = self._failure_detail(run, outcome)
         state, reason = self._failure_text(run, outcome, detail)
         error_msg = messages.error_message(reason, detail)
         with self.engine.begin() as conn:
             done = queries.write_failure(
-                conn, run.run_id, run.submission_id, state, error_msg, failure.value, outcome.max_ram_mb
+                conn, run.run_id, self.owner, run.submission_id, state, error_msg,
+                failure.value, outcome.max_ram_mb,
             )
         if done:
             log.info("%s: %s (%s: %s)", run.label(), state, failure.value, outcome.message)
             self.metrics.outcome(failure.value)
             self.leaderboard.request()
+        return done
 
     def _failure_text(
         self, run: ActiveRun, outcome: RunOutcome, detail: str | None

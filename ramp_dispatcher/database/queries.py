@@ -258,13 +258,34 @@ def mark_running(conn: Connection, run_id: int, handle: dict[str, Any]) -> bool:
     return True
 
 
+def run_is_ours(conn: Connection, run_id: int, owner: str) -> bool:
+    """Whether ``owner`` still holds the run and it is not collected yet."""
+    return (
+        conn.execute(
+            select(runs.c.id).where(
+                runs.c.id == run_id, runs.c.owner == owner, runs.c.status != RUN_COLLECTED
+            )
+        ).first()
+        is not None
+    )
+
+
 def mark_finished(
-    conn: Connection, run_id: int, failure_class: str | None, message: str, succeeded: bool
+    conn: Connection,
+    run_id: int,
+    owner: str,
+    failure_class: str | None,
+    message: str,
+    succeeded: bool,
 ) -> bool:
     """The run ended; on success the submission is ``tested`` until scored."""
     result = conn.execute(
         update(runs)
-        .where(runs.c.id == run_id, runs.c.status.in_((RUN_STARTING, RUN_RUNNING)))
+        .where(
+            runs.c.id == run_id,
+            runs.c.owner == owner,
+            runs.c.status.in_((RUN_STARTING, RUN_RUNNING)),
+        )
         .values(
             status=RUN_FINISHED,
             finished_at=utcnow(),
@@ -278,11 +299,12 @@ def mark_finished(
     return result.rowcount == 1
 
 
-def _close_run(conn: Connection, run_id: int, **values: Any) -> bool:
-    """Collect a run once: False if it was already collected (nothing to do)."""
+def _close_run(conn: Connection, run_id: int, owner: str, **values: Any) -> bool:
+    """Collect a run once: False if it was already collected, or is no longer
+    ours (another daemon took it over): then nothing may be written."""
     result = conn.execute(
         update(runs)
-        .where(runs.c.id == run_id, runs.c.status != RUN_COLLECTED)
+        .where(runs.c.id == run_id, runs.c.owner == owner, runs.c.status != RUN_COLLECTED)
         .values(status=RUN_COLLECTED, collected_at=utcnow(), **values)
     )
     return result.rowcount == 1
@@ -392,6 +414,7 @@ def write_results(
     conn: Connection,
     event: EventInfo,
     run_id: int,
+    owner: str,
     submission_id: int,
     results: TrainingResults,
     max_ram_mb: float | None,
@@ -402,7 +425,7 @@ def write_results(
     Statements are per table (executemany), not per value. Returns False when
     the run was already collected.
     """
-    if not _close_run(conn, run_id, outcome="scored", max_ram_mb=_int(max_ram_mb)):
+    if not _close_run(conn, run_id, owner, outcome="scored", max_ram_mb=_int(max_ram_mb)):
         return False
     fold_ids = conn.execute(
         select(submission_on_cv_folds.c.id)
@@ -503,6 +526,7 @@ def write_results(
 def write_failure(
     conn: Connection,
     run_id: int,
+    owner: str,
     submission_id: int,
     state: str,
     error_msg: str,
@@ -511,7 +535,8 @@ def write_failure(
 ) -> bool:
     """A final failure: ``training_error`` or ``checking_error`` with its message."""
     if not _close_run(
-        conn, run_id, outcome=state, failure_class=failure_class, max_ram_mb=_int(max_ram_mb)
+        conn, run_id, owner, outcome=state, failure_class=failure_class,
+        max_ram_mb=_int(max_ram_mb),
     ):
         return False
     values: dict[str, Any] = {"error_msg": error_msg}
@@ -529,6 +554,7 @@ def write_failure(
 def requeue(
     conn: Connection,
     run_id: int,
+    owner: str,
     submission_id: int,
     failure_class: str,
     message: str,
@@ -536,7 +562,7 @@ def requeue(
 ) -> bool:
     """An infrastructure failure with attempts left: back to ``new`` after a backoff."""
     if not _close_run(
-        conn, run_id, outcome="retry", failure_class=failure_class, message=message,
+        conn, run_id, owner, outcome="retry", failure_class=failure_class, message=message,
         retry_after=retry_after,
     ):
         return False

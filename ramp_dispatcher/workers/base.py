@@ -97,6 +97,13 @@ class Worker(ABC):
     def check(self, request: RunRequest, handle: Handle) -> RunOutcome | None:
         """Cheap status check: None while running, the outcome once finished."""
 
+    def recover(self, request: RunRequest) -> Handle | None:
+        """The handle of a run that was started but never recorded (the daemon
+        died in between), or None if it never started. Called on re-attach;
+        the default knows no way to find such a run, and ``cleanup`` with an
+        empty handle must then make sure nothing of it goes on."""
+        return None
+
     @abstractmethod
     def cleanup(self, request: RunRequest, handle: Handle) -> None:
         """Release what the run holds (process, instance, temporary files)."""

@@ -161,6 +161,24 @@ def _is_running(pid: Any, start_time: Any) -> bool:
     return start_time is None or info.start_time == start_time
 
 
+def _find_supervisor(status_path: Path) -> int | None:
+    """The pid of a live supervisor started with ``--status status_path``."""
+    wanted = str(status_path).encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"ramp_dispatcher.workers.supervise" in argv and wanted in argv:
+            info = read_stat(int(name))
+            if info is not None and info.state != "Z":
+                return int(name)
+    return None
+
+
 def _read_status(path: Path) -> dict[str, Any] | None:
     try:
         with open(path, "rb") as f:
@@ -294,6 +312,27 @@ class CondaWorker(Worker):
             "log_path": str(log_path),
             "env_prefix": str(prefix),
             "started_at": started_at,
+            "timeout": float(self.config.timeout),
+            "memory_limit_mb": self.config.memory_limit_mb,
+        }
+
+    def recover(self, request: RunRequest) -> Handle | None:
+        """Find the attempt's supervisor by its status file: in its argv while it
+        runs, and the status file names it once it wrote one."""
+        status_path = Path(os.path.abspath(_status_path(request)))
+        pid = _find_supervisor(status_path)
+        if pid is None:
+            status = _read_status(status_path) or {}
+            pid = status.get("supervisor_pid")
+            if pid is None:
+                return None  # never spawned
+        return {
+            "pid": pid,
+            "pid_start_time": _start_time(pid) if isinstance(pid, int) else None,
+            "status_path": str(status_path),
+            "log_path": str(Path(os.path.abspath(request.log_path))),
+            "env_prefix": None,
+            "started_at": None,
             "timeout": float(self.config.timeout),
             "memory_limit_mb": self.config.memory_limit_mb,
         }
