@@ -75,14 +75,24 @@ def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture
-def empty_db_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    """URL of a fresh, empty database on the parametrized backend."""
+def _fresh_db(backend: str, sqlite_path: Path) -> Iterator[str]:
     if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ramp.sqlite'}"
+        yield f"sqlite:///{sqlite_path}"
         return
     url = create_pg_database()
     try:
         yield url
     finally:
         drop_pg_database(url)
+
+
+@pytest.fixture
+def empty_db_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """URL of a fresh, empty database on the parametrized backend."""
+    yield from _fresh_db(backend, tmp_path / "ramp.sqlite")
+
+
+@pytest.fixture
+def other_db_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A second fresh database on the same backend, for side-by-side comparisons."""
+    yield from _fresh_db(backend, tmp_path / "other.sqlite")

@@ -20,7 +20,6 @@ import pytest
 from sqlalchemy import Engine, create_engine, func, inspect, select, update
 from sqlalchemy.orm import Session
 
-from conftest import create_pg_database, drop_pg_database
 from kit import ELEMENT, GOOD, RAISES, SCORE_NAMES, add_submission_files, make_iris_kit
 from ramp_dispatcher.cli import main
 from ramp_dispatcher.config import RampConfig
@@ -58,19 +57,6 @@ def engine(empty_db_url: str) -> Iterator[Engine]:
     create_schema(engine)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-def other_db_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    """A second fresh database on the same backend (for ramp-database's copy)."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ramp-database.sqlite'}"
-        return
-    url = create_pg_database()
-    try:
-        yield url
-    finally:
-        drop_pg_database(url)
 
 
 class RampSession:

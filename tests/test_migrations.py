@@ -17,7 +17,6 @@ import pytest
 from sqlalchemy import Engine, create_engine, inspect, insert, text, update
 from sqlalchemy.engine import make_url
 
-from conftest import create_pg_database, drop_pg_database
 from ramp_dispatcher.cli import main
 from ramp_dispatcher.database import migrate, ramp_schema
 from ramp_dispatcher.database.dispatcher_schema import NOTIFY_CHANNEL, SUBMISSIONS_STATE_INDEX, runs
@@ -36,19 +35,6 @@ def engine(empty_db_url: str) -> Iterator[Engine]:
     eng = make_engine(empty_db_url)
     yield eng
     eng.dispose()
-
-
-@pytest.fixture
-def other_db_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    """A second empty database on the same backend (for side-by-side comparisons)."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'other.sqlite'}"
-        return
-    url = create_pg_database()
-    try:
-        yield url
-    finally:
-        drop_pg_database(url)
 
 
 def plain_engine(url: str) -> Engine:
