@@ -416,3 +416,17 @@ def test_env_cache_expires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     time.sleep(0.4)
     with pytest.raises(WorkerError, match=r"'alpha' not found \(known: none\)"):
         worker.env_prefix()
+
+
+def test_supervisor_starts_light() -> None:
+    """Every run starts a supervisor: it must not load SQLAlchemy or YAML
+    (they cost ~0.4 s of CPU per run, measured by bench/batch.py)."""
+    probe = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, runpy; sys.argv = ['x', '--help']\n"
+         "try:\n    runpy.run_module('ramp_dispatcher.workers.supervise', run_name='__main__')\n"
+         "except SystemExit:\n    pass\n"
+         "print(sorted(m for m in ('sqlalchemy', 'yaml', 'numpy') if m in sys.modules))"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert probe.stdout.strip().splitlines()[-1] == "[]", probe.stderr

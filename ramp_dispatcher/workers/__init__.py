@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import ConfigError, Section
 from .base import Worker
+
+if TYPE_CHECKING:
+    from ..config import Section
+
+# Config imports are deferred: every run's supervisor is started as
+# `python -m ramp_dispatcher.workers.supervise`, which imports this package,
+# and must not pay for SQLAlchemy and YAML (about 0.4 s of CPU per run).
 
 WORKER_TYPES = ("conda", "aws")
 
 
 def load_worker_config(worker_type: str, section: Section) -> Any:
     """Read the ``worker`` section for ``worker_type`` into its config dataclass."""
+    from ..config import ConfigError
+
     if worker_type == "conda":
         from .conda import CondaConfig
 
@@ -38,6 +46,8 @@ def load_worker_config(worker_type: str, section: Section) -> Any:
 
 
 def _load_aws(section: Section) -> Any:
+    from ..config import ConfigError
+
     try:
         from .aws import AWSConfig, AWSConfigError
     except ImportError as exc:  # boto3 / paramiko are an optional extra
