@@ -19,7 +19,13 @@ from sqlalchemy.engine import make_url
 
 from ramp_dispatcher.cli import main
 from ramp_dispatcher.database import migrate, ramp_schema
-from ramp_dispatcher.database.dispatcher_schema import NOTIFY_CHANNEL, SUBMISSIONS_STATE_INDEX, runs
+from ramp_dispatcher.database.dispatcher_schema import (
+    NOTIFY_CHANNEL,
+    OUR_INDEX_PREFIX,
+    SUBMISSION_SCORES_INDEX,
+    SUBMISSIONS_STATE_INDEX,
+    runs,
+)
 from ramp_dispatcher.database.engine import make_engine, normalise_url
 from ramp_dispatcher.errors import UserError
 from rampboard import build_rampboard_db
@@ -78,7 +84,7 @@ def describe(eng: Engine, tables: set[str] | None = None) -> dict[str, Any]:
             "indexes": sorted(
                 (i["name"] or "", tuple(i["column_names"]), bool(i["unique"]))
                 for i in insp.get_indexes(name)
-                if i["name"] != SUBMISSIONS_STATE_INDEX
+                if not (i["name"] or "").startswith(OUR_INDEX_PREFIX)
             ),
         }
     if eng.dialect.name == "postgresql" and tables is None:
@@ -117,6 +123,8 @@ def assert_our_objects(eng: Engine, present: bool) -> None:
     assert (runs.name in table_names(eng)) is present
     indexes = {i["name"] for i in inspect(eng).get_indexes("submissions")}
     assert (SUBMISSIONS_STATE_INDEX in indexes) is present
+    indexes = {i["name"] for i in inspect(eng).get_indexes("submission_scores")}
+    assert (SUBMISSION_SCORES_INDEX in indexes) is present
     if eng.dialect.name == "postgresql":
         assert pg_objects(eng) == {"trigger": present, "function": present}
 

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 from .ramp_schema import metadata
@@ -64,8 +65,19 @@ runs = Table(
     Column("cancel_requested_at", DateTime),
     UniqueConstraint("submission_id", "attempt", name="uq_dispatcher_runs_attempt"),
     Index("ix_dispatcher_runs_event_status", "event_id", "status"),
+    Index(
+        "ix_dispatcher_runs_retry_after",
+        "retry_after",
+        postgresql_where=text("retry_after IS NOT NULL"),
+        sqlite_where=text("retry_after IS NOT NULL"),
+    ),
 )
 
 #: Added on ramp-board's ``submissions``: the claim and queue-position queries
 #: filter on state; without it they scan every submission of every event.
 SUBMISSIONS_STATE_INDEX = "ix_dispatcher_submissions_state"
+#: Added on ramp-board's ``submission_scores``: writing a result finds a
+#: submission's score rows (migration 0004).
+SUBMISSION_SCORES_INDEX = "ix_dispatcher_submission_scores_submission"
+#: Indexes we add to ramp-board's tables (all named ix_dispatcher_*).
+OUR_INDEX_PREFIX = "ix_dispatcher_"

@@ -61,7 +61,7 @@ __all__ = [
 #: Revision that stands for ramp-board 0.10.1's schema as ramp-database creates it.
 BASELINE = "0001_ramp_board_baseline"
 #: Latest revision; the daemon refuses to start on anything else.
-HEAD = "0003_cancel_requests"
+HEAD = "0004_lookup_indexes"
 
 #: Our own version table: never collides with another tool's ``alembic_version``.
 VERSION_TABLE = "ramp_dispatcher_alembic_version"

@@ -217,7 +217,13 @@ def update_queue_positions(conn: Connection, event: EventInfo, full: bool = Fals
     )
     conn.execute(
         update(S)
-        .where(S.c.id == ranked.c.sid, S.c.queue_position.is_distinct_from(ranked.c.pos))
+        .where(
+            S.c.id == ranked.c.sid,
+            # redundant with the ranking, but it lets PostgreSQL's planner
+            # reach the rows through the state index instead of a full scan
+            S.c.state == "new",
+            S.c.queue_position.is_distinct_from(ranked.c.pos),
+        )
         .values(queue_position=ranked.c.pos)
     )
     if full:
