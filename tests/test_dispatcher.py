@@ -12,12 +12,11 @@ from pathlib import Path
 from textwrap import dedent
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from ramp_dispatcher.database.dispatcher_schema import runs
 from ramp_dispatcher.database.ramp_schema import (
     submission_on_cv_folds,
-    submissions,
 )
 from ramp_dispatcher.demo import write_submission
 
