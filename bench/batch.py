@@ -161,18 +161,19 @@ class _Runs:
                                     cwd=self.ramp.kit_dir, env=self.env)  # fmt: skip
 
 
-def run_standalone(dep: Deployment, ids: dict[str, int], scratch: Path) -> Standalone:
+def run_standalone(dep: Deployment, ids: dict[str, int], scratch: Path, retries: bool) -> Standalone:
     """Each submission alone, one after the other (the ideal's terms), then all
     of them through a bare FIFO pool of n_workers slots (what this machine can
     do in parallel without any dispatcher). This machine is shared: a timing
     taken while other processes held more than MAX_NOISE of the CPUs is taken
-    again (up to 3 times) and the least disturbed one is kept."""
+    again (up to 3 times, unless ``retries`` is off) and the least disturbed
+    one is kept."""
     runs = _Runs(dep, ids, scratch)
     seconds, codes = {}, {}
     settle()
     for name in ids:
         tries = []
-        for _ in range(3):
+        for _ in range(3 if retries else 1):
             with CpuWindow() as window:
                 t0 = time.perf_counter()
                 codes[name] = runs.spawn(name).wait()
@@ -183,7 +184,7 @@ def run_standalone(dep: Deployment, ids: dict[str, int], scratch: Path) -> Stand
         noise = f" (noisy: {len(tries)} tries)" if len(tries) > 1 else ""
         say(f"    standalone {name:14s} {seconds[name]:6.2f} s  exit {codes[name]}{noise}")
     pools = []
-    for _ in range(2):
+    for _ in range(2 if retries else 1):
         settle()
         with CpuWindow() as window:
             t0 = time.perf_counter()
@@ -227,7 +228,7 @@ def run_backend(backend: str, quick: bool,
             ids = _ids(dep, list(subs))
             if standalone is None:
                 say(f"  standalone ramp-test runs ({len(subs)} submissions, sequential):")
-                standalone = run_standalone(dep, ids, root / "standalone")
+                standalone = run_standalone(dep, ids, root / "standalone", retries=not quick)
             ideal = standalone.total / N_WORKERS
             fifo = fifo_makespan([standalone.seconds[n] for n in subs], N_WORKERS)
             say(f"  [{backend}] daemon: {len(subs)} submissions, n_workers={N_WORKERS} ...")
@@ -366,11 +367,13 @@ def run(quick: bool, backends: list[str]) -> list[Row]:
         backends = ["sqlite"]  # quick: one backend; the daemon's loop is the same on both
     for backend in backends_to_run(backends):
         attempts = []
-        for _ in range(2):  # a run disturbed by other processes is done again
+        tries = 1 if quick else 2  # a run disturbed by other processes is done again
+        for attempt in range(tries):
             got, standalone, noise = run_backend(backend, quick, standalone)
             attempts.append((noise, got))
             if noise <= MAX_NOISE:
                 break
-            say(f"  [{backend}] other processes took {100 * noise:.0f}% of the CPUs: once more")
+            again = "once more" if attempt + 1 < tries else "kept as it is (see the noise row)"
+            say(f"  [{backend}] other processes took {100 * noise:.0f}% of the CPUs: {again}")
         rows += min(attempts, key=lambda a: a[0])[1]
     return rows

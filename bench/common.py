@@ -172,7 +172,7 @@ def sqlalchemy_section(url: str) -> str:
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         return f"drivername: sqlite\n  database: {u.database}"
-    lines = [f"drivername: postgresql", f"username: {u.username}", f"host: {u.host}",
+    lines = ["drivername: postgresql", f"username: {u.username}", f"host: {u.host}",
              f"port: {u.port or 5432}", f"database: {u.database}"]  # fmt: skip
     if u.password:
         lines.append(f"password: {u.password}")

@@ -541,7 +541,7 @@ def run(quick: bool, backends: list[str]) -> list[Row]:
                 f"{r.write.stmts()}")  # fmt: skip
             say(f"    start-up full queue refresh: {r.startup.median:.1f} ms; one trivial write "
                 f"transaction: median {r.floor.median:.2f} ms")  # fmt: skip
-            say(f"    status: " + (f"median {r.status.median:.1f} ms, {r.status.stmts()} "
+            say("    status: " + (f"median {r.status.median:.1f} ms, {r.status.stmts()} "
                                     f"({r.status_note})" if r.status else r.status_note))  # fmt: skip
             for label, op in (("claim", r.claim), ("idle", r.idle), ("write", r.write)):
                 if op.slowest is not None:

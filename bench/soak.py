@@ -165,5 +165,5 @@ def run_backend(backend: str, warmup: int, total: int) -> list[Row]:
         Row(b, "throughput (stand-in runs)", f"{rate:.1f} runs/s"),
         Row(b, "CPU per run: daemon / whole tree", f"{1000 * own_per_run:.0f} / {1000 * per_run:.0f} ms"),
         Row(b, "runs not scored", str(failed), "0", failed == 0),
-        Row(b, f"idle daemon CPU (poll_interval 5 s)", f"{100 * idle_share:.2f}%"),
+        Row(b, "idle daemon CPU (poll_interval 5 s)", f"{100 * idle_share:.2f}%"),
     ]
