@@ -433,10 +433,10 @@ def test_spot_interruption_notice_is_an_infrastructure_failure(aws_env: AwsEnv) 
     for _ in range(3):  # checks ask the (fake) metadata service: no notice yet
         assert worker.check(request, handle) is None
         time.sleep(0.3)
-    imds = aws_env.network.imds
-    assert ("PUT", "/latest/api/token") in imds.requests
-    assert ("GET", "/latest/meta-data/spot/instance-action") in imds.requests
-    imds.interrupt()  # SPOT NOTICE fake: AWS announces the reclaim
+    metadata = aws_env.network.imds
+    assert ("PUT", "/latest/api/token") in metadata.requests
+    assert ("GET", "/latest/meta-data/spot/instance-action") in metadata.requests
+    metadata.interrupt()  # SPOT NOTICE fake: AWS announces the reclaim
     outcome = aws_env.wait(worker, request, handle)
     assert outcome.failure is FailureClass.INFRASTRUCTURE
     assert "interruption notice" in outcome.message
