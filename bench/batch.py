@@ -25,6 +25,8 @@ from statistics import mean
 from dataclasses import dataclass
 from pathlib import Path
 
+from ramp_dispatcher.demo import SUBMISSIONS, slow_estimator
+
 from .common import (
     MAX_NOISE,
     RAMP_TEST,
@@ -47,25 +49,6 @@ def _estimator(imports: str, make: str) -> str:
     return f"{imports}\n\n\ndef get_estimator():\n    return {make}\n"
 
 
-def _slow(seconds: float) -> str:
-    # fit sleeps: ramp-test calls it once per fold (3 folds), so +3x seconds
-    return f"""\
-import time
-
-from sklearn.linear_model import LogisticRegression
-
-
-class Slow(LogisticRegression):
-    def fit(self, X, y):
-        time.sleep({seconds})
-        return super().fit(X, y)
-
-
-def get_estimator():
-    return Slow(max_iter=500)
-"""
-
-
 FAST = {
     "rf_small": _estimator(
         "from sklearn.ensemble import RandomForestClassifier",
@@ -79,21 +62,11 @@ FAST = {
                        "DecisionTreeClassifier(max_depth=3)"),  # fmt: skip
 }
 # ~2.5 s of sleep on top of a ~2.5 s run: "slow" means about twice a fast one
-SLOW = {"slow_a": _slow(0.7), "slow_b": _slow(0.8), "slow_c": _slow(0.9)}
+# fit sleeps once per fold (3 folds), so +3x seconds
+SLOW = {"slow_a": slow_estimator(0.7), "slow_b": slow_estimator(0.8), "slow_c": slow_estimator(0.9)}
 FAILING = {
-    "raises_in_fit": """\
-from sklearn.base import BaseEstimator, ClassifierMixin
-
-
-class Broken(ClassifierMixin, BaseEstimator):
-    def fit(self, X, y):
-        raise ValueError("this model refuses to learn")
-
-
-def get_estimator():
-    return Broken()
-""",
-    "syntax_error": "def get_estimator(:\n    return None\n",
+    "raises_in_fit": SUBMISSIONS["raises_in_fit"],
+    "syntax_error": SUBMISSIONS["syntax_error"],
     "no_estimator": "def get_something_else():\n    return None\n",
 }
 

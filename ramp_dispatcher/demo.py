@@ -114,6 +114,25 @@ SUBMISSIONS: dict[str, str] = {
 }
 
 
+def slow_estimator(seconds: float) -> str:
+    """A correct estimator.py whose fit sleeps ``seconds`` (ramp-test fits once per fold)."""
+    return f"""\
+import time
+
+from sklearn.linear_model import LogisticRegression
+
+
+class Slow(LogisticRegression):
+    def fit(self, X, y):
+        time.sleep({seconds})
+        return super().fit(X, y)
+
+
+def get_estimator():
+    return Slow(max_iter=500)
+"""
+
+
 def write_iris_kit(kit_dir: Path, data_dir: Path, n_folds: int = 3) -> None:
     """An iris ramp kit: problem.py, the starting kit, data/{train,test}.csv."""
     from sklearn.datasets import load_iris

@@ -10,7 +10,7 @@ from sqlalchemy.engine import make_url
 from ramp_dispatcher.config import EventConfig, load_event_config, load_server_config
 from ramp_dispatcher.database import queries
 from ramp_dispatcher.database.engine import make_engine
-from ramp_dispatcher.demo import EVENT, SUBMISSIONS, build_deployment
+from ramp_dispatcher.demo import EVENT, SUBMISSIONS, build_deployment, slow_estimator
 from ramp_dispatcher.dispatcher import Dispatcher
 
 GOOD = SUBMISSIONS["random_forest"]
@@ -18,23 +18,8 @@ RAISES = SUBMISSIONS["raises_in_fit"]
 SYNTAX_ERROR = SUBMISSIONS["syntax_error"]
 
 
-def sleeper(seconds: float) -> str:
-    """An estimator whose fit sleeps: a slow but correct submission."""
-    return f"""\
-        import time
-
-        from sklearn.linear_model import LogisticRegression
-
-
-        class Slow(LogisticRegression):
-            def fit(self, X, y):
-                time.sleep({seconds})
-                return super().fit(X, y)
-
-
-        def get_estimator():
-            return Slow(max_iter=500)
-        """
+#: a slow but correct submission: fit sleeps the given seconds
+sleeper = slow_estimator
 
 
 def sqlalchemy_section(url: str) -> str:
