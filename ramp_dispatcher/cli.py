@@ -174,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _engine_at_head(args: argparse.Namespace):
     """The operations read and write our runs table: the schema must be current."""
-    from .database.migrate import require_head
+    from .database.revision import require_head
 
     engine = _engine(args)
     require_head(engine, args.config)

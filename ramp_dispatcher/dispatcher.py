@@ -631,7 +631,7 @@ def _short(exc: BaseException) -> str:
 def run_daemon(server: ServerConfig, config: EventConfig) -> int:
     """``ramp-dispatcher run``: serve one event until a signal or hunger_policy exit."""
     from .config import load_event_config
-    from .database.migrate import require_head
+    from .database.revision import require_head
     from .errors import UserError
 
     engine = make_engine(server.database_url)

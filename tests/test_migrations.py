@@ -18,7 +18,7 @@ from sqlalchemy import Engine, create_engine, inspect, insert, text, update
 from sqlalchemy.engine import make_url
 
 from ramp_dispatcher.cli import main
-from ramp_dispatcher.database import migrate, ramp_schema
+from ramp_dispatcher.database import migrate, ramp_schema, revision
 from ramp_dispatcher.database.dispatcher_schema import (
     NOTIFY_CHANNEL,
     OUR_INDEX_PREFIX,
@@ -216,6 +216,9 @@ def test_revision_constants_match_the_scripts() -> None:
     script = ScriptDirectory.from_config(migrate._alembic_config(None, []))
     assert script.get_current_head() == migrate.HEAD
     assert script.get_base() == migrate.BASELINE
+    # the daemon's start-up check reads the revision without Alembic, from this list
+    history = [rev.revision for rev in script.walk_revisions("base", "heads")]
+    assert tuple(reversed(history)) == revision.REVISIONS
     # the frozen table and enum lists are ramp-database 0.10.1's
     assert set(migrate.RAMP_BOARD_TABLES) == set(Model.metadata.tables)
     enums = {
@@ -521,6 +524,10 @@ def test_require_head_and_unknown_revisions(engine: Engine) -> None:
         migrate.require_head(engine)
     with pytest.raises(UserError, match="newer ramp-dispatcher"):
         migrate.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO {migrate.VERSION_TABLE} VALUES ('{migrate.HEAD}')"))
+    with pytest.raises(UserError, match="several revisions .*fix it by hand"):
+        migrate.require_head(engine)
 
 
 def test_concurrent_upgrades_do_not_collide(engine: Engine) -> None:

@@ -45,6 +45,8 @@ from sqlalchemy import Connection, Engine, func, inspect, select, table, text
 
 from ..errors import UserError
 from . import ramp_schema
+from .revision import BASELINE, HEAD, VERSION_TABLE, current, require_head
+from .revision import read as read_revision
 
 __all__ = [
     "BASELINE",
@@ -58,13 +60,6 @@ __all__ = [
     "require_head",
 ]
 
-#: Revision that stands for ramp-board 0.10.1's schema as ramp-database creates it.
-BASELINE = "0001_ramp_board_baseline"
-#: Latest revision; the daemon refuses to start on anything else.
-HEAD = "0004_lookup_indexes"
-
-#: Our own version table: never collides with another tool's ``alembic_version``.
-VERSION_TABLE = "ramp_dispatcher_alembic_version"
 #: Created by the baseline only when it actually runs: "we created ramp-board's tables".
 MARKER_TABLE = "ramp_dispatcher_baseline"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -155,7 +150,7 @@ def upgrade(engine: Engine, revision: str = "head") -> list[str]:
         cfg = _alembic_config(conn, lines)
         script = ScriptDirectory.from_config(cfg)
         target = _known_revision(script, target)
-        cur = _current(conn)
+        cur = read_revision(conn)
         if cur is not None:
             _known_revision(script, cur, in_database=True)
             if cur == target:
@@ -203,7 +198,7 @@ def downgrade(engine: Engine, revision: str = "baseline") -> list[str]:
         _lock(conn)
         cfg = _alembic_config(conn, lines)
         script = ScriptDirectory.from_config(cfg)
-        cur = _current(conn)
+        cur = read_revision(conn)
         if cur is None:
             return ["database is not managed by ramp-dispatcher: nothing to downgrade"]
         _known_revision(script, cur, in_database=True)
@@ -255,35 +250,6 @@ def downgrade(engine: Engine, revision: str = "baseline") -> list[str]:
     return lines
 
 
-def current(engine: Engine) -> str | None:
-    """The revision recorded in our version table, or None if we do not manage it."""
-    with engine.connect() as conn:
-        # read-only: lets SQLite readers skip BEGIN IMMEDIATE's write lock
-        conn.execution_options(sqlite_readonly=True)
-        with conn.begin():
-            return _current(conn)
-
-
-def require_head(engine: Engine, config_path: str | Path | None = None) -> None:
-    """Raise :class:`UserError` unless the schema is at :data:`HEAD` (daemon start-up)."""
-    cur = current(engine)
-    if cur == HEAD:
-        return
-    script = ScriptDirectory.from_config(_alembic_config(None, []))
-    if cur is not None and not _is_known(script, cur):
-        raise UserError(
-            f"database schema is at {cur}, which this ramp-dispatcher does not know "
-            f"(a newer ramp-dispatcher migrated it; this one needs {HEAD}): "
-            "upgrade ramp-dispatcher"
-        )
-    where = "none (not managed by ramp-dispatcher)" if cur is None else cur
-    config = str(config_path) if config_path is not None else "<server config.yml>"
-    raise UserError(
-        f"database schema is at {where}, ramp-dispatcher needs {HEAD}: "
-        f"run `ramp-dispatcher db upgrade --config {config}`"
-    )
-
-
 # --------------------------------------------------------------------------- internals
 
 
@@ -331,14 +297,6 @@ def _lock(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
         # released at commit/rollback; SQLite is already serialised by BEGIN IMMEDIATE
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-
-
-def _current(conn: Connection) -> str | None:
-    ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-    heads = ctx.get_current_heads()
-    if len(heads) > 1:  # our history is linear; several heads means hand edits
-        raise UserError(f"{VERSION_TABLE} holds several revisions {heads}: fix it by hand")
-    return heads[0] if heads else None
 
 
 def _is_known(script: ScriptDirectory, rev: str) -> bool:

@@ -17,7 +17,6 @@ import pickle
 import zlib
 from typing import Any
 
-import numpy as np
 from sqlalchemy import (
     Boolean,
     Column,
@@ -47,6 +46,8 @@ class NumpyBlob(TypeDecorator):
     cache_ok = True
 
     def process_bind_param(self, value: Any, dialect: Any) -> bytes:
+        import numpy as np  # here, not at module level: keeps the daemon's start-up light
+
         return zlib.compress(np.array(value).dumps())
 
     def process_result_value(self, value: bytes | None, dialect: Any) -> Any:
