@@ -9,6 +9,16 @@ the daemon is ``ramp-dispatcher run`` in a subprocess. Figures:
 - the daemon's own CPU (utime + stime of its threads, not of its children,
   read from /proc just before it is reaped) / wall. Target <= 1 %.
 
+The batch is measured twice on fresh deployments:
+
+- cold: the daemon is started with the batch waiting and exits when it is done
+  (``hunger_policy: exit``): its interpreter start, imports and first
+  statement compilations count against a 20 s batch;
+- running service: the daemon is already up and has run one submission (as a
+  service that has been serving an event), then the batch turns ``new`` in one
+  transaction; wall is from that commit to the last result written, CPU is the
+  daemon's over the same stretch. This is how the dispatcher is used.
+
 ramp-engine 0.10.1 on such a batch (issue 3): 2.35x ideal, CPU = 100 % of wall.
 """
 
@@ -24,6 +34,7 @@ import time
 from statistics import mean
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ramp_dispatcher.demo import SUBMISSIONS, slow_estimator
 
@@ -40,6 +51,7 @@ from .common import (
     scratch_dir,
     temp_database,
     utc_seconds,
+    wait_for,
 )
 
 N_WORKERS = 2
@@ -224,6 +236,87 @@ def run_backend(backend: str, quick: bool,
             dep.close()
 
 
+#: Where the batch waits until it is released: a ramp-board state the dispatcher never picks.
+HOLD_STATE = "checked"
+
+
+def run_service(backend: str, quick: bool, standalone: Standalone) -> tuple[list[Row], float]:
+    """The batch reaching a daemon that is already serving: (rows, noise share)."""
+    from ramp_dispatcher.database import queries
+
+    subs = batch(quick)
+    with scratch_dir(f"service-{backend}") as root, temp_database(backend, root) as url:
+        dep = Deployment(
+            root / "deployment", url, submissions=subs,
+            dispatcher={"n_workers": N_WORKERS, "n_threads": 1, "hunger_policy": None,
+                        "poll_interval": 5, "time_between_collection": 1},
+        )  # fmt: skip
+        try:
+            ids = _ids(dep, list(subs))
+            batch_ids = list(ids.values())
+            with dep.engine.begin() as conn:
+                queries.set_state(conn, batch_ids, HOLD_STATE)
+            daemon = Daemon(dep.daemon_command(), root / "daemon.log").start()
+            try:
+                warm_up, _ = dep.add_submission("warm_up", FAST["tree"])
+                wait_for(lambda: dep.states()[warm_up] == "scored", 120, 0.05, "the warm-up run")
+                time.sleep(1.0)  # let the collection after the warm-up settle
+                settle()
+                say(f"  [{backend}] running daemon: releasing {len(subs)} submissions at once ...")
+                with CpuWindow(live=daemon.tree_cpu) as window:
+                    daemon.sample()
+                    cpu0 = daemon.cpu_s
+                    with dep.engine.begin() as conn:
+                        queries.set_state(conn, batch_ids, "new")
+                    released = time.time()
+
+                    def done() -> bool:
+                        states = dep.states()
+                        return all(states[i] in ("scored", "training_error") for i in batch_ids)
+
+                    wait_for(done, standalone.total * 3 + 120, 0.05, "the batch")
+                    daemon.sample()
+                    cpu = daemon.cpu_s - cpu0
+            finally:
+                daemon.stop()
+            first, last = _span(dep, batch_ids)
+            slots = _slot_times(backend, _run_rows(dep, batch_ids))
+        finally:
+            dep.close()
+    wall = last - first
+    ideal = standalone.total / N_WORKERS
+    fifo = fifo_makespan([standalone.seconds[n] for n in subs], N_WORKERS)
+    ratio, share = wall / ideal, cpu / (last - released)
+    say(f"  [{backend}] {window.describe()}")
+    say(f"  [{backend}] released -> first claimed {1000 * (first - released):.0f} ms; first claimed -> "
+        f"last result written {wall:.2f} s, ideal {ideal:.2f} s: {ratio:.3f}x (FIFO bound "
+        f"{fifo / ideal:.3f}x); daemon CPU {cpu:.2f} s = {100 * share:.2f}% of {last - released:.2f} s")
+    say(f"  [{backend}] ramp-test time under the running daemon {slots.under_daemon:.2f} s vs "
+        f"{standalone.total:.2f} s alone ({slots.under_daemon / standalone.total:.3f}x)")
+    b = f"batch[{backend}]"
+    return [
+        Row(b, "running daemon: wall / ideal", f"{ratio:.3f} ({wall:.1f} s / {ideal:.1f} s)",
+            "<= 1.10", ratio <= 1.10),  # fmt: skip
+        Row(b, "running daemon: own CPU / wall", f"{100 * share:.2f}% ({1000 * cpu:.0f} ms)",
+            "<= 1%", share <= 0.01),  # fmt: skip
+        Row(b, "running daemon: release -> first claimed", f"{1000 * (first - released):.0f} ms"),
+    ], window.others_share
+
+
+def _span(dep: Deployment, submission_ids: list[int]) -> tuple[float, float]:
+    """(first claim, last result written) of these submissions' runs, epoch s."""
+    from sqlalchemy import func, select
+
+    from ramp_dispatcher.database.dispatcher_schema import runs
+
+    with dep.engine.connect() as conn:
+        first, last = conn.execute(
+            select(func.min(runs.c.created_at), func.max(runs.c.collected_at))
+            .where(runs.c.submission_id.in_(submission_ids))
+        ).one()
+    return utc_seconds(first), utc_seconds(last)
+
+
 def _ids(dep: Deployment, names: list[str]) -> dict[str, int]:
     from sqlalchemy import select
 
@@ -234,42 +327,64 @@ def _ids(dep: Deployment, names: list[str]) -> dict[str, int]:
     return {n: rows[n] for n in names}
 
 
-def _figures(backend: str, dep: Deployment, subs: dict[str, str], ids: dict[str, int],
-             standalone: Standalone, daemon: Daemon, wall: float, ideal: float,
-             fifo: float) -> list[Row]:  # fmt: skip
-    from sqlalchemy import select
+@dataclass
+class SlotTimes:
+    """Where a worker slot's time goes, per run: claimed -> run started (the
+    worker's start()), -> ramp-test spawned (the supervisor's own start-up),
+    ramp-test itself (from the supervisors' status files), -> results written."""
 
-    from ramp_dispatcher.database.dispatcher_schema import runs
-    from ramp_dispatcher.database.ramp_schema import submissions as S
+    under_daemon: float  # ramp-test's own seconds, summed over the runs
+    start: list[float]
+    spawn: list[float]
+    collect: list[float]
 
-    with dep.engine.connect() as conn:
-        states = dict(conn.execute(select(S.c.name, S.c.state).where(S.c.name.in_(list(subs)))).all())
-        run_rows = conn.execute(
-            select(runs.c.submission_id, runs.c.created_at, runs.c.started_at,
-                   runs.c.collected_at, runs.c.handle).order_by(runs.c.id)  # fmt: skip
-        ).all()
-    wrong = {n: s for n, s in states.items() if s != expected_state(n)}
-    if wrong:
-        say(f"  WARNING: unexpected final states: {wrong}")
-    # ramp-test's own duration under the daemon, from the supervisors' status files
-    # Where a worker slot's time goes, per run: claimed -> run started (the
-    # worker's start()), -> ramp-test spawned (the supervisor's own start-up),
-    # ramp-test itself, -> results written (collection).
-    under_daemon = 0.0
-    spawn, collect, start = [], [], []
+
+def _slot_times(backend: str, run_rows: list[Any]) -> SlotTimes:
+    times = SlotTimes(0.0, [], [], [])
     for r in run_rows:
         try:
             status = json.loads(Path(r.handle["status_path"]).read_text())
             began, ended = float(status["started_at"]), float(status["finished_at"])
         except (OSError, KeyError, TypeError, ValueError):
             continue
-        under_daemon += ended - began
-        start.append(utc_seconds(r.started_at) - utc_seconds(r.created_at))
-        spawn.append(began - utc_seconds(r.started_at))
-        collect.append(utc_seconds(r.collected_at) - ended)
-    say(f"  [{backend}] per run, mean: claimed -> started {1000 * mean(start):.0f} ms, "
-        f"started -> ramp-test spawned (supervisor start-up) {1000 * mean(spawn):.0f} ms, "
-        f"ramp-test exit -> results written {1000 * mean(collect):.0f} ms")  # fmt: skip
+        times.under_daemon += ended - began
+        times.start.append(utc_seconds(r.started_at) - utc_seconds(r.created_at))
+        times.spawn.append(began - utc_seconds(r.started_at))
+        times.collect.append(utc_seconds(r.collected_at) - ended)
+    say(f"  [{backend}] per run, mean: claimed -> started {1000 * mean(times.start):.0f} ms, "
+        f"started -> ramp-test spawned (supervisor start-up) {1000 * mean(times.spawn):.0f} ms, "
+        f"ramp-test exit -> results written {1000 * mean(times.collect):.0f} ms")  # fmt: skip
+    return times
+
+
+def _run_rows(dep: Deployment, submission_ids: list[int] | None = None) -> list[Any]:
+    from sqlalchemy import select
+
+    from ramp_dispatcher.database.dispatcher_schema import runs
+
+    query = select(runs.c.submission_id, runs.c.created_at, runs.c.started_at,
+                   runs.c.collected_at, runs.c.handle).order_by(runs.c.id)  # fmt: skip
+    if submission_ids is not None:
+        query = query.where(runs.c.submission_id.in_(submission_ids))
+    with dep.engine.connect() as conn:
+        return list(conn.execute(query).all())
+
+
+def _figures(backend: str, dep: Deployment, subs: dict[str, str], ids: dict[str, int],
+             standalone: Standalone, daemon: Daemon, wall: float, ideal: float,
+             fifo: float) -> list[Row]:  # fmt: skip
+    from sqlalchemy import select
+
+    from ramp_dispatcher.database.ramp_schema import submissions as S
+
+    with dep.engine.connect() as conn:
+        states = dict(conn.execute(select(S.c.name, S.c.state).where(S.c.name.in_(list(subs)))).all())
+    run_rows = _run_rows(dep)
+    wrong = {n: s for n, s in states.items() if s != expected_state(n)}
+    if wrong:
+        say(f"  WARNING: unexpected final states: {wrong}")
+    slots = _slot_times(backend, run_rows)
+    under_daemon, spawn, collect = slots.under_daemon, slots.spawn, slots.collect
     first_start = min(utc_seconds(r.started_at) for r in run_rows if r.started_at is not None)
     startup = first_start - daemon.started_epoch
     cpu_at_first = max((c for t, c in daemon.history if t <= first_start), default=0.0)
@@ -290,9 +405,9 @@ def _figures(backend: str, dep: Deployment, subs: dict[str, str], ids: dict[str,
     say(f"  [{backend}] final states: " + ", ".join(f"{n}={s}" for n, s in states.items()))
     b = f"batch[{backend}]"
     return [
-        Row(b, f"wall / ideal ({len(subs)} subs, n_workers=2)",
+        Row(b, f"cold start: wall / ideal ({len(subs)} subs, n_workers=2)",
             f"{ratio:.3f} ({wall:.1f} s / {ideal:.1f} s)", "<= 1.10", ratio <= 1.10),  # fmt: skip
-        Row(b, "daemon own CPU / wall", f"{100 * cpu_share:.2f}% ({daemon.cpu_s:.2f} s)",
+        Row(b, "cold start: daemon own CPU / wall", f"{100 * cpu_share:.2f}% ({daemon.cpu_s:.2f} s)",
             "<= 1%", cpu_share <= 0.01),  # fmt: skip
         Row(b, "daemon CPU / wall after start-up", f"{100 * steady_cpu / steady_wall:.2f}% "
             f"({steady_cpu:.2f} s)"),  # fmt: skip
@@ -349,4 +464,14 @@ def run(quick: bool, backends: list[str]) -> list[Row]:
             again = "once more" if attempt + 1 < tries else "kept as it is (see the noise row)"
             say(f"  [{backend}] other processes took {100 * noise:.0f}% of the CPUs: {again}")
         rows += min(attempts, key=lambda a: a[0])[1]
+        assert standalone is not None
+        served = []
+        for attempt in range(tries):
+            got, noise = run_service(backend, quick, standalone)
+            served.append((noise, got))
+            if noise <= MAX_NOISE:
+                break
+            say(f"  [{backend}] other processes took {100 * noise:.0f}% of the CPUs during the "
+                "running-daemon batch" + (": once more" if attempt + 1 < tries else ""))
+        rows += min(served, key=lambda a: a[0])[1]
     return rows
