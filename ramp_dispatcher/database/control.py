@@ -24,9 +24,10 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Sequence
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 
 from ..errors import UserError
 from .dispatcher_schema import ACTIVE_RUN_STATUSES, RUN_COLLECTED, RUN_FINISHED, runs
@@ -311,16 +312,20 @@ def pending_cancels(conn: Connection, run_ids: Sequence[int]) -> list[int]:
     ids = list(run_ids)
     if not ids:
         return []
-    return list(
-        conn.execute(
-            select(runs.c.id)
-            .where(
-                runs.c.id.in_(ids),
-                runs.c.cancel_requested_at.is_not(None),
-                runs.c.status != RUN_COLLECTED,
-            )
-            .order_by(runs.c.id)
-        ).scalars()
+    return list(conn.execute(_pending_cancels_stmt(), {"ids": ids}).scalars())
+
+
+@cache
+def _pending_cancels_stmt():
+    # built once: the daemon asks every claim cycle
+    return (
+        select(runs.c.id)
+        .where(
+            runs.c.id.in_(bindparam("ids", expanding=True)),
+            runs.c.cancel_requested_at.is_not(None),
+            runs.c.status != RUN_COLLECTED,
+        )
+        .order_by(runs.c.id)
     )
 
 

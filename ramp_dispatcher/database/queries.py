@@ -3,15 +3,20 @@
 Functions take a Connection inside a transaction; the caller commits. Writes
 are keyed by run id and guarded by the run's status, so collecting the same
 run twice, or a late result from a superseded attempt, changes nothing.
+
+The statements run for every submission are built once (``@cache``), with bind
+parameters for whatever varies: building a Core statement costs the daemon more
+CPU than executing it (``bench/batch.py`` measures the daemon's CPU per run).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import Connection, Float, and_, bindparam, exists, func, insert, select, update
+from sqlalchemy import Connection, Float, Integer, and_, bindparam, exists, func, insert, select, update
 
 from ..errors import UserError
 from ..results import TrainingResults
@@ -88,32 +93,34 @@ def load_event(conn: Connection, event_name: str) -> EventInfo:
     return EventInfo(row.id, event_name, row.ramp_sandbox_name, n_folds, scores)
 
 
-def _event_submissions(event_id: int):
-    """Submissions of one event (ids of its event_teams), for WHERE clauses."""
+def _event_submissions():
+    """Submissions of the event ``:event_id`` (ids of its event_teams)."""
     return S.c.event_team_id.in_(
-        select(event_teams.c.id).where(event_teams.c.event_id == event_id).scalar_subquery()
+        select(event_teams.c.id).where(event_teams.c.event_id == bindparam("event_id")).scalar_subquery()
     )
 
 
-def _waiting(event: EventInfo, now: dt.datetime):
-    """The event's submissions that wait for a run, in submission order."""
-    return and_(
-        S.c.state == "new",
-        _event_submissions(event.id),
-        S.c.name != event.sandbox_name,
-        # an infrastructure failure waits out its backoff before the next attempt
-        ~exists().where(runs.c.submission_id == S.c.id, runs.c.retry_after > now),
-    )
+def _waiting(include_backoff: bool = False):
+    """The event's submissions that wait for a run; parameters from :func:`_params`."""
+    condition = and_(S.c.state == "new", _event_submissions(), S.c.name != bindparam("sandbox"))
+    if include_backoff:
+        return condition
+    # an infrastructure failure waits out its backoff before the next attempt
+    return and_(condition, ~exists().where(runs.c.submission_id == S.c.id, runs.c.retry_after > bindparam("now")))
+
+
+def _params(event: EventInfo, **more: Any) -> dict[str, Any]:
+    return {"event_id": event.id, "sandbox": event.sandbox_name, "now": utcnow(), **more}
+
+
+@cache
+def _count_waiting_stmt(include_backoff: bool):
+    return select(func.count()).select_from(S).where(_waiting(include_backoff))
 
 
 def count_waiting(conn: Connection, event: EventInfo, include_backoff: bool = False) -> int:
     """Submissions waiting for a run (with those backing off after a platform failure)."""
-    condition = (
-        and_(S.c.state == "new", _event_submissions(event.id), S.c.name != event.sandbox_name)
-        if include_backoff
-        else _waiting(event, utcnow())
-    )
-    return conn.execute(select(func.count()).select_from(S).where(condition)).scalar_one()
+    return conn.execute(_count_waiting_stmt(include_backoff), _params(event)).scalar_one()
 
 
 # --------------------------------------------------------------------------- claim
@@ -127,16 +134,30 @@ class Claim:
     attempt: int
 
 
+@cache
+def _set_state_stmts(columns: tuple[str, ...]):
+    # "v_" names: a bind parameter may not share its column's name in SET
+    ids = bindparam("ids", expanding=True)
+    subs = update(S).where(S.c.id.in_(ids)).values(
+        state=bindparam("v_state"), **{c: bindparam(f"v_{c}") for c in columns}
+    )
+    folds = (
+        update(submission_on_cv_folds)
+        .where(submission_on_cv_folds.c.submission_id.in_(bindparam("ids", expanding=True)))
+        .values(state=bindparam("v_state"))
+    )
+    return subs, folds
+
+
 def set_state(conn: Connection, submission_ids: Sequence[int], state: str, **values: Any) -> None:
     """Change submissions' state, copying it to their folds as ramp-board does."""
     if not submission_ids:
         return
-    conn.execute(update(S).where(S.c.id.in_(submission_ids)).values(state=state, **values))
-    conn.execute(
-        update(submission_on_cv_folds)
-        .where(submission_on_cv_folds.c.submission_id.in_(submission_ids))
-        .values(state=state)
-    )
+    subs, folds = _set_state_stmts(tuple(sorted(values)))
+    params = {"ids": list(submission_ids), "v_state": state}
+    params.update({f"v_{c}": v for c, v in values.items()})
+    conn.execute(subs, params)
+    conn.execute(folds, {"ids": params["ids"], "v_state": state})
 
 
 def claim(
@@ -155,47 +176,52 @@ def claim(
     """
     if limit <= 0:
         return []
-    now = utcnow()
-    query = (
-        select(S.c.id, S.c.name)
-        .where(_waiting(event, now))
-        .order_by(S.c.submission_timestamp, S.c.id)
-        .limit(limit)
-    )
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(of=S, skip_locked=True)
-    rows = conn.execute(query).all()
+    params = _params(event, limit=limit)
+    now = params["now"]
+    rows = conn.execute(_claim_stmts(conn.dialect.name)[0], params).all()
     if not rows:
         return []
     ids = [r.id for r in rows]
-    last_attempt = dict(
-        conn.execute(
-            select(runs.c.submission_id, func.max(runs.c.attempt))
-            .where(runs.c.submission_id.in_(ids))
-            .group_by(runs.c.submission_id)
-        ).all()
-    )
+    last_attempt = dict(conn.execute(_claim_stmts(conn.dialect.name)[1], {"ids": ids}).all())
     set_state(conn, ids, "sent_to_training", sent_to_training_timestamp=now, queue_position=-1)
     claims = []
     for r in rows:
         attempt = last_attempt.get(r.id, 0) + 1
         run_id = conn.execute(
-            insert(runs)
-            .values(
-                submission_id=r.id,
-                event_id=event.id,
-                attempt=attempt,
-                worker_type=worker_type,
-                owner=owner,
-                status=RUN_STARTING,
-                created_at=now,
-                heartbeat_at=now,
-                lease_expires_at=now + lease,
-            )
-            .returning(runs.c.id)
+            _claim_stmts(conn.dialect.name)[2],
+            {
+                "submission_id": r.id,
+                "event_id": event.id,
+                "attempt": attempt,
+                "worker_type": worker_type,
+                "owner": owner,
+                "status": RUN_STARTING,
+                "created_at": now,
+                "heartbeat_at": now,
+                "lease_expires_at": now + lease,
+            },
         ).scalar_one()
         claims.append(Claim(run_id, r.id, r.name, attempt))
     return claims
+
+
+@cache
+def _claim_stmts(dialect: str):
+    """(the oldest waiting submissions, their last attempts, a new run)."""
+    oldest = (
+        select(S.c.id, S.c.name)
+        .where(_waiting())
+        .order_by(S.c.submission_timestamp, S.c.id)
+        .limit(bindparam("limit", type_=Integer))
+    )
+    if dialect == "postgresql":
+        oldest = oldest.with_for_update(of=S, skip_locked=True)
+    last_attempt = (
+        select(runs.c.submission_id, func.max(runs.c.attempt))
+        .where(runs.c.submission_id.in_(bindparam("ids", expanding=True)))
+        .group_by(runs.c.submission_id)
+    )
+    return oldest, last_attempt, insert(runs).returning(runs.c.id)
 
 
 def update_queue_positions(conn: Connection, event: EventInfo, full: bool = False) -> None:
@@ -206,16 +232,24 @@ def update_queue_positions(conn: Connection, event: EventInfo, full: bool = Fals
     edit, a crash); it scans the event, so it runs at start-up only. Within a
     run, submissions leave the queue through :func:`claim`, which sets -1.
     """
-    now = utcnow()
+    ranked, stale = _queue_position_stmts()
+    params = _params(event)
+    conn.execute(ranked, params)
+    if full:
+        conn.execute(stale, params)
+
+
+@cache
+def _queue_position_stmts():
     ranked = (
         select(
             S.c.id.label("sid"),
             func.row_number().over(order_by=(S.c.submission_timestamp, S.c.id)).label("pos"),
         )
-        .where(_waiting(event, now))
+        .where(_waiting())
         .subquery()
     )
-    conn.execute(
+    positions = (
         update(S)
         .where(
             S.c.id == ranked.c.sid,
@@ -226,12 +260,12 @@ def update_queue_positions(conn: Connection, event: EventInfo, full: bool = Fals
         )
         .values(queue_position=ranked.c.pos)
     )
-    if full:
-        conn.execute(
-            update(S)
-            .where(_event_submissions(event.id), S.c.queue_position != -1, ~_waiting(event, now))
-            .values(queue_position=-1)
-        )
+    stale = (
+        update(S)
+        .where(_event_submissions(), S.c.queue_position != -1, ~_waiting())
+        .values(queue_position=-1)
+    )
+    return positions, stale
 
 
 # --------------------------------------------------------------------------- runs
@@ -252,28 +286,58 @@ class RunRow:
 def mark_running(conn: Connection, run_id: int, handle: dict[str, Any]) -> bool:
     """The worker started the run: store its handle; the submission is ``training``."""
     now = utcnow()
-    result = conn.execute(
-        update(runs)
-        .where(runs.c.id == run_id, runs.c.status == RUN_STARTING)
-        .values(status=RUN_RUNNING, handle=handle, started_at=now)
-    )
-    if result.rowcount != 1:
+    sid = conn.execute(
+        _run_stmts().running, {"run_id": run_id, "v_handle": handle, "v_started_at": now}
+    ).scalar()
+    if sid is None:
         return False
-    sid = conn.execute(select(runs.c.submission_id).where(runs.c.id == run_id)).scalar_one()
     set_state(conn, [sid], "training", training_timestamp=now)
     return True
 
 
+@dataclass(frozen=True)
+class _RunStatements:
+    running: Any
+    is_ours: Any
+    finished: Any
+    renew: Any
+    still_ours: Any
+    active_of_event: Any
+
+
+@cache
+def _run_stmts() -> _RunStatements:
+    run = runs.c.id == bindparam("run_id")
+    ours = runs.c.owner == bindparam("p_owner")
+    ids = runs.c.id.in_(bindparam("ids", expanding=True))
+    return _RunStatements(
+        running=update(runs)
+        .where(run, runs.c.status == RUN_STARTING)
+        .values(status=RUN_RUNNING, handle=bindparam("v_handle"), started_at=bindparam("v_started_at"))
+        .returning(runs.c.submission_id),
+        is_ours=select(runs.c.id).where(run, ours, runs.c.status != RUN_COLLECTED),
+        finished=update(runs)
+        .where(run, ours, runs.c.status.in_((RUN_STARTING, RUN_RUNNING)))
+        .values(
+            status=RUN_FINISHED,
+            finished_at=bindparam("v_finished_at"),
+            failure_class=bindparam("v_failure_class"),
+            message=bindparam("v_message"),
+        )
+        .returning(runs.c.submission_id),
+        renew=update(runs)
+        .where(ids, ours, runs.c.status != RUN_COLLECTED)
+        .values(heartbeat_at=bindparam("v_now"), lease_expires_at=bindparam("v_expires")),
+        still_ours=select(runs.c.id).where(ids, ours),
+        active_of_event=select(runs.c.id, runs.c.owner, runs.c.lease_expires_at).where(
+            runs.c.event_id == bindparam("event_id"), runs.c.status.in_(ACTIVE_RUN_STATUSES)
+        ),
+    )
+
+
 def run_is_ours(conn: Connection, run_id: int, owner: str) -> bool:
     """Whether ``owner`` still holds the run and it is not collected yet."""
-    return (
-        conn.execute(
-            select(runs.c.id).where(
-                runs.c.id == run_id, runs.c.owner == owner, runs.c.status != RUN_COLLECTED
-            )
-        ).first()
-        is not None
-    )
+    return conn.execute(_run_stmts().is_ours, {"run_id": run_id, "p_owner": owner}).first() is not None
 
 
 def mark_finished(
@@ -285,35 +349,41 @@ def mark_finished(
     succeeded: bool,
 ) -> bool:
     """The run ended; on success the submission is ``tested`` until scored."""
-    result = conn.execute(
-        update(runs)
-        .where(
-            runs.c.id == run_id,
-            runs.c.owner == owner,
-            runs.c.status.in_((RUN_STARTING, RUN_RUNNING)),
-        )
-        .values(
-            status=RUN_FINISHED,
-            finished_at=utcnow(),
-            failure_class=failure_class,
-            message=message,
-        )
-    )
-    if result.rowcount == 1 and succeeded:
-        sid = conn.execute(select(runs.c.submission_id).where(runs.c.id == run_id)).scalar_one()
+    sid = conn.execute(
+        _run_stmts().finished,
+        {
+            "run_id": run_id,
+            "p_owner": owner,
+            "v_finished_at": utcnow(),
+            "v_failure_class": failure_class,
+            "v_message": message,
+        },
+    ).scalar()
+    if sid is not None and succeeded:
         set_state(conn, [sid], "tested")
-    return result.rowcount == 1
+    return sid is not None
 
 
 def _close_run(conn: Connection, run_id: int, owner: str, **values: Any) -> bool:
     """Collect a run once: False if it was already collected, or is no longer
     ours (another daemon took it over): then nothing may be written."""
-    result = conn.execute(
+    params = {"run_id": run_id, "p_owner": owner, "v_collected_at": utcnow()}
+    params.update({f"v_{c}": v for c, v in values.items()})
+    return conn.execute(_close_run_stmt(tuple(sorted(values))), params).rowcount == 1
+
+
+@cache
+def _close_run_stmt(columns: tuple[str, ...]):
+    return (
         update(runs)
-        .where(runs.c.id == run_id, runs.c.owner == owner, runs.c.status != RUN_COLLECTED)
-        .values(status=RUN_COLLECTED, collected_at=utcnow(), **values)
+        .where(runs.c.id == bindparam("run_id"), runs.c.owner == bindparam("p_owner"),
+               runs.c.status != RUN_COLLECTED)  # fmt: skip
+        .values(
+            status=RUN_COLLECTED,
+            collected_at=bindparam("v_collected_at"),
+            **{c: bindparam(f"v_{c}") for c in columns},
+        )
     )
-    return result.rowcount == 1
 
 
 def heartbeat(
@@ -325,16 +395,9 @@ def heartbeat(
     if not ids:
         return set()
     now = utcnow()
-    conn.execute(
-        update(runs)
-        .where(runs.c.id.in_(ids), runs.c.owner == owner, runs.c.status != RUN_COLLECTED)
-        .values(heartbeat_at=now, lease_expires_at=now + lease)
-    )
-    return set(
-        conn.execute(
-            select(runs.c.id).where(runs.c.id.in_(ids), runs.c.owner == owner)
-        ).scalars()
-    )
+    stmts = _run_stmts()
+    conn.execute(stmts.renew, {"ids": ids, "p_owner": owner, "v_now": now, "v_expires": now + lease})
+    return set(conn.execute(stmts.still_ours, {"ids": ids, "p_owner": owner}).scalars())
 
 
 def release(conn: Connection, owner: str) -> None:
@@ -374,11 +437,7 @@ def adopt_orphaned_runs(
     """
     now = utcnow()
     held = set(held)
-    candidates = conn.execute(
-        select(runs.c.id, runs.c.owner, runs.c.lease_expires_at).where(
-            runs.c.event_id == event.id, runs.c.status.in_(ACTIVE_RUN_STATUSES)
-        )
-    ).all()
+    candidates = conn.execute(_run_stmts().active_of_event, {"event_id": event.id}).all()
     adopted = []
     for run_id, old_owner, expires in candidates:
         if run_id in held:
@@ -433,33 +492,16 @@ def write_results(
     """
     if not _close_run(conn, run_id, owner, outcome="scored", max_ram_mb=_int(max_ram_mb)):
         return False
-    fold_ids = conn.execute(
-        select(submission_on_cv_folds.c.id)
-        .where(submission_on_cv_folds.c.submission_id == submission_id)
-        .order_by(submission_on_cv_folds.c.id)
-    ).scalars().all()
-    score_ids = dict(
-        conn.execute(
-            select(submission_scores.c.event_score_type_id, submission_scores.c.id).where(
-                submission_scores.c.submission_id == submission_id
-            )
-        ).all()
-    )
+    stmts = _result_stmts()
+    fold_ids = conn.execute(stmts.fold_ids, {"submission_id": submission_id}).scalars().all()
+    score_ids = dict(conn.execute(stmts.score_ids, {"submission_id": submission_id}).all())
     if len(fold_ids) != len(results.folds):
         raise ValueError(
             f"submission {submission_id} has {len(fold_ids)} fold rows, "
             f"the output has {len(results.folds)} folds"
         )
     conn.execute(
-        update(submission_on_cv_folds)
-        .where(submission_on_cv_folds.c.id == bindparam("fid"))
-        .values(
-            train_time=bindparam("tr"),
-            valid_time=bindparam("va"),
-            test_time=bindparam("te"),
-            state="scored",
-            error_msg="",
-        ),
+        stmts.fold_times,
         [
             {"fid": fid, "tr": f.train_time, "va": f.valid_time, "te": f.test_time}
             for fid, f in zip(fold_ids, results.folds)
@@ -479,16 +521,7 @@ def write_results(
         if spec.event_score_type_id in score_ids
     ]
     if fold_scores:
-        ssf = submission_score_on_cv_folds
-        conn.execute(
-            update(ssf)
-            .where(
-                ssf.c.submission_on_cv_fold_id == bindparam("fid"),
-                ssf.c.submission_score_id == bindparam("sid"),
-            )
-            .values(train_score=bindparam("tr"), valid_score=bindparam("va"), test_score=bindparam("te")),
-            fold_scores,
-        )
+        conn.execute(stmts.fold_scores, fold_scores)
     bagged = []
     for spec in event.scores:
         if spec.event_score_type_id not in score_ids:
@@ -503,21 +536,7 @@ def write_results(
             row[f"{step}_bags"] = None if bags is None else [float(b) for b in bags]
         bagged.append(row)
     if bagged:
-        conn.execute(
-            update(submission_scores)
-            .where(submission_scores.c.id == bindparam("sid"))
-            .values(
-                valid_score_cv_bag=func.coalesce(
-                    bindparam("valid_bag", type_=Float), submission_scores.c.valid_score_cv_bag
-                ),
-                test_score_cv_bag=func.coalesce(
-                    bindparam("test_bag", type_=Float), submission_scores.c.test_score_cv_bag
-                ),
-                valid_score_cv_bags=bindparam("valid_bags", type_=submission_scores.c.valid_score_cv_bags.type),
-                test_score_cv_bags=bindparam("test_bags", type_=submission_scores.c.test_score_cv_bags.type),
-            ),
-            bagged,
-        )
+        conn.execute(stmts.bagged, bagged)
     stats = results.time_stats()
     values: dict[str, Any] = {"error_msg": ""}
     for step, (mean, std) in stats.items():
@@ -527,6 +546,52 @@ def write_results(
         values["max_ram"] = float(max_ram_mb)
     set_state(conn, [submission_id], "scored", **values)
     return True
+
+
+@dataclass(frozen=True)
+class _ResultStatements:
+    fold_ids: Any
+    score_ids: Any
+    fold_times: Any
+    fold_scores: Any
+    bagged: Any
+    fold_errors: Any
+
+
+@cache
+def _result_stmts() -> _ResultStatements:
+    folds, ssf, scores = submission_on_cv_folds, submission_score_on_cv_folds, submission_scores
+    return _ResultStatements(
+        fold_ids=select(folds.c.id)
+        .where(folds.c.submission_id == bindparam("submission_id"))
+        .order_by(folds.c.id),
+        score_ids=select(scores.c.event_score_type_id, scores.c.id).where(
+            scores.c.submission_id == bindparam("submission_id")
+        ),
+        fold_times=update(folds)
+        .where(folds.c.id == bindparam("fid"))
+        .values(
+            train_time=bindparam("tr"),
+            valid_time=bindparam("va"),
+            test_time=bindparam("te"),
+            state="scored",
+            error_msg="",
+        ),
+        fold_scores=update(ssf)
+        .where(ssf.c.submission_on_cv_fold_id == bindparam("fid"), ssf.c.submission_score_id == bindparam("sid"))
+        .values(train_score=bindparam("tr"), valid_score=bindparam("va"), test_score=bindparam("te")),
+        bagged=update(scores)
+        .where(scores.c.id == bindparam("sid"))
+        .values(
+            valid_score_cv_bag=func.coalesce(bindparam("valid_bag", type_=Float), scores.c.valid_score_cv_bag),
+            test_score_cv_bag=func.coalesce(bindparam("test_bag", type_=Float), scores.c.test_score_cv_bag),
+            valid_score_cv_bags=bindparam("valid_bags", type_=scores.c.valid_score_cv_bags.type),
+            test_score_cv_bags=bindparam("test_bags", type_=scores.c.test_score_cv_bags.type),
+        ),
+        fold_errors=update(folds)
+        .where(folds.c.submission_id == bindparam("p_submission_id"))
+        .values(error_msg=bindparam("v_error_msg")),
+    )
 
 
 def write_failure(
@@ -549,11 +614,7 @@ def write_failure(
     if max_ram_mb is not None:
         values["max_ram"] = float(max_ram_mb)
     set_state(conn, [submission_id], state, **values)
-    conn.execute(
-        update(submission_on_cv_folds)
-        .where(submission_on_cv_folds.c.submission_id == submission_id)
-        .values(error_msg=error_msg)
-    )
+    conn.execute(_result_stmts().fold_errors, {"p_submission_id": submission_id, "v_error_msg": error_msg})
     return True
 
 
