@@ -31,7 +31,7 @@ from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from . import messages
@@ -287,38 +287,48 @@ class Dispatcher:
     # ------------------------------------------------------------------ claim
 
     def claim_cycle(self) -> None:
+        claims: list[queries.Claim] = []
         with self.engine.begin() as conn:
             ours = queries.heartbeat(conn, self.owner, self.active, self.lease)
             adopted = queries.adopt_orphaned_runs(
                 conn, self.event, self.owner, self.lease, self.active, owner_is_dead
             )
             cancels = control.pending_cancels(conn, list(self.active))
-        for run_id in cancels:
-            if run_id in self.active:
-                self._cancel(self.active[run_id])
-        for run_id in set(self.active) - ours:
-            # Our lease lapsed (a long database outage) and another daemon took
-            # the run over: it is theirs to collect now.
-            log.warning("%s: taken over by another daemon; dropped", self.active[run_id].label())
-            del self.active[run_id]
-        for row in adopted:
-            self._reattach(row)
-        free = self.config.dispatcher.n_workers - len(self.active)
-        claims: list[queries.Claim] = []
-        with self.engine.begin() as conn:
-            if free > 0:
-                claims = queries.claim(
-                    conn, self.event, free, self.owner, self.config.worker_type, self.lease
-                )
-            queries.update_queue_positions(conn, self.event)
-            if self.metrics.serving:
-                self.metrics.set_queue_depth(queries.count_waiting(conn, self.event))
+            # The usual cycle has nothing to stop, drop or take over: it claims
+            # in the same transaction, one commit less.
+            settled = not adopted and not cancels and ours == set(self.active)
+            if settled:
+                claims = self._claim(conn)
+        if not settled:
+            for run_id in cancels:
+                if run_id in self.active:
+                    self._cancel(self.active[run_id])
+            for run_id in set(self.active) - ours:
+                # Our lease lapsed (a long database outage) and another daemon
+                # took the run over: it is theirs to collect now.
+                log.warning("%s: taken over by another daemon; dropped", self.active[run_id].label())
+                del self.active[run_id]
+            for row in adopted:
+                self._reattach(row)
+            with self.engine.begin() as conn:
+                claims = self._claim(conn)
         for claim in claims:
             self._launch(claim)
         self.metrics.set_running(len(self.active))
         self._reap()
         if not self.active and not claims:
             self._on_hunger()
+
+    def _claim(self, conn: Connection) -> list[queries.Claim]:
+        """Claim as many waiting submissions as there are free slots; refresh the queue."""
+        free = self.config.dispatcher.n_workers - len(self.active)
+        claims = []
+        if free > 0:
+            claims = queries.claim(conn, self.event, free, self.owner, self.config.worker_type, self.lease)
+        queries.update_queue_positions(conn, self.event)
+        if self.metrics.serving:
+            self.metrics.set_queue_depth(queries.count_waiting(conn, self.event))
+        return claims
 
     def _cancel(self, run: ActiveRun) -> None:
         """An admin asked (``ramp-dispatcher cancel``) to stop this run."""
