@@ -74,8 +74,9 @@ runs = Table(
 )
 
 #: Added on ramp-board's ``submissions``: the claim and queue-position queries
-#: filter on state; without it they scan every submission of every event.
-SUBMISSIONS_STATE_INDEX = "ix_dispatcher_submissions_state"
+#: filter on state and skip the sandbox by name; without it they scan every
+#: submission of every event (migration 0005; 0002 indexed state alone).
+SUBMISSIONS_STATE_INDEX = "ix_dispatcher_submissions_state_name"
 #: Added on ramp-board's ``submission_scores``: writing a result finds a
 #: submission's score rows (migration 0004).
 SUBMISSION_SCORES_INDEX = "ix_dispatcher_submission_scores_submission"
