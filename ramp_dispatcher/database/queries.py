@@ -7,6 +7,9 @@ run twice, or a late result from a superseded attempt, changes nothing.
 The statements run for every submission are built once (``@cache``), with bind
 parameters for whatever varies: building a Core statement costs the daemon more
 CPU than executing it (``bench/batch.py`` measures the daemon's CPU per run).
+SQLAlchemy reserves a column's own name for the SET clause of an UPDATE, so
+bind parameters of new values are named ``v_<column>`` and those of WHERE
+clauses ``p_<column>`` where they would collide.
 """
 
 from __future__ import annotations
@@ -183,19 +186,20 @@ def claim(
     """
     if limit <= 0:
         return []
+    oldest, last_attempts, new_run = _claim_stmts(conn.dialect.name)
     params = _params(event, limit=limit)
     now = params["now"]
-    rows = conn.execute(_claim_stmts(conn.dialect.name)[0], params).all()
+    rows = conn.execute(oldest, params).all()
     if not rows:
         return []
     ids = [r.id for r in rows]
-    last_attempt = dict(conn.execute(_claim_stmts(conn.dialect.name)[1], {"ids": ids}).all())
+    last_attempt = dict(conn.execute(last_attempts, {"ids": ids}).all())
     set_state(conn, ids, "sent_to_training", sent_to_training_timestamp=now, queue_position=-1)
     claims = []
     for r in rows:
         attempt = last_attempt.get(r.id, 0) + 1
         run_id = conn.execute(
-            _claim_stmts(conn.dialect.name)[2],
+            new_run,
             {
                 "submission_id": r.id,
                 "event_id": event.id,
