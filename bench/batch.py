@@ -423,15 +423,15 @@ def _figures(backend: str, dep: Deployment, subs: dict[str, str], ids: dict[str,
 
 def supervisor_cpu(scratch: Path) -> tuple[float, float]:
     """CPU seconds of one supervisor around a no-op command, started as the
-    conda worker starts it (``python -m ramp_dispatcher.workers.supervise``) and
-    as a plain script (the same file, without its package's imports)."""
-    import ramp_dispatcher.workers.supervise as supervise
+    conda worker starts it (``python -I -S supervise.py``) and as a module
+    (``python -m ramp_dispatcher.workers.supervise``: site and package imports)."""
+    from ramp_dispatcher.workers.conda import SUPERVISOR
 
     scratch.mkdir(parents=True, exist_ok=True)
     args = ["--log", str(scratch / "log"), "--status", str(scratch / "status.json"),
             "--timeout", "10", "--", "/bin/true"]  # fmt: skip
     found = []
-    for launcher in (["-m", "ramp_dispatcher.workers.supervise"], [supervise.__file__]):
+    for launcher in (["-I", "-S", str(SUPERVISOR)], ["-m", "ramp_dispatcher.workers.supervise"]):
         costs = []
         for _ in range(3):
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -445,11 +445,11 @@ def supervisor_cpu(scratch: Path) -> tuple[float, float]:
 def run(quick: bool, backends: list[str]) -> list[Row]:
     rows: list[Row] = []
     with scratch_dir("supervisor") as scratch:
-        as_module, as_script = supervisor_cpu(scratch)
-    say(f"  supervisor CPU per run (around /bin/true): {1000 * as_module:.0f} ms as the worker starts "
-        f"it (-m, package imported), {1000 * as_script:.0f} ms as a plain script")  # fmt: skip
-    rows.append(Row("batch", "supervisor CPU per run: -m / as script",
-                    f"{1000 * as_module:.0f} / {1000 * as_script:.0f} ms"))  # fmt: skip
+        as_script, as_module = supervisor_cpu(scratch)
+    say(f"  supervisor CPU per run (around /bin/true): {1000 * as_script:.0f} ms as the worker starts "
+        f"it (-I -S script), {1000 * as_module:.0f} ms as a module (-m)")  # fmt: skip
+    rows.append(Row("batch", "supervisor CPU per run: as started / -m",
+                    f"{1000 * as_script:.0f} / {1000 * as_module:.0f} ms"))  # fmt: skip
     standalone = None
     if quick and "sqlite" in backends:
         backends = ["sqlite"]  # quick: one backend; the daemon's loop is the same on both

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from ramp_dispatcher.workers import supervise
+from ramp_dispatcher.workers import conda, supervise
 from ramp_dispatcher.workers.base import FailureClass, RunOutcome, RunRequest, WorkerError
 from ramp_dispatcher.workers.conda import CondaConfig, CondaWorker, resolve_env
 
@@ -321,7 +321,7 @@ def test_supervisor_reports_spawn_errors(tmp_path: Path) -> None:
     # In a child process: main() installs signal handlers and makes the
     # calling process a subreaper, which pytest itself must not become.
     proc = subprocess.run(
-        [sys.executable, "-m", "ramp_dispatcher.workers.supervise",
+        [sys.executable, "-I", "-S", str(conda.SUPERVISOR),
          "--log", str(tmp_path / "log"), "--status", str(status), "--timeout", "5",
          "--", str(tmp_path / "missing-ramp-test")],
         timeout=30,
@@ -420,7 +420,14 @@ def test_env_cache_expires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_supervisor_starts_light() -> None:
     """Every run starts a supervisor: it must not load SQLAlchemy or YAML
-    (they cost ~0.4 s of CPU per run, measured by bench/batch.py)."""
+    (they cost ~0.4 s of CPU per run, measured by bench/batch.py). The worker
+    runs it without site-packages, which only a standard-library program survives;
+    started as a module through the package, it must stay light as well."""
+    isolated = subprocess.run(
+        [sys.executable, "-I", "-S", str(conda.SUPERVISOR), "--help"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert isolated.returncode == 0 and "--timeout" in isolated.stdout, isolated.stderr
     probe = subprocess.run(
         [sys.executable, "-c",
          "import sys, runpy; sys.argv = ['x', '--help']\n"

@@ -11,9 +11,9 @@ from .base import Worker
 if TYPE_CHECKING:
     from ..config import Section
 
-# Config imports are deferred: every run's supervisor is started as
-# `python -m ramp_dispatcher.workers.supervise`, which imports this package,
-# and must not pay for SQLAlchemy and YAML (about 0.4 s of CPU per run).
+# Config imports are deferred: importing this package (as `python -m
+# ramp_dispatcher.workers.supervise` does) must not pay for SQLAlchemy and
+# YAML, about 0.4 s of CPU. The conda worker runs the supervisor as a script.
 
 WORKER_TYPES = ("conda", "aws")
 

@@ -23,9 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from .base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker, WorkerError
+from . import supervise
 from .supervise import read_stat
 
 log = logging.getLogger(__name__)
+
+#: Each run's supervisor is this file, run as a plain script in isolated mode
+#: (``python -I -S``: no site-packages, no user paths). It needs the standard
+#: library only, and skipping the package import and ``site`` halves its
+#: start-up, which every run waits for (bench/batch.py).
+SUPERVISOR = Path(supervise.__file__).resolve()
+#: How a live supervisor is recognised in /proc: by its script, or by the module
+#: name under which earlier versions started it (a restart re-attaches those too).
+_SUPERVISOR_ARGS = {str(SUPERVISOR).encode(), b"ramp_dispatcher.workers.supervise"}
 
 #: how long ``conda info --envs`` may take
 CONDA_INFO_TIMEOUT_S = 60.0
@@ -172,7 +182,7 @@ def _find_supervisor(status_path: Path) -> int | None:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"ramp_dispatcher.workers.supervise" in argv and wanted in argv:
+        if _SUPERVISOR_ARGS.intersection(argv) and wanted in argv:
             info = read_stat(int(name))
             if info is not None and info.state != "Z":
                 return int(name)
@@ -256,7 +266,7 @@ class CondaWorker(Worker):
             for name in THREAD_VARIABLES:
                 setenv[name] = str(int(request.n_threads))
         argv = [
-            sys.executable, "-m", "ramp_dispatcher.workers.supervise",
+            sys.executable, "-I", "-S", str(SUPERVISOR),
             "--log", str(log_path),
             "--status", str(status_path),
             "--timeout", repr(float(self.config.timeout)),

@@ -1,15 +1,16 @@
 """Supervise one ramp-test run: time and memory limits, cleanup, status file.
 
-Run as::
+Run as (the conda worker starts it so; ``python -m
+ramp_dispatcher.workers.supervise`` works as well)::
 
-    python -m ramp_dispatcher.workers.supervise --log LOG --status STATUS \\
+    python -I -S .../ramp_dispatcher/workers/supervise.py --log LOG --status STATUS \\
         --timeout SECONDS [--memory-limit-mb MB] [--nice N] [--cwd DIR] \\
         [--setenv NAME=VALUE ...] -- COMMAND [ARG ...]
 
 The conda worker starts this program in its own session, so it outlives the
 daemon that started it; the daemon (or a restarted one) learns the result
-from the status file only. Standard library only: it must start fast and not
-depend on the daemon's heavier imports.
+from the status file only. Standard library only, with no import from this
+package: it must start fast, without site-packages.
 
 The status file is JSON, always replaced atomically. Right after the command
 is spawned it holds ``{"started_at", "supervisor_pid", "child_pid",
@@ -31,9 +32,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
+
+# No dataclasses here: importing them (and inspect) is a fifth of this
+# program's start-up, which every run waits for.
 
 PR_SET_CHILD_SUBREAPER = 36
 #: seconds between SIGTERM and SIGKILL when stopping the tree
@@ -43,8 +46,7 @@ SAMPLE_INTERVAL_S = 0.5
 
 
 # ---------------------------------------------------------------- /proc helpers
-@dataclass(frozen=True)
-class ProcInfo:
+class ProcInfo(NamedTuple):
     pid: int
     ppid: int
     pgid: int
@@ -103,22 +105,30 @@ def rss_kib(pid: int) -> int:
 
 
 # ------------------------------------------------------------------ supervisor
-@dataclass
 class Supervisor:
-    command: list[str]
-    log_path: Path
-    status_path: Path
-    timeout: float
-    memory_limit_mb: float | None = None
-    cwd: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
-
-    stop_signal: int | None = None
-    child: subprocess.Popen[bytes] | None = None
-    child_status: int | None = None  # raw wait status once reaped
-    peak_tree_kib: int = 0
-    started_at: float = 0.0
-    log_fd: int = -1
+    def __init__(
+        self,
+        command: list[str],
+        log_path: Path,
+        status_path: Path,
+        timeout: float,
+        memory_limit_mb: float | None = None,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.command = command
+        self.log_path = log_path
+        self.status_path = status_path
+        self.timeout = timeout
+        self.memory_limit_mb = memory_limit_mb
+        self.cwd = cwd
+        self.env = env or {}
+        self.stop_signal: int | None = None
+        self.child: subprocess.Popen[bytes] | None = None
+        self.child_status: int | None = None  # raw wait status once reaped
+        self.peak_tree_kib = 0
+        self.started_at = 0.0
+        self.log_fd = -1
 
     # -- small pieces
     def note(self, text: str) -> None:
@@ -344,7 +354,7 @@ def _parse_setenv(items: Sequence[str]) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ramp_dispatcher.workers.supervise",
+        prog="supervise.py",
         description="Run one command under time/memory limits; write a JSON status file.",
     )
     parser.add_argument("--log", required=True, type=Path, help="the command's output (appended)")
