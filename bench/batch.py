@@ -35,7 +35,7 @@ import time
 from statistics import mean
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ramp_dispatcher.demo import SUBMISSIONS, slow_estimator
 
@@ -454,25 +454,32 @@ def run(quick: bool, backends: list[str]) -> list[Row]:
     standalone = None
     if quick and "sqlite" in backends:
         backends = ["sqlite"]  # quick: one backend; the daemon's loop is the same on both
+    tries = 1 if quick else 2  # a run disturbed by other processes is done again
     for backend in backends_to_run(backends):
-        attempts = []
-        tries = 1 if quick else 2  # a run disturbed by other processes is done again
-        for attempt in range(tries):
+
+        def cold() -> tuple[list[Row], float]:
+            nonlocal standalone
             got, standalone, noise = run_backend(backend, quick, standalone)
-            attempts.append((noise, got))
-            if noise <= MAX_NOISE:
-                break
-            again = "once more" if attempt + 1 < tries else "kept as it is (see the noise row)"
-            say(f"  [{backend}] other processes took {100 * noise:.0f}% of the CPUs: {again}")
-        rows += min(attempts, key=lambda a: a[0])[1]
+            return got, noise
+
+        rows += _least_noisy(backend, "cold-start batch", tries, cold)
         assert standalone is not None
-        served = []
-        for attempt in range(tries):
-            got, noise = run_service(backend, quick, standalone)
-            served.append((noise, got))
-            if noise <= MAX_NOISE:
-                break
-            say(f"  [{backend}] other processes took {100 * noise:.0f}% of the CPUs during the "
-                "running-daemon batch" + (": once more" if attempt + 1 < tries else ""))
-        rows += min(served, key=lambda a: a[0])[1]
+        measured = standalone
+        rows += _least_noisy(backend, "running-daemon batch", tries,
+                             lambda: run_service(backend, quick, measured))  # fmt: skip
     return rows
+
+
+def _least_noisy(backend: str, what: str, tries: int,
+                 measure: Callable[[], tuple[list[Row], float]]) -> list[Row]:  # fmt: skip
+    """Measure up to ``tries`` times until other processes leave the CPUs
+    alone; keep the least disturbed measurement's rows."""
+    attempts = []
+    for attempt in range(tries):
+        got, noise = measure()
+        attempts.append((noise, got))
+        if noise <= MAX_NOISE:
+            break
+        again = "once more" if attempt + 1 < tries else "kept as it is (see the noise row)"
+        say(f"  [{backend}] other processes took {100 * noise:.0f}% of the CPUs during the {what}: {again}")
+    return min(attempts, key=lambda a: a[0])[1]

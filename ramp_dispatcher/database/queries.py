@@ -144,13 +144,20 @@ class Claim:
     attempt: int
 
 
+def _new_values(values: dict[str, Any]) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """An UPDATE's varying SET values: (their sorted column names, which key
+    the statement built for them; their ``v_`` bind parameters)."""
+    return tuple(sorted(values)), {f"v_{c}": v for c, v in values.items()}
+
+
+def _set_clause(columns: tuple[str, ...]) -> dict[str, Any]:
+    return {c: bindparam(f"v_{c}") for c in columns}
+
+
 @cache
 def _set_state_stmts(columns: tuple[str, ...]):
-    # "v_" names: a bind parameter may not share its column's name in SET
     ids = bindparam("ids", expanding=True)
-    subs = update(S).where(S.c.id.in_(ids)).values(
-        state=bindparam("v_state"), **{c: bindparam(f"v_{c}") for c in columns}
-    )
+    subs = update(S).where(S.c.id.in_(ids)).values(state=bindparam("v_state"), **_set_clause(columns))
     folds = (
         update(submission_on_cv_folds)
         .where(submission_on_cv_folds.c.submission_id.in_(bindparam("ids", expanding=True)))
@@ -163,11 +170,11 @@ def set_state(conn: Connection, submission_ids: Sequence[int], state: str, **val
     """Change submissions' state, copying it to their folds as ramp-board does."""
     if not submission_ids:
         return
-    subs, folds = _set_state_stmts(tuple(sorted(values)))
-    params = {"ids": list(submission_ids), "v_state": state}
-    params.update({f"v_{c}": v for c, v in values.items()})
-    conn.execute(subs, params)
-    conn.execute(folds, {"ids": params["ids"], "v_state": state})
+    columns, params = _new_values(values)
+    subs, folds = _set_state_stmts(columns)
+    ids = list(submission_ids)
+    conn.execute(subs, {"ids": ids, "v_state": state, **params})
+    conn.execute(folds, {"ids": ids, "v_state": state})
 
 
 def claim(
@@ -378,9 +385,9 @@ def mark_finished(
 def _close_run(conn: Connection, run_id: int, owner: str, **values: Any) -> bool:
     """Collect a run once: False if it was already collected, or is no longer
     ours (another daemon took it over): then nothing may be written."""
-    params = {"run_id": run_id, "p_owner": owner, "v_collected_at": utcnow()}
-    params.update({f"v_{c}": v for c, v in values.items()})
-    return conn.execute(_close_run_stmt(tuple(sorted(values))), params).rowcount == 1
+    columns, params = _new_values(values)
+    params.update(run_id=run_id, p_owner=owner, v_collected_at=utcnow())
+    return conn.execute(_close_run_stmt(columns), params).rowcount == 1
 
 
 @cache
@@ -392,7 +399,7 @@ def _close_run_stmt(columns: tuple[str, ...]):
         .values(
             status=RUN_COLLECTED,
             collected_at=bindparam("v_collected_at"),
-            **{c: bindparam(f"v_{c}") for c in columns},
+            **_set_clause(columns),
         )
     )
 

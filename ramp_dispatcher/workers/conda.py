@@ -24,7 +24,6 @@ from typing import Any
 
 from .base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker, WorkerError
 from . import supervise
-from .supervise import read_stat
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +155,7 @@ def resolve_env(conda_env: str) -> Path:
 
 # ----------------------------------------------------------------- processes
 def _start_time(pid: int) -> int | None:
-    info = read_stat(pid)
+    info = supervise.read_stat(pid)
     return None if info is None else info.start_time
 
 
@@ -164,7 +163,7 @@ def _is_running(pid: Any, start_time: Any) -> bool:
     """True when ``pid`` is the same, not yet exited process as at start."""
     if not isinstance(pid, int) or pid <= 0:
         return False
-    info = read_stat(pid)
+    info = supervise.read_stat(pid)
     if info is None or info.state in ("Z", "X"):
         return False
     # A different start time means the pid was reused by another process.
@@ -183,7 +182,7 @@ def _find_supervisor(status_path: Path) -> int | None:
         except OSError:
             continue
         if _SUPERVISOR_ARGS.intersection(argv) and wanted in argv:
-            info = read_stat(int(name))
+            info = supervise.read_stat(int(name))
             if info is not None and info.state != "Z":
                 return int(name)
     return None
