@@ -46,9 +46,9 @@ from .ramp_schema import (
 S = submissions
 
 
-def utcnow() -> dt.datetime:
-    """ramp-board stores naive UTC timestamps."""
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+# One clock for the package; re-exported (control, reports and the dispatcher
+# call queries.utcnow).
+from .clock import utcnow  # noqa: E402
 
 
 # --------------------------------------------------------------------------- event
