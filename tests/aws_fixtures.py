@@ -39,17 +39,13 @@ from typing import Any, Iterator
 
 import pytest
 
+from helpers import free_port
+
 REGION = "eu-west-3"
 AMI_NAME = "ramp-iris-worker"
 KEY_NAME = "ramp-test-key"
 SECURITY_GROUP = "ramp-workers"
 SSHD = "/usr/sbin/sshd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _missing(reason: str) -> None:

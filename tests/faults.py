@@ -19,11 +19,9 @@ ramp-test processes ran the submission.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,11 +29,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable
 
 import yaml
 from sqlalchemy import Engine, create_engine, select, text
 
+from ramp_dispatcher.database.clock import utcnow as naive_utcnow  # noqa: F401  (test_reliability imports it)
 from ramp_dispatcher.database.dispatcher_schema import runs
 from ramp_dispatcher.database.ramp_schema import (
     submission_on_cv_folds,
@@ -46,8 +45,7 @@ from ramp_dispatcher.database.ramp_schema import (
 from ramp_dispatcher.demo import EVENT, TEAM, write_submission
 
 from deployment import Deployment
-
-T = TypeVar("T")
+from helpers import free_port, wait_for
 
 MARKER_VAR = "RAMP_DISPATCHER_FAULT_TEST"
 DISPATCHER_EXE = Path(sys.prefix) / "bin" / "ramp-dispatcher"
@@ -55,23 +53,6 @@ RAMP_TEST_EXE = Path(sys.prefix) / "bin" / "ramp-test"
 #: how long a gated fit waits at most for its gate (a test that forgets to
 #: open it must not leave a process for long)
 GATE_MAX_WAIT_S = 90.0
-
-
-# --------------------------------------------------------------------------- waiting
-
-
-def wait_for(
-    predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- sources
@@ -321,10 +302,6 @@ def run_rows(engine: Engine, submission_id: int | None = None) -> list[Any]:
         return conn.execute(query).all()
 
 
-def naive_utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-
-
 _AUDIT_PG = [
     "CREATE TABLE fault_audit (id SERIAL PRIMARY KEY, tbl TEXT NOT NULL, row_id INTEGER NOT NULL)",
     """CREATE FUNCTION fault_audit_fn() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -559,19 +536,13 @@ def make_harness(
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PrivatePostgres:
     """A throw-away PostgreSQL cluster (trust auth) that a test may stop and start."""
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="rdpg-", dir="/tmp"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.logfile = self.dir / "server.log"
         self.started = False
 

@@ -16,7 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 from sqlalchemy import select
@@ -39,6 +39,7 @@ from aws_fixtures import (  # noqa: E402
     network,  # noqa: F401
     sshd,  # noqa: F401
 )
+from helpers import wait_for  # noqa: E402
 from kit import GOOD, make_iris_kit, slow_source  # noqa: E402
 
 from ramp_dispatcher.config import (
@@ -151,14 +152,7 @@ class AwsEnv:
             time.sleep(0.2)
         raise AssertionError(f"no outcome within {timeout} s")
 
-    def wait_for(self, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what or predicate}")
+    wait_for = staticmethod(wait_for)  # tests/helpers.py's, at hand on the fixture
 
     def live_instances(self) -> list[dict[str, Any]]:
         return self.moto.instances(("pending", "running", "stopping", "stopped"))

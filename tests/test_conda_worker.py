@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
@@ -33,6 +33,7 @@ from ramp_dispatcher.workers.conda import CondaConfig, CondaWorker, resolve_env
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kit  # noqa: E402
+from helpers import wait_for  # noqa: E402
 
 VENV = Path(sys.prefix)
 TAG_VAR = "RAMP_DISPATCHER_TEST_TAG"
@@ -115,14 +116,6 @@ def wait_outcome(
             return outcome
         time.sleep(0.1)
     raise AssertionError(f"no outcome within {limit} s")
-
-
-def wait_for(predicate: Callable[[], bool], limit: float = 20.0) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def venv_worker(**kwargs: object) -> CondaWorker:

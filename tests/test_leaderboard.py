@@ -20,6 +20,7 @@ from ramp_dispatcher.leaderboard import (
 )
 
 from deployment import GOOD, Deployment
+from helpers import wait_for
 
 LOGGER = "ramp_dispatcher.leaderboard"
 
@@ -36,14 +37,6 @@ def recorder(path: Path, sleep: float = 0.0) -> list[str]:
 
 def starts(path: Path) -> list[float]:
     return [float(x) for x in path.read_text().split()] if path.exists() else []
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- coalescing

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from textwrap import dedent
@@ -20,23 +19,10 @@ from ramp_dispatcher.cli import main as cli
 from ramp_dispatcher.database.dispatcher_schema import runs
 
 from deployment import GOOD, Deployment, sleeper
+from helpers import free_port as _free_port
+from helpers import wait_for as _wait
 
 EXE = Path(sys.prefix) / "bin" / "ramp-dispatcher"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_service_notify_metrics_leaderboard_cancel_retry(empty_db_url: str, tmp_path: Path) -> None:
