@@ -47,9 +47,10 @@ from ramp_dispatcher.config import (
     server_config_for_url,
 )  # noqa: E402
 from ramp_dispatcher.workers import make_worker  # noqa: E402
-from ramp_dispatcher.workers.aws import AWSConfig, AWSWorker  # noqa: E402
-from ramp_dispatcher.workers.aws_ec2 import host_keys_from_console  # noqa: E402
-from ramp_dispatcher.workers.aws_ssh import known_hosts_fingerprints  # noqa: E402
+from ramp_dispatcher.workers.aws.config import AWSConfig  # noqa: E402
+from ramp_dispatcher.workers.aws.worker import AWSWorker  # noqa: E402
+from ramp_dispatcher.workers.aws.network import host_keys_from_console  # noqa: E402
+from ramp_dispatcher.workers.aws.ssh import known_hosts_fingerprints  # noqa: E402
 from ramp_dispatcher.workers.base import FailureClass, RunOutcome, RunRequest  # noqa: E402
 from ramp_dispatcher.workers.supervise import all_processes  # noqa: E402
 

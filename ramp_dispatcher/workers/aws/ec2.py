@@ -1,34 +1,24 @@
-"""The aws worker's EC2 API calls, and how an instance is reached.
+"""The aws worker's EC2 API calls.
 
 :class:`Ec2` wraps the few calls the worker makes (find the image, launch,
-find by tags, terminate). Errors become :class:`Ec2Error`, whose message names
-the operation and AWS's error code and never holds credentials.
-
-:class:`InstanceNetwork` is the worker's one test seam: where to reach an
-instance over SSH, which host keys it may present, and where its metadata
-service answers. :class:`Ec2InstanceNetwork`, the default, uses the instance's
-public (else private) IP and the host keys cloud-init prints on the serial
-console. Tests swap in an implementation that maps every instance to a local
-sshd, because moto's addresses are not reachable and its console output
-cannot know that sshd's key.
+find by tags, terminate, read the console). Errors become :class:`Ec2Error`,
+whose message names the operation and AWS's error code and never holds
+credentials. The tags the worker puts on its instances are named here too.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Iterable
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
-from .aws_ssh import fingerprint_of_public_key
-
 if TYPE_CHECKING:
-    from .aws import AWSConfig
+    from .config import AWSConfig
 
 TAG_EVENT = "ramp-dispatcher:event"
 TAG_SUBMISSION = "ramp-dispatcher:submission"
@@ -53,19 +43,6 @@ SPOT_FALLBACK_CODES = frozenset(
         "InsufficientFreeAddressesInSubnet",
     }
 )
-
-METADATA_URL = "http://169.254.169.254"
-_FPR_BLOCK = re.compile(
-    r"-----BEGIN SSH HOST KEY FINGERPRINTS-----(.*?)-----END SSH HOST KEY FINGERPRINTS-----", re.S
-)
-_KEYS_BLOCK = re.compile(
-    r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S
-)
-_FPR = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
-_PUBKEY = re.compile(
-    r"\b(?:ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)\s+([A-Za-z0-9+/]+={0,3})"
-)
-
 
 class Ec2Error(Exception):
     """An EC2 call failed. ``code`` is AWS's error code when there is one."""
@@ -310,59 +287,3 @@ class Ec2:
         except _API_ERRORS as exc:
             raise _error("GetConsoleOutput", exc) from None
         return reply.get("Output") or ""
-
-
-def host_keys_from_console(text: str) -> frozenset[str]:
-    """SHA256 fingerprints of the host keys cloud-init printed on the console.
-
-    Both of cloud-init's blocks count: the fingerprints and the public keys
-    (whose fingerprints we compute). Outside those blocks nothing is trusted.
-    """
-    found: set[str] = set()
-    for block in _FPR_BLOCK.findall(text):
-        found.update(_FPR.findall(block))
-    for block in _KEYS_BLOCK.findall(text):
-        for blob in _PUBKEY.findall(block):
-            fp = fingerprint_of_public_key(blob)
-            if fp:
-                found.add(fp)
-    return frozenset(found)
-
-
-class InstanceNetwork(Protocol):
-    """How the worker reaches an instance (the one seam tests replace)."""
-
-    def address(self, instance: Instance) -> tuple[str, int] | None:
-        """(host, port) of its sshd; None while it has no address yet."""
-
-    def host_keys(self, instance: Instance) -> frozenset[str] | None:
-        """Fingerprints its sshd may present; None while they are not known yet."""
-
-    def metadata_url(self, instance: Instance) -> str:
-        """Base URL of its metadata service, as seen from the instance."""
-
-
-class Ec2InstanceNetwork:
-    """The real thing: public IP (else private) and console-published host keys.
-
-    With ``trusted_keys`` (from the ``known_hosts_file`` setting) those keys
-    are trusted instead: for images whose host keys are baked in.
-    """
-
-    def __init__(self, ec2: Ec2, ssh_port: int, trusted_keys: frozenset[str] | None = None):
-        self.ec2 = ec2
-        self.ssh_port = ssh_port
-        self.trusted_keys = trusted_keys
-
-    def address(self, instance: Instance) -> tuple[str, int] | None:
-        host = instance.public_ip or instance.private_ip
-        return (host, self.ssh_port) if host else None
-
-    def host_keys(self, instance: Instance) -> frozenset[str] | None:
-        if self.trusted_keys is not None:
-            return self.trusted_keys
-        # Written by cloud-init once sshd's keys exist; empty until then.
-        return host_keys_from_console(self.ec2.console_output(instance.instance_id)) or None
-
-    def metadata_url(self, instance: Instance) -> str:
-        return METADATA_URL

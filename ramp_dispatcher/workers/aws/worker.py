@@ -1,0 +1,238 @@
+"""The aws worker: :class:`AWSWorker`, the interface the dispatcher calls.
+
+Each of its methods returns at once: a run's work happens in its own thread
+(:mod:`.run`), and the reaper's in another (:mod:`.reaper`). The worker holds
+what runs share: the EC2 client, the AMI found last, the private key, and the
+runs in progress by (submission id, attempt).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import shutil
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from ..base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker
+from . import reaper
+from .config import AWSConfig
+from .ec2 import TAG_ATTEMPT, TAG_EVENT, TAG_SUBMISSION, Ec2, Image
+from .network import Ec2InstanceNetwork, InstanceNetwork
+from .run import _Run, staging_paths
+from .ssh import known_hosts_fingerprints, load_private_key
+
+log = logging.getLogger("ramp_dispatcher.workers.aws")
+
+HANDLE_VERSION = 1
+#: a found AMI is reused for this long (parallel boots ask once)
+IMAGE_CACHE_S = 300.0
+
+
+class AWSWorker(Worker):
+    """Runs every submission of one event on its own EC2 instance."""
+
+    type_name = "aws"
+
+    def __init__(
+        self,
+        config: AWSConfig,
+        event_name: str,
+        *,
+        daemon_id: str | None = None,
+        network: InstanceNetwork | None = None,
+    ):
+        if not event_name:
+            raise ValueError("the aws worker needs the event name (it tags the instances)")
+        self.config = config
+        self.event = event_name
+        self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.key = load_private_key(config.key_path)
+        self._network = network
+        self.lock = threading.Lock()
+        self.runs: dict[tuple[int, int], _Run] = {}
+        self._ec2: Ec2 | None = None
+        self._ec2_lock = threading.Lock()
+        self._image: tuple[Image, float] | None = None
+        self._image_lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+        self.closed = threading.Event()
+
+    # -- shared resources (built on first use, off the loop)
+    @property
+    def ec2(self) -> Ec2:
+        # Its own lock: building a client takes a while and check() must not wait.
+        with self._ec2_lock:
+            if self._ec2 is None:
+                self._ec2 = Ec2(self.config)
+            return self._ec2
+
+    @property
+    def ec2_client(self) -> Any:
+        """The boto3 EC2 client (tests hook botocore events on it)."""
+        return self.ec2.client
+
+    @property
+    def network(self) -> InstanceNetwork:
+        if self._network is None:
+            trusted = None
+            if self.config.known_hosts_file is not None:
+                trusted = known_hosts_fingerprints(self.config.known_hosts_file)
+            self._network = Ec2InstanceNetwork(self.ec2, self.config.ssh_port, trusted)
+        return self._network
+
+    def image(self) -> Image:
+        with self._image_lock:
+            now = time.monotonic()
+            if self._image is None or now > self._image[1]:
+                found = self.ec2.find_image(self.config.ami_image_name, self.config.ami_owners)
+                self._image = (found, now + IMAGE_CACHE_S)
+                log.info(
+                    "aws worker: using AMI %s (%r, owner %s, created %s)",
+                    found.image_id,
+                    found.name,
+                    found.owner_id,
+                    found.creation_date,
+                )
+            return self._image[0]
+
+    def redact(self, text: str) -> str:
+        """Belt and braces: no message we write may carry a credential."""
+        for secret in (self.config.secret_access_key, self.config.access_key_id):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def run_tags(self, request: RunRequest) -> dict[str, str]:
+        return {
+            TAG_EVENT: self.event,
+            TAG_SUBMISSION: str(request.submission_id),
+            TAG_ATTEMPT: str(request.attempt),
+        }
+
+    # -- Worker interface (each returns at once)
+    def start(self, request: RunRequest, wake: Wake) -> Handle:
+        run_id = uuid.uuid4().hex[:16]
+        kit = self.config.remote_ramp_kit_folder
+        handle: Handle = {
+            "worker": self.type_name,
+            "version": HANDLE_VERSION,
+            "event": self.event,
+            "submission_id": request.submission_id,
+            "attempt": request.attempt,
+            "run": run_id,
+            "region": self.config.region_name,
+            "remote_kit_dir": kit,
+            "remote_data_dir": self.config.remote_data_folder,
+            "remote_run_dir": posixpath.join(
+                kit,
+                ".ramp-dispatcher",
+                f"{request.submission_name}-attempt-{request.attempt}-{run_id}",
+            ),
+            "timeout": float(self.config.timeout),
+            "created_at": time.time(),
+        }
+        self._spawn(_Run(self, request, handle, wake, resume=False))
+        return handle
+
+    def check(self, request: RunRequest, handle: Handle) -> RunOutcome | None:
+        problem = _handle_problem(handle, self.event, request)
+        if problem:
+            return RunOutcome(FailureClass.INFRASTRUCTURE, f"invalid aws run handle: {problem}")
+        key = (request.submission_id, request.attempt)
+        with self.lock:
+            run = self.runs.get(key)
+        if run is None or run.handle.get("run") != handle["run"]:
+            # A run started by an earlier daemon: find its instance and go on.
+            log.info(
+                "aws worker: re-attaching submission %s attempt %s (run %s)",
+                request.submission_id,
+                request.attempt,
+                handle["run"],
+            )
+            self._spawn(_Run(self, request, dict(handle), None, resume=True))
+            return None
+        return run.poll()
+
+    def cleanup(self, request: RunRequest, handle: Handle) -> None:
+        key = (request.submission_id, request.attempt)
+        with self.lock:
+            run = self.runs.pop(key, None)
+        if run is not None:
+            run.cancel()  # a no-op once its outcome is out: it terminated already
+        else:
+            # Not ours (the dispatcher gave up on it before a check): free it by tags.
+            threading.Thread(
+                target=reaper.terminate_tagged,
+                args=(self, request),
+                name=f"aws-cleanup-{request.submission_id}-{request.attempt}",
+                daemon=True,
+            ).start()
+        for path in (request.output_dir, *staging_paths(self.config, request)):
+            try:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            except OSError as exc:
+                log.warning("aws worker: cannot remove %s: %s", path, exc)
+
+    def reap(self, active: set[tuple[int, int]]) -> None:
+        snapshot = time.time()  # the instant ``active`` was true (or just after)
+        with self.lock:
+            if self._reaper is not None and self._reaper.is_alive():
+                return
+            self._reaper = threading.Thread(
+                target=reaper.reap,
+                args=(self, frozenset(active), snapshot),
+                name="aws-reaper",
+                daemon=True,
+            )
+            self._reaper.start()
+
+    def close(self) -> None:
+        """Stop our threads; instances keep running for the next daemon to re-attach."""
+        self.closed.set()
+        with self.lock:
+            runs = list(self.runs.values())
+        for run in runs:
+            run.wakeup()
+
+    # -- internals
+    def _spawn(self, run: _Run) -> None:
+        key = (run.request.submission_id, run.request.attempt)
+        with self.lock:
+            old = self.runs.get(key)
+            self.runs[key] = run
+        if old is not None and old.thread.is_alive():
+            old.cancel()
+        run.thread.start()
+
+    def terminate_tagged(self, request: RunRequest, run_id: str | None = None) -> None:
+        reaper.terminate_tagged(self, request, run_id)
+
+    def forget(self, run: _Run) -> None:
+        key = (run.request.submission_id, run.request.attempt)
+        with self.lock:
+            if self.runs.get(key) is run:
+                del self.runs[key]
+
+
+def _handle_problem(handle: Handle, event: str, request: RunRequest) -> str | None:
+    if not isinstance(handle, dict) or handle.get("worker") != "aws":
+        return "not an aws handle"
+    for key in ("run", "remote_run_dir", "remote_kit_dir", "remote_data_dir"):
+        if not isinstance(handle.get(key), str) or not handle[key]:
+            return f"missing {key!r}"
+    if handle.get("event") != event:
+        return f"it belongs to event {handle.get('event')!r}"
+    if (handle.get("submission_id"), handle.get("attempt")) != (
+        request.submission_id,
+        request.attempt,
+    ):
+        return "it belongs to another run"
+    return None
