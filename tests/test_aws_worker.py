@@ -515,6 +515,60 @@ def test_timeout_kills_the_remote_run_and_terminates(aws_env: AwsEnv) -> None:
     aws_env.assert_no_instance_running()
 
 
+def forging_source() -> str:
+    """A submission that defeats the instance-side time limit: it moves its run's
+    ``started`` file into the future, deletes any ``exit`` file, then sleeps."""
+    return (
+        "import pathlib\nimport time\n"
+        + GOOD.replace(
+            "        self.clf.fit(X, y)",
+            "        for run in pathlib.Path('.ramp-dispatcher').glob('*'):\n"
+            "            (run / 'started').write_text('9999999999\\n')\n"
+            "            for name in ('exit', 'exit.tmp'):\n"
+            "                (run / name).unlink(missing_ok=True)\n"
+            "        time.sleep(600)\n"
+            "        self.clf.fit(X, y)",
+        )
+    )
+
+
+def test_daemon_deadline_stops_a_run_that_forges_its_files(aws_env: AwsEnv) -> None:
+    # timeout: long enough for ramp-test to reach fit (and forge) first
+    config = aws_env.config(timeout=10.0, boot_timeout=20.0, deadline_margin=5.0)
+    worker = aws_env.worker(config)
+    request = aws_env.request(forging_source())
+    handle = json.loads(json.dumps(worker.start(request, lambda: None)))  # as stored
+    assert handle["deadline"] == pytest.approx(handle["created_at"] + 20 + 10 + 5)
+    pgid = aws_env.wait_for(lambda: aws_env.remote_pid(handle), 30, "ramp-test to start")
+    started = Path(handle["remote_run_dir"]) / "started"
+    aws_env.wait_for(lambda: started.read_text().strip() == "9999999999", 30, "the forgery")
+    outcome = aws_env.wait(worker, request, handle, timeout=120)
+    assert time.time() >= handle["deadline"]  # not stopped by the instance's own check
+    assert outcome.failure is FailureClass.TIMEOUT
+    assert "time limit of 10 s" in outcome.message and "deadline" in outcome.message
+    assert not aws_env.group_alive(pgid), "ramp-test survived the deadline"
+    assert "[ramp-dispatcher] Training stopped" in request.log_path.read_text()
+    (instance,) = aws_env.moto.instances()
+    assert instance["State"]["Name"] == "terminated"
+    aws_env.assert_no_instance_running()
+
+
+def test_run_past_its_deadline_before_starting_is_infrastructure(aws_env: AwsEnv) -> None:
+    aws_env.network.boot_delay = 600  # SLOW BOOT fake: it never gets an address
+    config = aws_env.config(timeout=1.0, boot_timeout=1.0, deadline_margin=1.0)
+    first = aws_env.worker(config)
+    request = aws_env.request(GOOD)
+    handle = json.loads(json.dumps(first.start(request, lambda: None)))
+    aws_env.wait_for(aws_env.live_instances, 10, "the launch")
+    first.close()  # the daemon goes away before the instance ever answered
+    aws_env.wait_for(lambda: time.time() > handle["deadline"], 10, "the deadline")
+    second = aws_env.worker(config)  # restarted: the deadline comes with the handle
+    outcome = aws_env.wait(second, request, handle, timeout=30)
+    assert outcome.failure is FailureClass.INFRASTRUCTURE
+    assert "did not start on its instance before its deadline" in outcome.message
+    aws_env.assert_no_instance_running()
+
+
 def test_restarted_daemon_reattaches_without_relaunching(aws_env: AwsEnv) -> None:
     probe = aws_env.tmp / "imports"
     probe.mkdir()

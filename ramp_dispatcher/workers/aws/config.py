@@ -56,6 +56,10 @@ class AWSConfig:
     poll_interval: float = 5.0
     terminate_timeout: float = 300.0
     reap_min_age: float = 600.0
+    #: the daemon's own deadline of a run is its creation + boot_timeout +
+    #: timeout + this (upload, start, download, terminate), whatever the
+    #: instance's files say
+    deadline_margin: float = 900.0
 
     def __post_init__(self) -> None:
         for key in ("region_name", "ami_image_name", "ami_user_name", "instance_type", "key_name"):
@@ -78,7 +82,7 @@ class AWSConfig:
                 raise AWSConfigError(key, f"must be an absolute path on the image, got {value!r}")
         for key in (
             "timeout", "boot_timeout", "ssh_connect_timeout", "ssh_command_timeout",
-            "unreachable_timeout", "poll_interval", "terminate_timeout",
+            "unreachable_timeout", "poll_interval", "terminate_timeout", "deadline_margin",
         ):  # fmt: skip
             if not getattr(self, key) > 0:
                 raise AWSConfigError(
@@ -106,6 +110,11 @@ class AWSConfig:
     @property
     def remote_data_folder(self) -> str:
         return self.remote_ramp_data_folder or self.remote_ramp_kit_folder
+
+    def deadline_after(self, created_at: float, timeout: float | None = None) -> float:
+        """The daemon-side deadline (epoch s) of a run created at ``created_at``."""
+        limit = self.timeout if timeout is None else timeout
+        return created_at + self.boot_timeout + limit + self.deadline_margin
 
 
 def check_private_key_file(path: Path) -> None:
@@ -198,6 +207,7 @@ def from_section(section: Section) -> AWSConfig:
             poll_interval=seconds("poll_interval", 5.0),
             terminate_timeout=seconds("terminate_timeout", 300.0),
             reap_min_age=seconds("reap_min_age", 600.0),
+            deadline_margin=seconds("deadline_margin", 900.0),
         )
     except AWSConfigError as exc:
         raise section.invalid(exc) from None

@@ -116,6 +116,8 @@ class _Run:
         self.trusted: frozenset[str] | None = None
         self.terminated = False
         self.launch_tried = False
+        self.expired = False  # past the daemon's deadline (set by the worker's check)
+        self.remote_started = False  # ramp-test was started on the instance
         self.thread = threading.Thread(
             target=self._main,
             name=f"aws-run-{request.submission_id}-{request.attempt}",
@@ -136,6 +138,29 @@ class _Run:
         with self.cond:
             self.cancelled = True
             self.cond.notify_all()
+
+    def expire(self) -> None:
+        """The daemon's deadline passed: stop the run and terminate its instance."""
+        with self.cond:
+            if not self.expired:
+                log.warning("aws worker: %s: past its deadline; stopping it", self.label)
+            self.expired = True
+            self.cond.notify_all()
+
+    def deadline_outcome(self) -> RunOutcome:
+        """A timeout once ramp-test was started, else the platform's failure."""
+        if self.remote_started:
+            return RunOutcome(
+                FailureClass.TIMEOUT,
+                f"Training stopped: the time limit of {self.timeout:g} s was reached "
+                "(the run passed its deadline).",
+            )
+        return RunOutcome(
+            FailureClass.INFRASTRUCTURE,
+            f"the run did not start on its instance before its deadline "
+            f"({self.config.boot_timeout:g} s to boot, {self.timeout:g} s to run, "
+            f"{self.config.deadline_margin:g} s for transfers)",
+        )
 
     def wakeup(self) -> None:
         with self.cond:
@@ -178,6 +203,7 @@ class _Run:
             self._upload()
             self._start_remote()
         elif self.resume:
+            self.remote_started = True
             log.info("aws worker: %s: ramp-test already started on %s", self.label, self._iid())
         final = self._monitor()
         return self._collect(final)
@@ -188,11 +214,16 @@ class _Run:
             raise _Stop()
         if self.cancelled:
             raise _Stop(RunOutcome(FailureClass.INFRASTRUCTURE, "the run was cancelled"), kill=True)
+        if self.expired:
+            raise _Stop(self.deadline_outcome(), kill=True)
 
     def _sleep(self, seconds: float) -> None:
         with self.cond:
-            self.cond.wait_for(lambda: self.cancelled or self.worker.closed.is_set(), seconds)
+            self.cond.wait_for(self._interrupted, seconds)
         self._checkpoint()
+
+    def _interrupted(self) -> bool:
+        return self.cancelled or self.expired or self.worker.closed.is_set()
 
     def _iid(self) -> str:
         return self.instance.instance_id if self.instance else "(none)"
@@ -406,6 +437,7 @@ class _Run:
                 f"could not start ramp-test on {self._iid()} (exit code {result.exit_code}: "
                 f"{result.stderr.strip()[-300:]})"
             )
+        self.remote_started = True
         log.info("aws worker: %s: ramp-test started on %s", self.label, self._iid())
 
     # -- monitor
@@ -417,9 +449,7 @@ class _Run:
             self.probe_due = True  # look once right away (a re-attached run may be done)
         while True:
             with self.cond:
-                self.cond.wait_for(
-                    lambda: self.probe_due or self.cancelled or self.worker.closed.is_set()
-                )
+                self.cond.wait_for(lambda: self.probe_due or self._interrupted())
                 self.probe_due = False
             self._checkpoint()
             status = self._status()
@@ -588,8 +618,9 @@ class _Run:
 
     def _terminate(self) -> None:
         if self.instance is None:
-            if self.launch_tried:
-                # RunInstances may have worked with its reply lost: look by tags.
+            if self.launch_tried or self.resume:
+                # RunInstances may have worked with its reply lost, or a
+                # re-attached run stopped before finding its instance: by tags.
                 self.worker.terminate_tagged(self.request, self.handle["run"])
             return
         iid = self.instance.instance_id

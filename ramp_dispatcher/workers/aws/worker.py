@@ -117,6 +117,7 @@ class AWSWorker(Worker):
     # -- Worker interface (each returns at once)
     def start(self, request: RunRequest, wake: Wake) -> Handle:
         run_id = uuid.uuid4().hex[:16]
+        created_at = time.time()
         kit = self.config.remote_ramp_kit_folder
         handle: Handle = {
             "worker": self.type_name,
@@ -134,7 +135,10 @@ class AWSWorker(Worker):
                 f"{request.submission_name}-attempt-{request.attempt}-{run_id}",
             ),
             "timeout": float(self.config.timeout),
-            "created_at": time.time(),
+            "created_at": created_at,
+            # Fixed at creation and stored with the run: a restarted daemon and
+            # a SIGHUP keep it; nothing on the instance can move it.
+            "deadline": self.config.deadline_after(created_at),
         }
         self._spawn(_Run(self, request, handle, wake, resume=False))
         return handle
@@ -154,9 +158,49 @@ class AWSWorker(Worker):
                 request.attempt,
                 handle["run"],
             )
-            self._spawn(_Run(self, request, dict(handle), None, resume=True))
+            run = _Run(self, request, dict(handle), None, resume=True)
+            if self._overdue(handle) > 0:
+                run.expire()  # its thread only finds and terminates the instance
+            self._spawn(run)
             return None
+        overdue = self._overdue(handle)
+        if overdue > 0:
+            run.expire()
+            if overdue > self._expiry_grace() and not run.finished:
+                return self._abandon(run)
         return run.poll()
+
+    # -- the daemon's own deadline
+    def _overdue(self, handle: Handle) -> float:
+        """Seconds past the run's deadline (negative before it)."""
+        deadline = handle.get("deadline")
+        if not isinstance(deadline, (int, float)):  # a handle from before deadlines
+            created = handle.get("created_at")
+            timeout = handle.get("timeout")
+            deadline = self.config.deadline_after(
+                float(created) if isinstance(created, (int, float)) else time.time(),
+                float(timeout) if isinstance(timeout, (int, float)) else None,
+            )
+        return time.time() - float(deadline)
+
+    def _expiry_grace(self) -> float:
+        """How long an expired run's thread has to stop and terminate its instance."""
+        return 2 * self.config.ssh_command_timeout + self.config.terminate_timeout + 60.0
+
+    def _abandon(self, run: _Run) -> RunOutcome:
+        """The run's thread did not stop after its deadline: stop waiting for it."""
+        log.error(
+            "aws worker: %s: its thread did not stop after the deadline; terminating its "
+            "instance by its tags",
+            run.label,
+        )
+        threading.Thread(
+            target=reaper.terminate_tagged,
+            args=(self, run.request, run.handle["run"]),
+            name=f"aws-abandon-{run.request.submission_id}-{run.request.attempt}",
+            daemon=True,
+        ).start()
+        return run.deadline_outcome()
 
     def cleanup(self, request: RunRequest, handle: Handle) -> None:
         key = (request.submission_id, request.attempt)
