@@ -148,7 +148,8 @@ class Dispatcher:
         """A dispatcher with its worker; the owner id also names the worker's resources."""
         owner = new_owner_id()
         worker = make_worker(
-            config.worker_type, config.worker, event_name=config.ramp.event_name, daemon_id=owner
+            config.worker_type, config.worker, event_name=config.ramp.event_name, daemon_id=owner,
+            database=engine.url.render_as_string(hide_password=True),
         )
         return cls(engine, config, worker, owner=owner, notifier=notifier)
 

@@ -283,6 +283,7 @@ def test_config_is_read_and_validated(tmp_path: Path, sshd: Sshd, caplog) -> Non
     assert "worker.remote_ramp_kit_folder" in error(remote_ramp_kit_folder="ramp-kits/iris")
     assert "worker.security_group" in error(security_group=None)
     assert "worker.profile_name" in error(profile_name="default")
+    assert "worker.deployment_id" in error(deployment_id="prod copy")
     message = error(secret_access_key=[SECRET])
     assert "worker.secret_access_key" in message and SECRET not in message
     # Without keys, boto3's default credential chain (or profile_name) is used.
@@ -650,30 +651,45 @@ def test_default_network_waits_for_console_host_keys(aws_env: AwsEnv) -> None:
     aws_env.assert_no_instance_running()
 
 
-def test_reaper_terminates_instances_without_an_active_run(aws_env: AwsEnv) -> None:
+def _launch_tagged(
+    aws_env: AwsEnv, event: str, submission: int, attempt: int, deployment: str | None
+) -> str:
+    """An instance as a worker of ``deployment`` tags it (None: no deployment tag)."""
     ec2 = aws_env.moto.client()
     image_id = ec2.describe_images(Owners=["self"])["Images"][0]["ImageId"]
+    tags = {"ramp-dispatcher:event": event, "ramp-dispatcher:submission": str(submission),
+            "ramp-dispatcher:attempt": str(attempt)}  # fmt: skip
+    if deployment is not None:
+        tags["ramp-dispatcher:deployment"] = deployment
+    reply = ec2.run_instances(
+        ImageId=image_id, MinCount=1, MaxCount=1, InstanceType="t3.micro",
+        TagSpecifications=[{"ResourceType": "instance",
+                            "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+    )  # fmt: skip
+    return reply["Instances"][0]["InstanceId"]
+
+
+def _state(aws_env: AwsEnv, instance_id: str) -> str:
+    reply = aws_env.moto.client().describe_instances(InstanceIds=[instance_id])
+    return reply["Reservations"][0]["Instances"][0]["State"]["Name"]
+
+
+def test_reaper_terminates_instances_without_an_active_run(aws_env: AwsEnv) -> None:
+    ec2 = aws_env.moto.client()
+    careful = aws_env.worker()
+    ours = careful.deployment_id
 
     def launch(event: str, submission: int, attempt: int) -> str:
-        tags = {"ramp-dispatcher:event": event, "ramp-dispatcher:submission": str(submission),
-                "ramp-dispatcher:attempt": str(attempt)}  # fmt: skip
-        reply = ec2.run_instances(
-            ImageId=image_id, MinCount=1, MaxCount=1, InstanceType="t3.micro",
-            TagSpecifications=[{"ResourceType": "instance",
-                                "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
-        )  # fmt: skip
-        return reply["Instances"][0]["InstanceId"]
+        return _launch_tagged(aws_env, event, submission, attempt, ours)
 
     orphan = launch(EVENT, 99, 1)
     active = launch(EVENT, 98, 2)
     foreign = launch("another_event", 99, 1)
 
     def state(instance_id: str) -> str:
-        reply = ec2.describe_instances(InstanceIds=[instance_id])
-        return reply["Reservations"][0]["Instances"][0]["State"]["Name"]
+        return _state(aws_env, instance_id)
 
     # Young instances are spared: their run may be newer than the list of active runs.
-    careful = aws_env.worker()
     careful.reap(set())
     careful._reaper.join(10)
     assert state(orphan) == "running"
@@ -684,6 +700,53 @@ def test_reaper_terminates_instances_without_an_active_run(aws_env: AwsEnv) -> N
     assert state(orphan) == "terminated"
     assert state(active) == "running" and state(foreign) == "running"
     ec2.terminate_instances(InstanceIds=[active, foreign])
+    aws_env.assert_no_instance_running()
+
+
+def test_reaper_touches_only_its_own_deployment(aws_env: AwsEnv) -> None:
+    """Production and a staging copy (same event name, same account and region)."""
+    from ramp_dispatcher.workers.aws.worker import default_deployment_id
+
+    prod_db = "postgresql+psycopg2://ramp:secret@db.prod:5432/ramp"
+    staging_db = "postgresql://ramp:other@db.staging:5432/ramp"
+    assert default_deployment_id(prod_db, EVENT) == default_deployment_id(
+        "postgresql://ramp:changed@db.prod:5432/ramp", EVENT
+    )  # stable: neither the driver nor the password counts
+    assert default_deployment_id(prod_db, EVENT) != default_deployment_id(staging_db, EVENT)
+    config = aws_env.config(reap_min_age=0)
+    prod = make_worker("aws", config, event_name=EVENT, database=prod_db)
+    staging = make_worker("aws", config, event_name=EVENT, database=staging_db)
+    named = aws_env.worker(aws_env.config(reap_min_age=0, deployment_id="iris-staging-2"))
+    assert isinstance(prod, AWSWorker) and isinstance(staging, AWSWorker)
+    aws_env.workers += [prod, staging]
+    assert named.deployment_id == "iris-staging-2"
+    assert len({prod.deployment_id, staging.deployment_id, named.deployment_id}) == 3
+
+    prod_orphan = _launch_tagged(aws_env, EVENT, 7, 1, prod.deployment_id)
+    staging_orphan = _launch_tagged(aws_env, EVENT, 7, 1, staging.deployment_id)
+    named_orphan = _launch_tagged(aws_env, EVENT, 7, 1, "iris-staging-2")
+    untagged = _launch_tagged(aws_env, EVENT, 7, 1, None)  # e.g. launched by hand, or by ramp-engine
+    staging.reap(set())
+    staging._reaper.join(10)
+    assert _state(aws_env, staging_orphan) == "terminated"
+    for other in (prod_orphan, named_orphan, untagged):
+        assert _state(aws_env, other) == "running"
+    prod.reap(set())
+    prod._reaper.join(10)
+    assert _state(aws_env, prod_orphan) == "terminated"
+    assert _state(aws_env, named_orphan) == "running" and _state(aws_env, untagged) == "running"
+    aws_env.moto.client().terminate_instances(InstanceIds=[named_orphan, untagged])
+    aws_env.assert_no_instance_running()
+
+
+def test_instances_carry_the_deployment_tag_from_creation(aws_env: AwsEnv) -> None:
+    worker = aws_env.worker(aws_env.config(deployment_id="iris-prod"))
+    request = aws_env.request(GOOD)
+    handle = worker.start(request, lambda: None)
+    _outcome_ok(aws_env.wait(worker, request, handle), request)
+    (instance,) = aws_env.moto.instances()
+    tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+    assert tags["ramp-dispatcher:deployment"] == "iris-prod" == handle["deployment"]
     aws_env.assert_no_instance_running()
 
 

@@ -15,7 +15,13 @@ __all__ = ["WORKER_TYPES", "make_worker", "worker_config_from_section"]
 
 
 def make_worker(
-    worker_type: str, config: Any, *, event_name: str | None = None, daemon_id: str | None = None
+    worker_type: str,
+    config: Any,
+    *,
+    event_name: str | None = None,
+    daemon_id: str | None = None,
+    database: str | None = None,
 ) -> Worker:
-    """Build the worker; ``event_name`` is required by the aws worker (instance tags)."""
-    return create_worker(worker_type, config, WorkerContext(event_name, daemon_id))
+    """Build the worker; ``event_name`` is required by the aws worker (instance tags),
+    ``database`` (the URL) names the deployment with it."""
+    return create_worker(worker_type, config, WorkerContext(event_name, daemon_id, database))

@@ -38,6 +38,8 @@ class WorkerContext:
     event_name: str | None = None
     #: this daemon's identity in the runs table (``host:pid:...``)
     daemon_id: str | None = None
+    #: the database URL (password hidden): with the event, names the deployment
+    database: str | None = None
 
 
 @dataclass(frozen=True)

@@ -68,4 +68,6 @@ def create_worker(config: AWSConfig, context: WorkerContext) -> AWSWorker:
     """The registry's entry point (``from_section`` is the other)."""
     if not context.event_name:
         raise ValueError("make_worker: the aws worker needs event_name (it tags its instances)")
-    return AWSWorker(config, context.event_name, daemon_id=context.daemon_id)
+    return AWSWorker(
+        config, context.event_name, daemon_id=context.daemon_id, database=context.database
+    )

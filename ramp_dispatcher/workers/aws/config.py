@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+import re
 from typing import Any
 
 from ...configfile import ConfigError, InvalidSetting, Section
 from .ssh import known_hosts_fingerprints, load_private_key
+
+
+_DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class AWSConfigError(InvalidSetting):
@@ -56,6 +60,9 @@ class AWSConfig:
     poll_interval: float = 5.0
     terminate_timeout: float = 300.0
     reap_min_age: float = 600.0
+    #: tags every instance; the reaper touches only this deployment's instances.
+    #: Default: derived from the database and the event (AWSWorker.deployment_id)
+    deployment_id: str | None = None
     #: the daemon's own deadline of a run is its creation + boot_timeout +
     #: timeout + this (upload, start, download, terminate), whatever the
     #: instance's files say
@@ -88,6 +95,12 @@ class AWSConfig:
                 raise AWSConfigError(
                     key, f"must be a positive number of seconds, got {getattr(self, key)!r}"
                 )
+        if self.deployment_id is not None and not _DEPLOYMENT_ID.fullmatch(self.deployment_id):
+            raise AWSConfigError(
+                "deployment_id",
+                "must be 1-64 letters, digits or the characters . _ : - "
+                f"got {self.deployment_id!r}",
+            )
         if self.reap_min_age < 0:
             raise AWSConfigError("reap_min_age", "must not be negative")
         if not 0 < self.ssh_port < 65536:
@@ -208,6 +221,7 @@ def from_section(section: Section) -> AWSConfig:
             terminate_timeout=seconds("terminate_timeout", 300.0),
             reap_min_age=seconds("reap_min_age", 600.0),
             deadline_margin=seconds("deadline_margin", 900.0),
+            deployment_id=text("deployment_id"),
         )
     except AWSConfigError as exc:
         raise section.invalid(exc) from None

@@ -25,6 +25,8 @@ TAG_SUBMISSION = "ramp-dispatcher:submission"
 TAG_ATTEMPT = "ramp-dispatcher:attempt"
 TAG_RUN = "ramp-dispatcher:run"  # the handle's run id: tells apart reused (submission, attempt)
 TAG_DAEMON = "ramp-dispatcher:daemon"
+#: which deployment (database + event) owns the instance: the reaper's scope
+TAG_DEPLOYMENT = "ramp-dispatcher:deployment"
 
 LIVE_STATES = ("pending", "running")
 #: every state in which an instance may still cost money or come back

@@ -1,7 +1,7 @@
 """The aws worker's reaper: terminates instances that no run owns any more.
 
-Instances are found by their tags (:mod:`.ec2`); one that carries the event's
-tag but belongs to no unfinished run of the event (from the database), and
+Instances are found by their tags (:mod:`.ec2`); one that carries this
+deployment's tag (``deployment_id``: database and event) but belongs to no unfinished run of the event (from the database), and
 was launched long enough ago (``reap_min_age``) not to be a run claimed after
 the database was read, is terminated. So are a finished run's instance that
 its own thread could not terminate, and the instances of one run found by tags
@@ -14,7 +14,15 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..base import RunRequest
-from .ec2 import NOT_TERMINATED, TAG_ATTEMPT, TAG_EVENT, TAG_RUN, TAG_SUBMISSION, Ec2Error
+from .ec2 import (
+    NOT_TERMINATED,
+    TAG_ATTEMPT,
+    TAG_DEPLOYMENT,
+    TAG_EVENT,
+    TAG_RUN,
+    TAG_SUBMISSION,
+    Ec2Error,
+)
 
 if TYPE_CHECKING:
     from .worker import AWSWorker
@@ -53,7 +61,9 @@ def reap(worker: AWSWorker, active: frozenset[tuple[int, int]], snapshot: float)
     run of the event as read from the database at ``snapshot`` (epoch s).
     """
     try:
-        instances = worker.ec2.find({TAG_EVENT: worker.event}, NOT_TERMINATED)
+        # This deployment's only: never another's, whatever its event name.
+        scope = {TAG_DEPLOYMENT: worker.deployment_id, TAG_EVENT: worker.event}
+        instances = worker.ec2.find(scope, NOT_TERMINATED)
     except Ec2Error as exc:
         log.error("aws reaper: cannot list instances: %s", worker.redact(str(exc)))
         return

@@ -30,6 +30,7 @@ from .ec2 import (
     SPOT_FALLBACK_CODES,
     SPOT_MARKET,
     TAG_DAEMON,
+    TAG_EVENT,
     TAG_RUN,
     Ec2Error,
     Instance,
@@ -290,7 +291,11 @@ class _Run:
         for i in range(3):  # a just-launched instance can take a moment to be listed
             found = self._ec2_call(
                 "cannot look for the run's instance",
-                lambda: self.worker.ec2.find(self.worker.run_tags(self.request)),
+                # By the run's own id (random): also finds an instance launched
+                # before instances carried the deployment tag.
+                lambda: self.worker.ec2.find(
+                    {TAG_EVENT: self.worker.event, TAG_RUN: self.handle["run"]}
+                ),
             )
             found = [x for x in found if x.tags.get(TAG_RUN) == self.handle["run"]]
             if found or i == 2:

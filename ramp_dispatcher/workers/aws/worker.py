@@ -8,6 +8,7 @@ runs in progress by (submission id, attempt).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import posixpath
@@ -21,7 +22,7 @@ from typing import Any
 from ..base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker
 from . import reaper
 from .config import AWSConfig
-from .ec2 import TAG_ATTEMPT, TAG_EVENT, TAG_SUBMISSION, Ec2, Image
+from .ec2 import TAG_ATTEMPT, TAG_DEPLOYMENT, TAG_EVENT, TAG_SUBMISSION, Ec2, Image
 from .network import Ec2InstanceNetwork, InstanceNetwork
 from .run import _Run, staging_paths
 from .ssh import known_hosts_fingerprints, load_private_key
@@ -31,6 +32,26 @@ log = logging.getLogger("ramp_dispatcher.workers.aws")
 HANDLE_VERSION = 1
 #: a found AMI is reused for this long (parallel boots ask once)
 IMAGE_CACHE_S = 300.0
+
+
+def default_deployment_id(database: str | None, event: str) -> str:
+    """A stable id for (database, event): two deployments with the same event
+    name (production and a staging copy) in one account never share it.
+
+    ``database`` is the database URL; only where it points counts (backend,
+    host, port, database name or SQLite file), not the driver or the password.
+    """
+    where = ""
+    if database:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(str(database))
+        name = url.database or ""
+        if url.get_backend_name() == "sqlite" and name and name != ":memory:":
+            name = os.path.abspath(name)
+        where = f"{url.get_backend_name()}://{url.host or ''}:{url.port or ''}/{name}"
+    digest = hashlib.sha256(f"{where}\0{event}".encode()).hexdigest()
+    return f"rd-{digest[:16]}"
 
 
 class AWSWorker(Worker):
@@ -45,12 +66,20 @@ class AWSWorker(Worker):
         *,
         daemon_id: str | None = None,
         network: InstanceNetwork | None = None,
+        database: str | None = None,
     ):
         if not event_name:
             raise ValueError("the aws worker needs the event name (it tags the instances)")
         self.config = config
         self.event = event_name
         self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.deployment_id = config.deployment_id or default_deployment_id(database, event_name)
+        log.info(
+            "aws worker: deployment id %s (tag %s of its instances)%s",
+            self.deployment_id,
+            TAG_DEPLOYMENT,
+            "" if config.deployment_id else ", derived from the database and the event",
+        )
         self.key = load_private_key(config.key_path)
         self._network = network
         self.lock = threading.Lock()
@@ -109,6 +138,7 @@ class AWSWorker(Worker):
 
     def run_tags(self, request: RunRequest) -> dict[str, str]:
         return {
+            TAG_DEPLOYMENT: self.deployment_id,
             TAG_EVENT: self.event,
             TAG_SUBMISSION: str(request.submission_id),
             TAG_ATTEMPT: str(request.attempt),
@@ -134,6 +164,7 @@ class AWSWorker(Worker):
                 ".ramp-dispatcher",
                 f"{request.submission_name}-attempt-{request.attempt}-{run_id}",
             ),
+            "deployment": self.deployment_id,
             "timeout": float(self.config.timeout),
             "created_at": created_at,
             # Fixed at creation and stored with the run: a restarted daemon and
