@@ -30,11 +30,13 @@ from aws_fixtures import (  # noqa: E402
     KEY_NAME,
     REGION,
     SECURITY_GROUP,
+    Ec2Proxy,
     LocalNetwork,
     MotoEc2,
     Sshd,
+    ec2_proxy,  # noqa: F401  (fixtures)
     fake_spot_capacity_shortage,
-    imds,  # noqa: F401  (fixtures)
+    imds,  # noqa: F401
     moto_ec2,  # noqa: F401
     network,  # noqa: F401
     sshd,  # noqa: F401
@@ -797,4 +799,111 @@ def test_failures_never_leak_credentials(tmp_path: Path, aws_env: AwsEnv, caplog
         messages = conn.execute(select(runs.c.message)).scalars().all()
     for text in [caplog.text, good.error_msg, *messages]:
         assert SECRET not in text
+    aws_env.assert_no_instance_running()
+
+
+# ------------------------------------------------------- configuration errors
+def test_validate_names_the_file_and_key_of_what_ec2_refuses(
+    tmp_path: Path, aws_env: AwsEnv, ec2_proxy: Ec2Proxy  # noqa: F811
+) -> None:
+    server = server_config_for_url(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    path = tmp_path / "config.yml"
+
+    def validate(**changes: Any) -> str | None:
+        settings = aws_env.settings(endpoint_url=ec2_proxy.url, **changes)
+        path.write_text(_event_yaml({k: v for k, v in settings.items() if v is not None}))
+        worker = AWSWorker(load_event_config(path, server).worker, EVENT)
+        aws_env.workers.append(worker)
+        try:
+            worker.validate()
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    assert validate() is None
+    for key, value in (
+        ("ami_image_name", "no-such-image"),
+        ("key_name", "no-such-key"),
+        ("security_group", "no-such-group"),
+        ("subnet_id", "subnet-0123456789abcdef0"),
+    ):
+        message = validate(**{key: value})
+        assert message and message.startswith(f"{path}: key 'worker.{key}'"), (key, message)
+    # BAD CREDENTIALS stand-in: EC2 refuses the access key.
+    ec2_proxy.rejected_access_key = ACCESS_KEY
+    message = validate()
+    assert message and f"{path}: key 'worker.access_key_id'" in message and "AuthFailure" in message
+    assert SECRET not in message
+    assert not aws_env.live_instances()  # nothing was launched to find out
+
+
+def test_cli_run_exits_2_on_a_setting_ec2_refuses(
+    tmp_path: Path, aws_env: AwsEnv, capsys
+) -> None:
+    from deployment import GOOD as DEMO_GOOD
+    from deployment import Deployment
+
+    from ramp_dispatcher.cli import main
+
+    dep = Deployment(
+        tmp_path / "deploy", f"sqlite:///{tmp_path / 'ramp.sqlite'}", {"good": DEMO_GOOD}
+    )
+    event_path = dep.event_path.with_name("aws-config.yml")
+    event_path.write_text(
+        _event_yaml(aws_env.settings(key_name="no-such-key"), event="iris_demo")
+    )
+    code = main(["run", "--config", str(dep.server_path), "--event-config", str(event_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{event_path}: key 'worker.key_name'" in err and "InvalidKeyPair.NotFound" in err
+    assert not aws_env.live_instances()
+
+
+def test_a_wrong_setting_fails_the_run_once_not_retried(tmp_path: Path, aws_env: AwsEnv) -> None:
+    from deployment import GOOD as DEMO_GOOD
+    from deployment import Deployment
+
+    from ramp_dispatcher.database.dispatcher_schema import runs
+    from ramp_dispatcher.dispatcher import Dispatcher
+
+    dep = Deployment(
+        tmp_path / "deploy", f"sqlite:///{tmp_path / 'ramp.sqlite'}", {"good": DEMO_GOOD}
+    )
+    event_path = dep.event_path.with_name("aws-config.yml")
+    event_path.write_text(
+        _event_yaml(aws_env.settings(ami_image_name="no-such-image"), event="iris_demo")
+        + "dispatcher:\n  hunger_policy: exit\n  poll_interval: 0.5\n"
+        "  time_between_collection: 0.5\n  max_attempts: 3\n  retry_delay: 0\n"
+    )
+    config = load_event_config(event_path, dep.server)
+    worker = AWSWorker(config.worker, "iris_demo", network=aws_env.network)
+    aws_env.workers.append(worker)
+    d = Dispatcher(dep.engine, config, worker)  # no validate(): the image vanished later
+    d.start()
+    try:
+        assert d.stopped.wait(60)
+    finally:
+        d.stop()
+    good = dep.summaries()["good"]
+    assert good.state == "checking_error"
+    assert "worker.ami_image_name" in good.error_msg and "not because of your code" in good.error_msg
+    with dep.engine.connect() as conn:
+        classes = conn.execute(select(runs.c.failure_class)).scalars().all()
+    assert classes == ["configuration"]  # one run: not retried as an outage
+    assert not aws_env.moto.instances()
+
+
+def test_throttled_api_calls_are_retried_with_backoff(
+    aws_env: AwsEnv, ec2_proxy: Ec2Proxy  # noqa: F811
+) -> None:
+    # THROTTLING stand-in: EC2 answers RequestLimitExceeded a few times.
+    ec2_proxy.throttle = {"DescribeImages": 2, "RunInstances": 2, "DescribeInstances": 2}
+    worker = aws_env.worker(aws_env.config(endpoint_url=ec2_proxy.url))
+    request = aws_env.request(GOOD)
+    handle = worker.start(request, lambda: None)
+    _outcome_ok(aws_env.wait(worker, request, handle, timeout=120), request)
+    assert sorted(ec2_proxy.throttled) == sorted(
+        ["DescribeImages"] * 2 + ["RunInstances"] * 2 + ["DescribeInstances"] * 2
+    )
+    assert len(aws_env.moto.instances()) == 1  # retried inside the call: one instance
     aws_env.assert_no_instance_running()

@@ -60,6 +60,8 @@ class AWSConfig:
     poll_interval: float = 5.0
     terminate_timeout: float = 300.0
     reap_min_age: float = 600.0
+    #: the event config file it was read from (named in start-up errors)
+    source: Path | None = field(default=None, compare=False, repr=False)
     #: tags every instance; the reaper touches only this deployment's instances.
     #: Default: derived from the database and the event (AWSWorker.deployment_id)
     deployment_id: str | None = None
@@ -123,6 +125,11 @@ class AWSConfig:
     @property
     def remote_data_folder(self) -> str:
         return self.remote_ramp_data_folder or self.remote_ramp_kit_folder
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A start-up error naming the file (when known) and the key."""
+        where = f"{self.source}: " if self.source else ""
+        return ConfigError(f"{where}key 'worker.{key}' {message}")
 
     def deadline_after(self, created_at: float, timeout: float | None = None) -> float:
         """The daemon-side deadline (epoch s) of a run created at ``created_at``."""
@@ -222,6 +229,7 @@ def from_section(section: Section) -> AWSConfig:
             reap_min_age=seconds("reap_min_age", 600.0),
             deadline_margin=seconds("deadline_margin", 900.0),
             deployment_id=text("deployment_id"),
+            source=section.path,
         )
     except AWSConfigError as exc:
         raise section.invalid(exc) from None

@@ -46,12 +46,45 @@ SPOT_FALLBACK_CODES = frozenset(
     }
 )
 
+#: our own code for "no image matches ami_image_name" (DescribeImages succeeds)
+NO_MATCHING_IMAGE = "ramp-dispatcher.NoMatchingImage"
+
+#: EC2 error codes that say a setting is wrong, with the setting: retrying
+#: cannot help, the admin must fix the config (AWS's codes, as documented)
+CONFIG_ERROR_KEYS: dict[str, str] = {
+    NO_MATCHING_IMAGE: "ami_image_name",
+    "InvalidAMIID.NotFound": "ami_image_name",
+    "InvalidAMIID.Malformed": "ami_image_name",
+    "InvalidAMIID.Unavailable": "ami_image_name",
+    "InvalidKeyPair.NotFound": "key_name",
+    "InvalidGroup.NotFound": "security_group",
+    "InvalidGroupId.NotFound": "security_group_ids",
+    "InvalidGroupId.Malformed": "security_group_ids",
+    "InvalidSubnetID.NotFound": "subnet_id",
+    "InvalidSubnetID.Malformed": "subnet_id",
+    "InvalidInstanceType": "instance_type",
+    "AuthFailure": "access_key_id",
+    "UnrecognizedClientException": "access_key_id",
+    "InvalidClientTokenId": "access_key_id",
+    "SignatureDoesNotMatch": "secret_access_key",
+    "NoCredentialsError": "access_key_id",
+    "UnauthorizedOperation": "access_key_id",  # the IAM policy lacks a permission
+    "Blocked": "access_key_id",
+    "OptInRequired": "region_name",
+}
+
+
 class Ec2Error(Exception):
     """An EC2 call failed. ``code`` is AWS's error code when there is one."""
 
     def __init__(self, message: str, code: str | None = None):
         super().__init__(message)
         self.code = code
+
+    @property
+    def config_key(self) -> str | None:
+        """The ``worker`` setting to fix when the error is a configuration one."""
+        return CONFIG_ERROR_KEYS.get(self.code or "")
 
 
 @dataclass(frozen=True)
@@ -156,7 +189,8 @@ def _error(operation: str, exc: Exception) -> Ec2Error:
         code = err.get("Code") or "Unknown"
         return Ec2Error(f"EC2 {operation} failed: {code}: {err.get('Message', '')}".strip(), code)
     # NoCredentialsError, EndpointConnectionError, ...: their text names no secret
-    return Ec2Error(f"EC2 {operation} failed: {type(exc).__name__}: {exc}")
+    code = "NoCredentialsError" if isinstance(exc, botocore.exceptions.NoCredentialsError) else None
+    return Ec2Error(f"EC2 {operation} failed: {type(exc).__name__}: {exc}", code)
 
 
 _API_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
@@ -200,7 +234,9 @@ class Ec2:
         except _API_ERRORS as exc:
             raise _error("DescribeImages", exc) from None
         if not images:
-            raise Ec2Error(f"no available AMI named {name!r} owned by {', '.join(owners)}")
+            raise Ec2Error(
+                f"no available AMI named {name!r} owned by {', '.join(owners)}", NO_MATCHING_IMAGE
+            )
         best = max(images, key=lambda i: i.get("CreationDate", ""))
         return Image(
             image_id=best["ImageId"],
@@ -209,6 +245,29 @@ class Ec2:
             creation_date=best.get("CreationDate", ""),
             root_device_name=best.get("RootDeviceName"),
         )
+
+    def check_key_pair(self, name: str) -> None:
+        try:
+            self.client.describe_key_pairs(KeyNames=[name])
+        except _API_ERRORS as exc:
+            raise _error("DescribeKeyPairs", exc) from None
+
+    def check_security_groups(self, names: Iterable[str], ids: Iterable[str]) -> None:
+        kwargs: dict[str, Any] = {}
+        if list(ids):
+            kwargs["GroupIds"] = list(ids)
+        else:
+            kwargs["GroupNames"] = list(names)
+        try:
+            self.client.describe_security_groups(**kwargs)
+        except _API_ERRORS as exc:
+            raise _error("DescribeSecurityGroups", exc) from None
+
+    def check_subnet(self, subnet_id: str) -> None:
+        try:
+            self.client.describe_subnets(SubnetIds=[subnet_id])
+        except _API_ERRORS as exc:
+            raise _error("DescribeSubnets", exc) from None
 
     def launch(self, params: dict[str, Any]) -> Instance:
         try:

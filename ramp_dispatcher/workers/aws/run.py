@@ -233,7 +233,19 @@ class _Run:
         try:
             return fn()
         except Ec2Error as exc:
-            raise _infra(f"{what}: {exc}") from None
+            raise self._ec2_failure(what, exc) from None
+
+    def _ec2_failure(self, what: str, exc: Ec2Error) -> _Stop:
+        """A wrong setting fails the run once (naming it); anything else is retried."""
+        key = exc.config_key
+        if key is None:
+            return _infra(f"{what}: {exc}")
+        return _Stop(
+            RunOutcome(
+                FailureClass.CONFIGURATION,
+                f"{what}: {exc} (check the setting worker.{key} of the event config)",
+            )
+        )
 
     # -- launch / find
     def _launch(self) -> Instance:
@@ -263,7 +275,7 @@ class _Run:
                 )
             except Ec2Error as exc:
                 if exc.code not in SPOT_FALLBACK_CODES:
-                    raise _infra(f"cannot launch a spot instance: {exc}") from None
+                    raise self._ec2_failure("cannot launch a spot instance", exc) from None
                 log.warning(
                     "aws worker: %s: no spot capacity (%s); launching on demand",
                     self.label,

@@ -17,12 +17,12 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from ..base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker
 from . import reaper
 from .config import AWSConfig
-from .ec2 import TAG_ATTEMPT, TAG_DEPLOYMENT, TAG_EVENT, TAG_SUBMISSION, Ec2, Image
+from .ec2 import TAG_ATTEMPT, TAG_DEPLOYMENT, TAG_EVENT, TAG_SUBMISSION, Ec2, Ec2Error, Image
 from .network import Ec2InstanceNetwork, InstanceNetwork
 from .run import _Run, staging_paths
 from .ssh import known_hosts_fingerprints, load_private_key
@@ -143,6 +143,39 @@ class AWSWorker(Worker):
             TAG_SUBMISSION: str(request.submission_id),
             TAG_ATTEMPT: str(request.attempt),
         }
+
+    def validate(self) -> None:
+        """Check, before serving, what EC2 can tell: the credentials, the
+        image, the key pair, the security group(s) and the subnet. A setting
+        that cannot work raises ConfigError naming the file and the key (the
+        private key file was checked when the config was read). An API that
+        does not answer is only logged: the runs will retry it."""
+        config = self.config
+        checks: list[tuple[str, Callable[[], Any]]] = [
+            ("the image", self.image),
+            ("the key pair", lambda: self.ec2.check_key_pair(config.key_name)),
+            (
+                "the security group",
+                lambda: self.ec2.check_security_groups(
+                    [config.security_group] if config.security_group else [],
+                    config.security_group_ids,
+                ),
+            ),
+        ]
+        if config.subnet_id:
+            checks.append(("the subnet", lambda: self.ec2.check_subnet(config.subnet_id or "")))
+        for what, check in checks:
+            try:
+                check()
+            except Ec2Error as exc:
+                key = exc.config_key
+                if key is None:
+                    log.warning(
+                        "aws worker: could not check %s at start-up: %s", what, self.redact(str(exc))
+                    )
+                    continue
+                raise config.error(key, f"does not work: {self.redact(str(exc))}") from None
+        log.info("aws worker: image, key pair, security group and subnet checked")
 
     # -- Worker interface (each returns at once)
     def start(self, request: RunRequest, wake: Wake) -> Handle:
