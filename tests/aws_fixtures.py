@@ -7,6 +7,7 @@
   listening on 127.0.0.1, logging in as the current user. It plays every EC2
   instance. Missing sshd skips the tests with the reason, or fails them when
   RAMP_DISPATCHER_REQUIRE_SSHD=1.
+- ``bastion``: a second such sshd, the jump host of ``ssh_proxy_jump``.
 - :class:`LocalNetwork`: the worker's one seam (``InstanceNetwork``): every
   instance's address is the test sshd, its published host key is the sshd's.
   Two named fakes ride on it, for what moto cannot simulate:
@@ -219,7 +220,7 @@ def _ec2_error(code: str, message: str) -> bytes:
 class Sshd:
     """A real OpenSSH server on 127.0.0.1 that plays every instance."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, extra_config: str = ""):
         self.root = root
         self.user = getpass.getuser()
         self.port = free_port()
@@ -269,7 +270,7 @@ UsePAM no
 MaxStartups 50:30:100
 Subsystem sftp internal-sftp
 SetEnv HOME={self.home}
-""")
+{extra_config}""")
         self.log = root / "sshd.log"
 
     def start(self) -> None:
@@ -436,6 +437,19 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
         server.start()
     except RuntimeError as exc:
         _missing(f"cannot start the test sshd: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def bastion(sshd: Sshd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """A second sshd on 127.0.0.1 playing the bastion (ssh_proxy_jump). It logs
+    its direct-tcpip channels (DEBUG1), so a test sees what went through it."""
+    server = Sshd(tmp_path_factory.mktemp("bastion"), "AllowTcpForwarding yes\nLogLevel DEBUG1\n")
+    try:
+        server.start()
+    except RuntimeError as exc:
+        _missing(f"cannot start the bastion sshd: {exc}")
     yield server
     server.stop()
 

@@ -34,7 +34,8 @@ from aws_fixtures import (  # noqa: E402
     LocalNetwork,
     MotoEc2,
     Sshd,
-    ec2_proxy,  # noqa: F401  (fixtures)
+    bastion,  # noqa: F401  (fixtures)
+    ec2_proxy,  # noqa: F401
     fake_spot_capacity_shortage,
     imds,  # noqa: F401
     moto_ec2,  # noqa: F401
@@ -907,3 +908,100 @@ def test_throttled_api_calls_are_retried_with_backoff(
     )
     assert len(aws_env.moto.instances()) == 1  # retried inside the call: one instance
     aws_env.assert_no_instance_running()
+
+
+# --------------------------------------------------------------- addressing
+def test_ssh_address_public_or_private(aws_env: AwsEnv) -> None:
+    from ramp_dispatcher.workers.aws.ec2 import Ec2, Ec2Error, Instance
+    from ramp_dispatcher.workers.aws.network import Ec2InstanceNetwork
+
+    ec2 = Ec2(aws_env.config())
+    both = Instance("i-0a", "running", "203.0.113.7", "10.0.3.7", None, None)
+    private_only = Instance("i-0b", "running", None, "10.0.3.8", None, None)
+    public = Ec2InstanceNetwork(ec2, 22)  # the default
+    private = Ec2InstanceNetwork(ec2, 2222, ssh_address="private")
+    assert public.address(both) == ("203.0.113.7", 22)
+    assert private.address(both) == ("10.0.3.7", 2222)
+    assert private.address(private_only) == ("10.0.3.8", 2222)
+    with pytest.raises(Ec2Error) as info:
+        public.address(private_only)
+    assert info.value.config_key == "ssh_address" and "ssh_address: private" in str(info.value)
+    # The worker's default network follows the setting.
+    worker = AWSWorker(aws_env.config(ssh_address="private"), EVENT)
+    aws_env.workers.append(worker)
+    assert worker.network.address(both) == ("10.0.3.7", 22)
+
+
+def _known_hosts_of(server: Sshd, path: Path) -> Path:
+    pub = (server.host_key.parent / "ssh_host_ed25519_key.pub").read_text().split()
+    path.write_text(f"127.0.0.1 {pub[0]} {pub[1]}\n")
+    return path
+
+
+def test_ssh_through_a_bastion_checks_both_host_keys(
+    aws_env: AwsEnv, bastion: Sshd  # noqa: F811
+) -> None:
+    jump = f"{bastion.user}@127.0.0.1:{bastion.port}"
+    config = aws_env.config(
+        ssh_proxy_jump=jump,
+        ssh_proxy_key_path=bastion.client_key,  # the bastion's own key
+        ssh_proxy_known_hosts_file=_known_hosts_of(bastion, aws_env.tmp / "bastion_known_hosts"),
+    )
+    assert config.proxy_jump == (bastion.user, "127.0.0.1", bastion.port)
+    before = bastion.log.read_text()
+    worker = aws_env.worker(config)
+    request = aws_env.request(GOOD)
+    _outcome_ok(aws_env.wait(worker, request, worker.start(request, lambda: None)), request)
+    seen = bastion.log.read_text()[len(before):]
+    # Every SSH connection to the instance went through the bastion's channel.
+    assert f"Accepted publickey for {bastion.user}" in seen
+    assert f"target 127.0.0.1 port {aws_env.sshd.port}" in seen
+    aws_env.assert_no_instance_running()
+
+    # A bastion that is not the pinned host: refused before authenticating, once.
+    wrong = aws_env.config(
+        ssh_proxy_jump=jump,
+        ssh_proxy_key_path=bastion.client_key,
+        ssh_proxy_known_hosts_file=_known_hosts_of(aws_env.sshd, aws_env.tmp / "wrong_known"),
+    )
+    worker = aws_env.worker(wrong)
+    request = aws_env.request(GOOD, submission_id=2)
+    outcome = aws_env.wait(worker, request, worker.start(request, lambda: None), timeout=60)
+    assert outcome.failure is FailureClass.CONFIGURATION
+    assert bastion.host_fingerprint in outcome.message and "refusing to connect" in outcome.message
+    assert "worker.ssh_proxy_known_hosts_file" in outcome.message
+    assert not (aws_env.kit / "submissions" / request.submission_name).exists()
+    aws_env.assert_no_instance_running()
+
+
+def test_bastion_settings_are_checked_when_read(tmp_path: Path, sshd: Sshd) -> None:  # noqa: F811
+    server = server_config_for_url(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    path = tmp_path / "config.yml"
+    key = tmp_path / "worker.pem"
+    key.write_bytes(sshd.client_key.read_bytes())
+    key.chmod(0o600)
+    known = _known_hosts_of(sshd, tmp_path / "known")
+    worker = {
+        "region_name": REGION, "ami_image_name": AMI_NAME, "ami_user_name": "ubuntu",
+        "instance_type": "t3.micro", "key_name": KEY_NAME, "security_group": SECURITY_GROUP,
+        "key_path": "worker.pem", "remote_ramp_kit_folder": "/home/ubuntu/ramp-kits/iris",
+        "local_predictions_folder": "p", "local_log_folder": "l",
+    }  # fmt: skip
+
+    def error(**changes: Any) -> str:
+        path.write_text(_event_yaml({**worker, **changes}))
+        with pytest.raises(ConfigError) as info:
+            load_event_config(path, server)
+        return str(info.value)
+
+    assert "'worker.ssh_address' must be one of 'public', 'private'" in error(ssh_address="both")
+    assert "worker.ssh_proxy_known_hosts_file" in error(ssh_proxy_jump="ec2-user@bastion")
+    message = error(ssh_proxy_jump="bastion", ssh_proxy_known_hosts_file=str(known))
+    assert "worker.ssh_proxy_jump" in message and "user@host" in message
+    assert "worker.ssh_proxy_jump" in error(ssh_proxy_known_hosts_file=str(known))
+    path.write_text(_event_yaml({**worker, "ssh_address": "private",
+                                 "ssh_proxy_jump": "ec2-user@bastion.example.org:2222",
+                                 "ssh_proxy_known_hosts_file": "known"}))  # fmt: skip
+    config = load_event_config(path, server).worker
+    assert config.proxy_jump == ("ec2-user", "bastion.example.org", 2222)
+    assert config.ssh_address == "private" and config.ssh_proxy_known_hosts_file == known

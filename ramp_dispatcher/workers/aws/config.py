@@ -16,6 +16,7 @@ from ...configfile import ConfigError, InvalidSetting, Section
 from .ssh import known_hosts_fingerprints, load_private_key
 
 
+_PROXY_JUMP = re.compile(r"([A-Za-z0-9._][A-Za-z0-9._-]*)@([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?")
 _DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
@@ -57,6 +58,13 @@ class AWSConfig:
     ssh_command_timeout: float = 120.0
     unreachable_timeout: float = 600.0
     known_hosts_file: Path | None = None
+    #: which address of the instance SSH goes to: "public" (this server is
+    #: outside the instances' VPC) or "private" (inside it, or through a bastion)
+    ssh_address: str = "public"
+    #: a bastion, ``user@host[:port]``, reached with its own key and host key
+    ssh_proxy_jump: str | None = None
+    ssh_proxy_key_path: Path | None = None  # default: key_path
+    ssh_proxy_known_hosts_file: Path | None = None  # required with ssh_proxy_jump
     poll_interval: float = 5.0
     terminate_timeout: float = 300.0
     reap_min_age: float = 600.0
@@ -110,17 +118,38 @@ class AWSConfig:
         if self.root_volume_size_gb is not None and self.root_volume_size_gb < 1:
             raise AWSConfigError("root_volume_size_gb", "must be at least 1")
         check_private_key_file(self.key_path)
-        if self.known_hosts_file is not None:
-            try:
-                keys = known_hosts_fingerprints(self.known_hosts_file)
-            except OSError as exc:
+        if self.ssh_address not in ("public", "private"):
+            raise AWSConfigError(
+                "ssh_address", f"must be 'public' or 'private', got {self.ssh_address!r}"
+            )
+        if self.ssh_proxy_jump is not None:
+            self.proxy_jump  # parses, or raises naming the key
+            if self.ssh_proxy_known_hosts_file is None:
                 raise AWSConfigError(
-                    "known_hosts_file", f"{self.known_hosts_file}: {exc.strerror or exc}"
-                ) from None
-            if not keys:
-                raise AWSConfigError(
-                    "known_hosts_file", f"{self.known_hosts_file} lists no host key"
+                    "ssh_proxy_known_hosts_file",
+                    "is required with ssh_proxy_jump (the bastion's host key, pinned)",
                 )
+            _check_known_hosts("ssh_proxy_known_hosts_file", self.ssh_proxy_known_hosts_file)
+            if self.ssh_proxy_key_path is not None:
+                check_private_key_file(self.ssh_proxy_key_path, "ssh_proxy_key_path")
+        elif self.ssh_proxy_key_path or self.ssh_proxy_known_hosts_file:
+            raise AWSConfigError(
+                "ssh_proxy_jump", "is required by ssh_proxy_key_path / ssh_proxy_known_hosts_file"
+            )
+        if self.known_hosts_file is not None:
+            _check_known_hosts("known_hosts_file", self.known_hosts_file)
+
+    @property
+    def proxy_jump(self) -> tuple[str, str, int] | None:
+        """(user, host, port) of ``ssh_proxy_jump``."""
+        if self.ssh_proxy_jump is None:
+            return None
+        match = _PROXY_JUMP.fullmatch(self.ssh_proxy_jump)
+        if match is None or not 0 < int(match.group(3) or 22) < 65536:
+            raise AWSConfigError(
+                "ssh_proxy_jump", f"must be user@host or user@host:port, got {self.ssh_proxy_jump!r}"
+            )
+        return match.group(1), match.group(2).strip("[]"), int(match.group(3) or 22)
 
     @property
     def remote_data_folder(self) -> str:
@@ -137,21 +166,30 @@ class AWSConfig:
         return created_at + self.boot_timeout + limit + self.deadline_margin
 
 
-def check_private_key_file(path: Path) -> None:
+def _check_known_hosts(key: str, path: Path) -> None:
+    try:
+        keys = known_hosts_fingerprints(path)
+    except OSError as exc:
+        raise AWSConfigError(key, f"{path}: {exc.strerror or exc}") from None
+    if not keys:
+        raise AWSConfigError(key, f"{path} lists no host key")
+
+
+def check_private_key_file(path: Path, key: str = "key_path") -> None:
     """The key must exist, be ours alone, and be a key paramiko can use."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
-        raise AWSConfigError("key_path", f"{path}: {exc.strerror or exc}") from None
+        raise AWSConfigError(key, f"{path}: {exc.strerror or exc}") from None
     if mode & 0o077:
         raise AWSConfigError(
-            "key_path",
+            key,
             f"{path} is accessible by group or others (mode {mode & 0o777:o}): chmod 600 it",
         )
     try:
         load_private_key(path)
     except ValueError as exc:
-        raise AWSConfigError("key_path", f"{path}: {exc}") from None
+        raise AWSConfigError(key, f"{path}: {exc}") from None
 
 
 def from_section(section: Section) -> AWSConfig:
@@ -224,6 +262,10 @@ def from_section(section: Section) -> AWSConfig:
             ssh_command_timeout=seconds("ssh_command_timeout", 120.0),
             unreachable_timeout=seconds("unreachable_timeout", 600.0),
             known_hosts_file=local_path("known_hosts_file"),
+            ssh_address=section.choice("ssh_address", ("public", "private"), "public"),
+            ssh_proxy_jump=text("ssh_proxy_jump"),
+            ssh_proxy_key_path=local_path("ssh_proxy_key_path"),
+            ssh_proxy_known_hosts_file=local_path("ssh_proxy_known_hosts_file"),
             poll_interval=seconds("poll_interval", 5.0),
             terminate_timeout=seconds("terminate_timeout", 300.0),
             reap_min_age=seconds("reap_min_age", 600.0),

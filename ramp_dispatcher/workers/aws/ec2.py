@@ -49,10 +49,14 @@ SPOT_FALLBACK_CODES = frozenset(
 #: our own code for "no image matches ami_image_name" (DescribeImages succeeds)
 NO_MATCHING_IMAGE = "ramp-dispatcher.NoMatchingImage"
 
+#: our own code for "ssh_address: public but the instance has no public IP"
+NO_PUBLIC_ADDRESS = "ramp-dispatcher.NoPublicAddress"
+
 #: EC2 error codes that say a setting is wrong, with the setting: retrying
 #: cannot help, the admin must fix the config (AWS's codes, as documented)
 CONFIG_ERROR_KEYS: dict[str, str] = {
     NO_MATCHING_IMAGE: "ami_image_name",
+    NO_PUBLIC_ADDRESS: "ssh_address",
     "InvalidAMIID.NotFound": "ami_image_name",
     "InvalidAMIID.Malformed": "ami_image_name",
     "InvalidAMIID.Unavailable": "ami_image_name",

@@ -3,7 +3,7 @@
 :class:`InstanceNetwork` is the worker's one test seam: where to reach an
 instance over SSH, which host keys it may present, and where its metadata
 service answers. :class:`Ec2InstanceNetwork`, the default, uses the instance's
-public (else private) IP and the host keys cloud-init prints on the serial
+public or private IP (``ssh_address``) and the host keys cloud-init prints on the serial
 console. Tests swap in an implementation that maps every instance to a local
 sshd, because moto's addresses are not reachable and its console output
 cannot know that sshd's key.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
-from .ec2 import Ec2, Instance
+from .ec2 import NO_PUBLIC_ADDRESS, Ec2, Ec2Error, Instance
 from .ssh import fingerprint_of_public_key
 
 METADATA_URL = "http://169.254.169.254"
@@ -61,19 +61,38 @@ class InstanceNetwork(Protocol):
 
 
 class Ec2InstanceNetwork:
-    """The real thing: public IP (else private) and console-published host keys.
+    """The real thing: the instance's public or private IP (``ssh_address``)
+    and console-published host keys.
 
     With ``trusted_keys`` (from the ``known_hosts_file`` setting) those keys
     are trusted instead: for images whose host keys are baked in.
     """
 
-    def __init__(self, ec2: Ec2, ssh_port: int, trusted_keys: frozenset[str] | None = None):
+    def __init__(
+        self,
+        ec2: Ec2,
+        ssh_port: int,
+        trusted_keys: frozenset[str] | None = None,
+        ssh_address: str = "public",
+    ):
         self.ec2 = ec2
         self.ssh_port = ssh_port
         self.trusted_keys = trusted_keys
+        self.ssh_address = ssh_address
 
     def address(self, instance: Instance) -> tuple[str, int] | None:
-        host = instance.public_ip or instance.private_ip
+        if self.ssh_address == "private":
+            host = instance.private_ip
+        else:
+            host = instance.public_ip
+            if host is None and instance.state == "running" and instance.private_ip:
+                # Running with a private address only: it never gets a public one.
+                raise Ec2Error(
+                    f"instance {instance.instance_id} has no public IP address (its subnet "
+                    "does not assign one): use ssh_address: private from inside the VPC "
+                    "or through a bastion (ssh_proxy_jump)",
+                    NO_PUBLIC_ADDRESS,
+                )
         return (host, self.ssh_port) if host else None
 
     def host_keys(self, instance: Instance) -> frozenset[str] | None:

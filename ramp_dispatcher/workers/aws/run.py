@@ -45,7 +45,7 @@ from .remote import (
     start_command,
     status_command,
 )
-from .ssh import HostKeyMismatch, SshConnection, SshError
+from .ssh import BastionKeyMismatch, HostKeyMismatch, SshConnection, SshError
 
 if TYPE_CHECKING:
     from .config import AWSConfig
@@ -93,7 +93,10 @@ class _Run:
         resume: bool,
     ):
         self.worker = worker
+        # What the run started with: a SIGHUP changes them for new runs only.
         self.config = worker.config
+        self.key = worker.key
+        self.jump = worker.jump
         self.request = request
         self.handle = handle
         self.wake = wake
@@ -368,17 +371,27 @@ class _Run:
                     self.trusted = None
                     return "its host keys are not published yet"
         except Ec2Error as exc:
+            if exc.config_key is not None:
+                raise self._ec2_failure("cannot reach the instance", exc) from None
             return str(exc)
         try:
             self.conn = SshConnection.open(
                 where[0],
                 where[1],
                 self.config.ami_user_name,
-                self.worker.key,
+                self.key,
                 self.trusted,
                 self.config.ssh_connect_timeout,
                 self.config.ssh_command_timeout,
+                jump=self.jump,
             )
+        except BastionKeyMismatch as exc:
+            raise _Stop(
+                RunOutcome(
+                    FailureClass.CONFIGURATION,
+                    f"{exc} (check the setting worker.ssh_proxy_known_hosts_file)",
+                )
+            ) from None
         except HostKeyMismatch as exc:
             raise _infra(f"instance {inst.instance_id}: {exc}") from None
         except SshError as exc:

@@ -17,9 +17,9 @@ import shlex
 import socket
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import paramiko
 
@@ -66,8 +66,8 @@ def known_hosts_fingerprints(path: Path) -> frozenset[str]:
         if fields[0].startswith("@"):  # @cert-authority / @revoked markers
             continue
         # "host keytype base64 [comment]" or "keytype base64 [comment]"
-        for i, field in enumerate(fields[:-1]):
-            if field.startswith(("ssh-", "ecdsa-", "sk-")):
+        for i, word in enumerate(fields[:-1]):
+            if word.startswith(("ssh-", "ecdsa-", "sk-")):
                 fp = fingerprint_of_public_key(fields[i + 1])
                 if fp:
                     found.add(fp)
@@ -92,6 +92,79 @@ def load_private_key(path: Path) -> paramiko.PKey:
 
 
 # ----------------------------------------------------------------- connection
+class BastionKeyMismatch(HostKeyMismatch):
+    """The bastion is not the host ``ssh_proxy_known_hosts_file`` pins."""
+
+
+def _handshake(
+    sock: Any,
+    where: str,
+    user: str,
+    key: paramiko.PKey,
+    trusted: frozenset[str],
+    timeout: float,
+    trusted_from: str,
+    mismatch: type[HostKeyMismatch] = HostKeyMismatch,
+) -> paramiko.Transport:
+    """An authenticated transport over ``sock``, its host key checked first."""
+    transport = paramiko.Transport(sock)
+    transport.banner_timeout = timeout
+    transport.handshake_timeout = timeout
+    transport.auth_timeout = timeout
+    try:
+        transport.start_client(timeout=timeout)
+        server_key = transport.get_remote_server_key()
+        # Checked before authenticating: an impostor learns nothing.
+        if server_key.fingerprint not in trusted:
+            raise mismatch(
+                f"{where} presented the {server_key.get_name()} host key "
+                f"{server_key.fingerprint}, which is not among the "
+                f"{len(trusted)} key(s) {trusted_from}: refusing to connect"
+            )
+        transport.auth_publickey(user, key)
+        if not transport.is_authenticated():
+            raise SshError(f"{where}: public key authentication as {user!r} failed")
+    except SshError:
+        transport.close()
+        raise
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        transport.close()
+        raise SshError(f"SSH to {where} failed: {_describe(exc)}") from None
+    transport.set_keepalive(15)  # notice a dead peer between checks
+    return transport
+
+
+@dataclass(frozen=True)
+class JumpHost:
+    """A bastion (``ssh_proxy_jump``) with its own key and pinned host keys."""
+
+    user: str
+    host: str
+    port: int
+    key: paramiko.PKey = field(repr=False)
+    trusted: frozenset[str]
+
+    @property
+    def where(self) -> str:
+        return f"bastion {self.host}:{self.port}"
+
+    def connect(self, timeout: float) -> paramiko.Transport:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        except OSError as exc:
+            raise SshError(f"cannot connect to the {self.where}: {exc.strerror or exc}") from None
+        return _handshake(
+            sock,
+            self.where,
+            self.user,
+            self.key,
+            self.trusted,
+            timeout,
+            "of ssh_proxy_known_hosts_file",
+            BastionKeyMismatch,
+        )
+
+
 @dataclass(frozen=True)
 class CommandResult:
     exit_code: int
@@ -102,10 +175,17 @@ class CommandResult:
 class SshConnection:
     """One authenticated SSH transport to one instance."""
 
-    def __init__(self, transport: paramiko.Transport, where: str, op_timeout: float):
+    def __init__(
+        self,
+        transport: paramiko.Transport,
+        where: str,
+        op_timeout: float,
+        bastion: paramiko.Transport | None = None,
+    ):
         self.transport = transport
         self.where = where
         self.op_timeout = op_timeout
+        self.bastion = bastion
         self._sftp: paramiko.SFTPClient | None = None
 
     @classmethod
@@ -118,41 +198,43 @@ class SshConnection:
         trusted: frozenset[str],
         connect_timeout: float,
         op_timeout: float,
+        jump: JumpHost | None = None,
     ) -> SshConnection:
+        """Connect and authenticate, through ``jump`` when given (a bastion:
+        its own key and host-key check, a ``direct-tcpip`` channel to the
+        instance; no ``ssh`` binary)."""
         where = f"{host}:{port}"
-        try:
-            sock = socket.create_connection((host, port), timeout=connect_timeout)
-        except OSError as exc:
-            raise SshError(f"cannot connect to {where}: {exc.strerror or exc}") from None
-        transport = paramiko.Transport(sock)
-        transport.banner_timeout = connect_timeout
-        transport.handshake_timeout = connect_timeout
-        transport.auth_timeout = connect_timeout
-        try:
-            transport.start_client(timeout=connect_timeout)
-            server_key = transport.get_remote_server_key()
-            # Checked before authenticating: an impostor learns nothing.
-            if server_key.fingerprint not in trusted:
-                raise HostKeyMismatch(
-                    f"{where} presented the {server_key.get_name()} host key "
-                    f"{server_key.fingerprint}, which is not among the "
-                    f"{len(trusted)} key(s) the instance published: refusing to connect"
+        bastion: paramiko.Transport | None = None
+        if jump is None:
+            try:
+                sock: Any = socket.create_connection((host, port), timeout=connect_timeout)
+            except OSError as exc:
+                raise SshError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        else:
+            bastion = jump.connect(connect_timeout)
+            try:
+                sock = bastion.open_channel(
+                    "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=connect_timeout
                 )
-            transport.auth_publickey(user, key)
-            if not transport.is_authenticated():
-                raise SshError(f"{where}: public key authentication as {user!r} failed")
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                bastion.close()
+                raise SshError(
+                    f"the bastion {jump.where} cannot reach {where}: {_describe(exc)}"
+                ) from None
+            where = f"{where} via {jump.where}"
+        try:
+            transport = _handshake(
+                sock, where, user, key, trusted, connect_timeout, "the instance published"
+            )
         except SshError:
-            transport.close()
+            if bastion is not None:
+                bastion.close()
             raise
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            transport.close()
-            raise SshError(f"SSH to {where} failed: {_describe(exc)}") from None
-        transport.set_keepalive(15)  # notice a dead peer between checks
-        return cls(transport, where, op_timeout)
+        return cls(transport, where, op_timeout, bastion)
 
     @property
     def alive(self) -> bool:
-        return self.transport.is_active()
+        return self.transport.is_active() and (self.bastion is None or self.bastion.is_active())
 
     def close(self) -> None:
         try:
@@ -162,6 +244,8 @@ class SshConnection:
             pass
         self._sftp = None
         self.transport.close()
+        if self.bastion is not None:
+            self.bastion.close()
 
     # -- commands
     def run(self, argv: Sequence[str], timeout: float | None = None) -> CommandResult:

@@ -25,13 +25,28 @@ from .config import AWSConfig
 from .ec2 import TAG_ATTEMPT, TAG_DEPLOYMENT, TAG_EVENT, TAG_SUBMISSION, Ec2, Ec2Error, Image
 from .network import Ec2InstanceNetwork, InstanceNetwork
 from .run import _Run, staging_paths
-from .ssh import known_hosts_fingerprints, load_private_key
+from .ssh import JumpHost, known_hosts_fingerprints, load_private_key
 
 log = logging.getLogger("ramp_dispatcher.workers.aws")
 
 HANDLE_VERSION = 1
 #: a found AMI is reused for this long (parallel boots ask once)
 IMAGE_CACHE_S = 300.0
+
+
+def jump_host(config: AWSConfig) -> JumpHost | None:
+    """The bastion of ``ssh_proxy_jump``, its key loaded and host keys read."""
+    jump = config.proxy_jump
+    if jump is None or config.ssh_proxy_known_hosts_file is None:
+        return None
+    user, host, port = jump
+    return JumpHost(
+        user=user,
+        host=host,
+        port=port,
+        key=load_private_key(config.ssh_proxy_key_path or config.key_path),
+        trusted=known_hosts_fingerprints(config.ssh_proxy_known_hosts_file),
+    )
 
 
 def default_deployment_id(database: str | None, event: str) -> str:
@@ -81,6 +96,7 @@ class AWSWorker(Worker):
             "" if config.deployment_id else ", derived from the database and the event",
         )
         self.key = load_private_key(config.key_path)
+        self.jump = jump_host(config)
         self._network = network
         self.lock = threading.Lock()
         self.runs: dict[tuple[int, int], _Run] = {}
@@ -111,7 +127,9 @@ class AWSWorker(Worker):
             trusted = None
             if self.config.known_hosts_file is not None:
                 trusted = known_hosts_fingerprints(self.config.known_hosts_file)
-            self._network = Ec2InstanceNetwork(self.ec2, self.config.ssh_port, trusted)
+            self._network = Ec2InstanceNetwork(
+                self.ec2, self.config.ssh_port, trusted, self.config.ssh_address
+            )
         return self._network
 
     def image(self) -> Image:
