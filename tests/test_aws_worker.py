@@ -1005,3 +1005,24 @@ def test_bastion_settings_are_checked_when_read(tmp_path: Path, sshd: Sshd) -> N
     config = load_event_config(path, server).worker
     assert config.proxy_jump == ("ec2-user", "bastion.example.org", 2222)
     assert config.ssh_address == "private" and config.ssh_proxy_known_hosts_file == known
+
+
+def test_client_token_makes_a_retried_launch_one_instance(
+    aws_env: AwsEnv, ec2_proxy: Ec2Proxy  # noqa: F811
+) -> None:
+    from ramp_dispatcher.workers.aws.ec2 import client_token
+
+    # LOST REPLY + CLIENT TOKEN stand-in: moto makes the instance, its reply is
+    # lost, the call is retried; EC2 (the stand-in) answers a known token with
+    # the first reply instead of launching again.
+    ec2_proxy.lose_run_instances_replies = 1
+    worker = aws_env.worker(aws_env.config(endpoint_url=ec2_proxy.url))
+    request = aws_env.request(GOOD, submission_id=5)
+    handle = worker.start(request, lambda: None)
+    _outcome_ok(aws_env.wait(worker, request, handle, timeout=120), request)
+    expected = client_token(EVENT, 5, 1, handle["run"], "on-demand")
+    assert ec2_proxy.run_instances_tokens == [expected, expected]  # the retry kept it
+    assert ec2_proxy.lose_run_instances_replies == 0  # a reply was lost indeed
+    (instance,) = aws_env.moto.instances()  # one instance, not two
+    assert instance["State"]["Name"] == "terminated"
+    aws_env.assert_no_instance_running()
