@@ -647,11 +647,18 @@ def test_default_network_waits_for_console_host_keys(aws_env: AwsEnv) -> None:
     aws_env.workers.append(worker)
     request = aws_env.request(GOOD)
     outcome = aws_env.wait(worker, request, worker.start(request, lambda: None), timeout=30)
-    assert outcome.failure is FailureClass.INFRASTRUCTURE
+    # A broken image, not an outage (issue 13): failed once, named, not retried.
+    assert outcome.failure is FailureClass.CONFIGURATION
     assert (
         "not reachable over SSH within 1 s (its host keys are not published yet)" in outcome.message
     )
+    assert "known_hosts_file" in outcome.message and "BEGIN SSH HOST KEY KEYS" in outcome.message
     aws_env.assert_no_instance_running()
+    # The next submission launches nothing from that image: one instance at most.
+    second = aws_env.request(GOOD, submission_id=2)
+    outcome = aws_env.wait(worker, second, worker.start(second, lambda: None), timeout=30)
+    assert outcome.failure is FailureClass.CONFIGURATION and "not launched" in outcome.message
+    assert len(aws_env.moto.instances()) == 1
 
 
 def _launch_tagged(
@@ -1025,4 +1032,35 @@ def test_client_token_makes_a_retried_launch_one_instance(
     assert ec2_proxy.lose_run_instances_replies == 0  # a reply was lost indeed
     (instance,) = aws_env.moto.instances()  # one instance, not two
     assert instance["State"]["Name"] == "terminated"
+    aws_env.assert_no_instance_running()
+
+
+def fake_console_without_host_keys(client: Any) -> None:
+    """CONSOLE fake: the serial console of an image whose cloud-init finished
+    without printing host keys (moto's console output never mentions cloud-init)."""
+    import base64
+
+    from botocore.awsrequest import AWSResponse
+
+    text = "[   12.0] cloud-init[812]: Cloud-init v. 23.4 finished at Tue, 01 Dec 2026. Up 12 seconds\n"
+
+    def before_call(params: dict[str, Any], **_: Any) -> Any:
+        output = base64.b64encode(text.encode()).decode()  # as EC2 sends it
+        reply = {"InstanceId": params["body"]["InstanceId"], "Output": output,
+                 "ResponseMetadata": {"HTTPStatusCode": 200}}  # fmt: skip
+        return AWSResponse("https://ec2.fake", 200, {}, None), reply
+
+    client.meta.events.register("before-call.ec2.GetConsoleOutput", before_call)
+
+
+def test_image_without_host_keys_fails_fast_naming_known_hosts_file(aws_env: AwsEnv) -> None:
+    worker = AWSWorker(aws_env.config(boot_timeout=600.0), EVENT)  # the default network
+    aws_env.workers.append(worker)
+    fake_console_without_host_keys(worker.ec2_client)
+    request = aws_env.request(GOOD)
+    # Well before boot_timeout (600 s): cloud-init said it was done.
+    outcome = aws_env.wait(worker, request, worker.start(request, lambda: None), timeout=60)
+    assert outcome.failure is FailureClass.CONFIGURATION
+    assert "cloud-init finished without printing SSH host keys" in outcome.message
+    assert "known_hosts_file" in outcome.message and "AMI recipe" in outcome.message
     aws_env.assert_no_instance_running()

@@ -52,11 +52,22 @@ NO_MATCHING_IMAGE = "ramp-dispatcher.NoMatchingImage"
 #: our own code for "ssh_address: public but the instance has no public IP"
 NO_PUBLIC_ADDRESS = "ramp-dispatcher.NoPublicAddress"
 
+#: our own code for "cloud-init finished and printed no SSH host key"
+NO_HOST_KEYS = "ramp-dispatcher.NoHostKeysOnConsole"
+
+#: what a broken image lacks, said wherever it is missed
+HOST_KEYS_HINT = (
+    "the image must print its SSH host keys on its serial console, as cloud-init does "
+    "by default (the '-----BEGIN SSH HOST KEY KEYS-----' block: see the AMI recipe in "
+    "deploy/README.md), or the event config must pin them with known_hosts_file"
+)
+
 #: EC2 error codes that say a setting is wrong, with the setting: retrying
 #: cannot help, the admin must fix the config (AWS's codes, as documented)
 CONFIG_ERROR_KEYS: dict[str, str] = {
     NO_MATCHING_IMAGE: "ami_image_name",
     NO_PUBLIC_ADDRESS: "ssh_address",
+    NO_HOST_KEYS: "known_hosts_file",
     "InvalidAMIID.NotFound": "ami_image_name",
     "InvalidAMIID.Malformed": "ami_image_name",
     "InvalidAMIID.Unavailable": "ami_image_name",

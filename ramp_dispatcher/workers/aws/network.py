@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
-from .ec2 import NO_PUBLIC_ADDRESS, Ec2, Ec2Error, Instance
+from .ec2 import HOST_KEYS_HINT, NO_HOST_KEYS, NO_PUBLIC_ADDRESS, Ec2, Ec2Error, Instance
 from .ssh import fingerprint_of_public_key
 
 METADATA_URL = "http://169.254.169.254"
@@ -24,6 +24,8 @@ _FPR_BLOCK = re.compile(
 _KEYS_BLOCK = re.compile(
     r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S
 )
+#: cloud-init's last console line ("Cloud-init v. 23.4 finished at ...")
+_CLOUD_INIT_DONE = re.compile(r"Cloud-init v\. \S+ finished at")
 _FPR = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 _PUBKEY = re.compile(
     r"\b(?:ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)\s+([A-Za-z0-9+/]+={0,3})"
@@ -99,7 +101,17 @@ class Ec2InstanceNetwork:
         if self.trusted_keys is not None:
             return self.trusted_keys
         # Written by cloud-init once sshd's keys exist; empty until then.
-        return host_keys_from_console(self.ec2.console_output(instance.instance_id)) or None
+        text = self.ec2.console_output(instance.instance_id)
+        keys = host_keys_from_console(text)
+        if keys:
+            return keys
+        if _CLOUD_INIT_DONE.search(text):  # it finished without printing them: never will
+            raise Ec2Error(
+                f"instance {instance.instance_id}: cloud-init finished without printing "
+                f"SSH host keys on the console: {HOST_KEYS_HINT}",
+                NO_HOST_KEYS,
+            )
+        return None
 
     def metadata_url(self, instance: Instance) -> str:
         return METADATA_URL

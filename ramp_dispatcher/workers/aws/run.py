@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..base import FailureClass, Handle, RunOutcome, RunRequest, Wake
 from .ec2 import (
     GONE_STATES,
+    HOST_KEYS_HINT,
+    NO_HOST_KEYS,
     LIVE_STATES,
     SPOT_FALLBACK_CODES,
     SPOT_MARKET,
@@ -55,6 +57,8 @@ log = logging.getLogger("ramp_dispatcher.workers.aws")
 
 #: after the start command, how long the run may take to write its pid file
 START_GRACE_S = 60.0
+#: why a running instance is not connected to yet: its host keys are unknown
+NO_KEYS_YET = "its host keys are not published yet"
 #: attempts at one upload or download, reconnecting in between
 TRANSFER_TRIES = 2
 
@@ -120,6 +124,7 @@ class _Run:
         self.trusted: frozenset[str] | None = None
         self.terminated = False
         self.launch_tried = False
+        self.image_id: str | None = None  # the AMI this run launched
         self.expired = False  # past the daemon's deadline (set by the worker's check)
         self.remote_started = False  # ramp-test was started on the instance
         self.thread = threading.Thread(
@@ -254,6 +259,16 @@ class _Run:
     def _launch(self) -> Instance:
         image = self._ec2_call("cannot find the AMI", self.worker.image)
         self._checkpoint()
+        broken = self.worker.broken_images.get(image.image_id)
+        if broken is not None:  # an earlier run found it unusable: launch nothing
+            raise _Stop(
+                RunOutcome(
+                    FailureClass.CONFIGURATION,
+                    f"not launched: an earlier run found image {image.image_id} unusable "
+                    f"({broken}); fix the image or the config, then reload (SIGHUP)",
+                )
+            )
+        self.image_id = image.image_id
         tags = {
             **self.worker.run_tags(self.request),
             TAG_RUN: self.handle["run"],
@@ -352,10 +367,15 @@ class _Run:
                 if why is None:
                     return
             if time.monotonic() > deadline:
-                raise _infra(
+                message = (
                     f"instance {self._iid()} not reachable over SSH within "
                     f"{self.config.boot_timeout:g} s ({why})"
                 )
+                if why == NO_KEYS_YET:
+                    # A broken image, not an outage: another instance would not
+                    # do better, so fail once and launch no more from it.
+                    raise self._broken_image(f"{message}: {HOST_KEYS_HINT}")
+                raise _infra(message)
             self._sleep(self.config.poll_interval)
 
     def _try_connect(self, inst: Instance) -> str | None:
@@ -369,8 +389,10 @@ class _Run:
                 self.trusted = network.host_keys(inst)
                 if not self.trusted:
                     self.trusted = None
-                    return "its host keys are not published yet"
+                    return NO_KEYS_YET
         except Ec2Error as exc:
+            if exc.code == NO_HOST_KEYS:
+                raise self._broken_image(str(exc)) from None
             if exc.config_key is not None:
                 raise self._ec2_failure("cannot reach the instance", exc) from None
             return str(exc)
@@ -397,6 +419,11 @@ class _Run:
         except SshError as exc:
             return str(exc)
         return None
+
+    def _broken_image(self, message: str) -> _Stop:
+        if self.image_id is not None:
+            self.worker.broken_images[self.image_id] = message
+        return _Stop(RunOutcome(FailureClass.CONFIGURATION, message))
 
     def _reconnect(self) -> bool:
         self._close_ssh()

@@ -105,6 +105,8 @@ class AWSWorker(Worker):
         self._image: tuple[Image, float] | None = None
         self._image_lock = threading.Lock()
         self._reaper: threading.Thread | None = None
+        #: AMI id -> why runs found it unusable: no more instances from it (until reload)
+        self.broken_images: dict[str, str] = {}
         self.closed = threading.Event()
 
     # -- shared resources (built on first use, off the loop)
