@@ -1064,3 +1064,49 @@ def test_image_without_host_keys_fails_fast_naming_known_hosts_file(aws_env: Aws
     assert "cloud-init finished without printing SSH host keys" in outcome.message
     assert "known_hosts_file" in outcome.message and "AMI recipe" in outcome.message
     aws_env.assert_no_instance_running()
+
+
+# ------------------------------------------------------------------ reload
+def test_reload_applies_to_new_runs_and_names_what_needs_a_restart(
+    aws_env: AwsEnv, caplog
+) -> None:
+    import subprocess
+
+    # A second client key, authorized on the "image" like the first.
+    new_key = aws_env.tmp / "new_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(new_key)], check=True)
+    authorized = aws_env.sshd.root / "authorized_keys"
+    before = authorized.read_text()
+    authorized.write_text(before + (aws_env.tmp / "new_key.pub").read_text())
+    new_fingerprint = subprocess.run(
+        ["ssh-keygen", "-l", "-f", f"{new_key}.pub"], check=True, capture_output=True, text=True
+    ).stdout.split()[1]
+    try:
+        worker = aws_env.worker()
+        first = aws_env.request(sleeping_good(4), submission_id=1)
+        first_handle = worker.start(first, lambda: None)
+        aws_env.wait_for(lambda: aws_env.remote_pid(first_handle), 30, "the first run to start")
+        log_start = len(aws_env.sshd.log.read_text())
+        with caplog.at_level(logging.INFO):
+            worker.reconfigure(
+                aws_env.config(
+                    key_path=new_key, instance_type="t3.large", timeout=60.0,
+                    region_name="eu-west-1",  # where the instances are: needs a restart
+                )  # fmt: skip
+            )
+        assert "worker.region_name cannot change without a restart" in caplog.text
+        assert worker.config.region_name == REGION and worker.config.instance_type == "t3.large"
+        second = aws_env.request(GOOD, submission_id=2)
+        second_handle = worker.start(second, lambda: None)
+        assert second_handle["timeout"] == 60.0 and first_handle["timeout"] == 120.0
+        _outcome_ok(aws_env.wait(worker, first, first_handle), first)  # kept its settings
+        _outcome_ok(aws_env.wait(worker, second, second_handle), second)
+    finally:
+        authorized.write_text(before)
+    types = {
+        {t["Key"]: t["Value"] for t in i["Tags"]}["ramp-dispatcher:submission"]: i["InstanceType"]
+        for i in aws_env.moto.instances()
+    }
+    assert types == {"1": "t3.micro", "2": "t3.large"}
+    assert new_fingerprint in aws_env.sshd.log.read_text()[log_start:]  # the new key was used
+    aws_env.assert_no_instance_running()

@@ -98,9 +98,10 @@ class _Run:
     ):
         self.worker = worker
         # What the run started with: a SIGHUP changes them for new runs only.
-        self.config = worker.config
-        self.key = worker.key
-        self.jump = worker.jump
+        self.settings = worker.settings
+        self.config = self.settings.config
+        self.key = self.settings.key
+        self.jump = self.settings.jump
         self.request = request
         self.handle = handle
         self.wake = wake
@@ -257,7 +258,7 @@ class _Run:
 
     # -- launch / find
     def _launch(self) -> Instance:
-        image = self._ec2_call("cannot find the AMI", self.worker.image)
+        image = self._ec2_call("cannot find the AMI", self.settings.image)
         self._checkpoint()
         broken = self.worker.broken_images.get(image.image_id)
         if broken is not None:  # an earlier run found it unusable: launch nothing
@@ -288,7 +289,7 @@ class _Run:
         self.launch_tried = True
         if self.config.use_spot_instance:
             try:
-                instance = self.worker.ec2.launch(
+                instance = self.settings.ec2.launch(
                     dict(params, **SPOT_MARKET, ClientToken=token("spot"))
                 )
             except Ec2Error as exc:
@@ -304,7 +305,7 @@ class _Run:
             # Another token: EC2 refuses a token reused with other parameters.
             on_demand = dict(params, ClientToken=token("on-demand"))
             instance = self._ec2_call(
-                "cannot launch an instance", lambda: self.worker.ec2.launch(on_demand)
+                "cannot launch an instance", lambda: self.settings.ec2.launch(on_demand)
             )
         log.info(
             "aws worker: %s: launched %s (%s, %s)",
@@ -323,7 +324,7 @@ class _Run:
                 "cannot look for the run's instance",
                 # By the run's own id (random): also finds an instance launched
                 # before instances carried the deployment tag.
-                lambda: self.worker.ec2.find(
+                lambda: self.settings.ec2.find(
                     {TAG_EVENT: self.worker.event, TAG_RUN: self.handle["run"]}
                 ),
             )
@@ -335,7 +336,7 @@ class _Run:
         if len(live) > 1:  # cannot happen with the ClientToken; free the extras anyway
             extra = [x.instance_id for x in live[1:]]
             log.warning("aws worker: %s: terminating duplicate instance(s) %s", self.label, extra)
-            self._ec2_call("cannot terminate duplicates", lambda: self.worker.ec2.terminate(extra))
+            self._ec2_call("cannot terminate duplicates", lambda: self.settings.ec2.terminate(extra))
         if live:
             log.info(
                 "aws worker: %s: found %s (%s)", self.label, live[0].instance_id, live[0].state
@@ -355,7 +356,7 @@ class _Run:
         while True:
             self._checkpoint()
             inst = self._ec2_call(
-                "cannot describe the instance", lambda: self.worker.ec2.describe(self._iid())
+                "cannot describe the instance", lambda: self.settings.ec2.describe(self._iid())
             )
             if inst is None or inst.state in GONE_STATES:
                 raise _infra(
@@ -380,7 +381,7 @@ class _Run:
 
     def _try_connect(self, inst: Instance) -> str | None:
         """Connect once; None on success, else why not (fatal problems raise)."""
-        network = self.worker.network
+        network = self.settings.network
         try:
             where = network.address(inst)
             if where is None:
@@ -437,7 +438,7 @@ class _Run:
     def _metadata_url(self) -> str | None:
         if self.instance is None or self.instance.lifecycle != "spot":
             return None
-        return self.worker.network.metadata_url(self.instance)
+        return self.settings.network.metadata_url(self.instance)
 
     def _status(self) -> RemoteStatus | None:
         """One status command (reconnecting at most once); None when unreachable."""
@@ -560,7 +561,7 @@ class _Run:
 
     def _check_instance_alive(self) -> None:
         try:
-            inst = self.worker.ec2.describe(self._iid())
+            inst = self.settings.ec2.describe(self._iid())
         except Ec2Error as exc:
             log.warning("aws worker: %s: %s", self.label, self.worker.redact(str(exc)))
             return  # the API is unsure: count it as unreachable only
@@ -684,7 +685,7 @@ class _Run:
         deadline = time.monotonic() + self.config.terminate_timeout
         while True:
             try:
-                state = self.worker.ec2.terminate([iid]).get(iid, "unknown")
+                state = self.settings.ec2.terminate([iid]).get(iid, "unknown")
             except Ec2Error as exc:
                 state, error = "unknown", self.worker.redact(str(exc))
             else:
@@ -708,7 +709,7 @@ class _Run:
         if self.instance is None or not self.terminated:
             return
         try:
-            self.worker.ec2.wait_terminated(
+            self.settings.ec2.wait_terminated(
                 [self.instance.instance_id],
                 self.config.terminate_timeout,
                 self.config.poll_interval,

@@ -8,6 +8,7 @@ runs in progress by (submission id, attempt).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -18,6 +19,8 @@ import threading
 import time
 import uuid
 from typing import Any, Callable
+
+import paramiko
 
 from ..base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker
 from . import reaper
@@ -69,59 +72,32 @@ def default_deployment_id(database: str | None, event: str) -> str:
     return f"rd-{digest[:16]}"
 
 
-class AWSWorker(Worker):
-    """Runs every submission of one event on its own EC2 instance."""
+#: settings that say where this deployment's instances are: a reload keeps them
+RESTART_KEYS = ("region_name", "endpoint_url", "deployment_id")
 
-    type_name = "aws"
 
-    def __init__(
-        self,
-        config: AWSConfig,
-        event_name: str,
-        *,
-        daemon_id: str | None = None,
-        network: InstanceNetwork | None = None,
-        database: str | None = None,
-    ):
-        if not event_name:
-            raise ValueError("the aws worker needs the event name (it tags the instances)")
+class RunSettings:
+    """The settings a run starts with, and what is built from them (the key,
+    the bastion, the EC2 client, the network, the AMI found last). A reload
+    makes new ones; running runs keep theirs."""
+
+    def __init__(self, config: AWSConfig, network: InstanceNetwork | None = None):
         self.config = config
-        self.event = event_name
-        self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.deployment_id = config.deployment_id or default_deployment_id(database, event_name)
-        log.info(
-            "aws worker: deployment id %s (tag %s of its instances)%s",
-            self.deployment_id,
-            TAG_DEPLOYMENT,
-            "" if config.deployment_id else ", derived from the database and the event",
-        )
         self.key = load_private_key(config.key_path)
         self.jump = jump_host(config)
         self._network = network
-        self.lock = threading.Lock()
-        self.runs: dict[tuple[int, int], _Run] = {}
         self._ec2: Ec2 | None = None
         self._ec2_lock = threading.Lock()
         self._image: tuple[Image, float] | None = None
         self._image_lock = threading.Lock()
-        self._reaper: threading.Thread | None = None
-        #: AMI id -> why runs found it unusable: no more instances from it (until reload)
-        self.broken_images: dict[str, str] = {}
-        self.closed = threading.Event()
 
-    # -- shared resources (built on first use, off the loop)
     @property
     def ec2(self) -> Ec2:
-        # Its own lock: building a client takes a while and check() must not wait.
+        # Built on first use, in a run's thread: building a client takes a while.
         with self._ec2_lock:
             if self._ec2 is None:
                 self._ec2 = Ec2(self.config)
             return self._ec2
-
-    @property
-    def ec2_client(self) -> Any:
-        """The boto3 EC2 client (tests hook botocore events on it)."""
-        return self.ec2.client
 
     @property
     def network(self) -> InstanceNetwork:
@@ -149,9 +125,98 @@ class AWSWorker(Worker):
                 )
             return self._image[0]
 
+
+class AWSWorker(Worker):
+    """Runs every submission of one event on its own EC2 instance."""
+
+    type_name = "aws"
+
+    def __init__(
+        self,
+        config: AWSConfig,
+        event_name: str,
+        *,
+        daemon_id: str | None = None,
+        network: InstanceNetwork | None = None,
+        database: str | None = None,
+    ):
+        if not event_name:
+            raise ValueError("the aws worker needs the event name (it tags the instances)")
+        self.config = config
+        self.event = event_name
+        self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.deployment_id = config.deployment_id or default_deployment_id(database, event_name)
+        log.info(
+            "aws worker: deployment id %s (tag %s of its instances)%s",
+            self.deployment_id,
+            TAG_DEPLOYMENT,
+            "" if config.deployment_id else ", derived from the database and the event",
+        )
+        self._injected_network = network  # the test seam survives reloads
+        self._old_secrets: set[str] = set()  # of reloaded-away credentials: still redacted
+        self.settings = RunSettings(config, network)
+        self.lock = threading.Lock()
+        self.runs: dict[tuple[int, int], _Run] = {}
+        self._reaper: threading.Thread | None = None
+        #: AMI id -> why runs found it unusable: no more instances from it (until reload)
+        self.broken_images: dict[str, str] = {}
+        self.closed = threading.Event()
+
+    # -- what new runs start with (each run keeps the RunSettings it started with)
+    @property
+    def ec2(self) -> Ec2:
+        return self.settings.ec2
+
+    @property
+    def ec2_client(self) -> Any:
+        """The boto3 EC2 client (tests hook botocore events on it)."""
+        return self.ec2.client
+
+    @property
+    def network(self) -> InstanceNetwork:
+        return self.settings.network
+
+    @property
+    def key(self) -> paramiko.PKey:
+        return self.settings.key
+
+    @property
+    def jump(self) -> JumpHost | None:
+        return self.settings.jump
+
+    def image(self) -> Image:
+        return self.settings.image()
+
+    def reconfigure(self, config: Any) -> None:
+        """SIGHUP: new runs use the new settings (credentials, image, instance,
+        key, SSH, limits); running runs keep theirs. ``region_name``,
+        ``endpoint_url`` and ``deployment_id`` say where this deployment's
+        instances are: they need a restart and keep their old values."""
+        old = self.config
+        fixed = [k for k in RESTART_KEYS if getattr(config, k) != getattr(old, k)]
+        if fixed:
+            log.error(
+                "aws worker: reload: %s cannot change without a restart; keeping %s",
+                ", ".join(f"worker.{k}" for k in fixed),
+                ", ".join(f"{k}={getattr(old, k)!r}" for k in fixed),
+            )
+            config = dataclasses.replace(config, **{k: getattr(old, k) for k in fixed})
+        try:
+            settings = RunSettings(config, self._injected_network)
+        except ValueError as exc:  # the key file changed under us since it was read
+            log.error("aws worker: reload refused, keeping the running settings: %s", exc)
+            return
+        self._old_secrets.update(k for k in (old.access_key_id, old.secret_access_key) if k)
+        self.config = config
+        self.settings = settings
+        self.broken_images.clear()  # the image or the config may be fixed now
+        log.info("aws worker: reloaded; new runs use the new settings")
+
     def redact(self, text: str) -> str:
         """Belt and braces: no message we write may carry a credential."""
-        for secret in (self.config.secret_access_key, self.config.access_key_id):
+        for secret in (
+            self.config.secret_access_key, self.config.access_key_id, *self._old_secrets
+        ):
             if secret:
                 text = text.replace(secret, "***")
         return text
