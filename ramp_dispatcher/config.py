@@ -4,6 +4,9 @@ The formats and path defaults are ramp-board's (ramp-utils 0.10.1), so an
 existing deployment's files work unchanged. A missing or ill-typed required key
 raises :class:`ConfigError` naming the file and the key; an unknown key is
 logged as a warning naming both.
+
+The ``worker`` section belongs to the worker type it names: the registry
+(:mod:`.workers.registry`) finds the type's module, which parses the rest.
 """
 
 from __future__ import annotations
@@ -12,116 +15,34 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
 from sqlalchemy.engine import URL
 
+from .configfile import ConfigError, InvalidSetting, Section, read_yaml
 from .database.engine import normalise_url, url_from_sqlalchemy_section
-from .errors import UserError
+from .leaderboard import leaderboard_settings
+from .workers.registry import worker_config_from_section
+
+__all__ = [  # the file machinery is re-exported: callers know it from here
+    "ConfigError",
+    "DispatcherConfig",
+    "EventConfig",
+    "InvalidSetting",
+    "RampConfig",
+    "Section",
+    "ServerConfig",
+    "load_event_config",
+    "load_server_config",
+    "read_yaml",
+    "resolve_n_workers",
+    "server_config_for_url",
+]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 # Sections of the server config that belong to other ramp-board components.
 _FOREIGN_SERVER_SECTIONS = {"flask"}
-
-
-class ConfigError(UserError):
-    """A config file cannot be used; the message names the file and the key."""
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: invalid YAML{at}: {problem}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-class Section:
-    """Typed access to one section of a config file, tracking unknown keys."""
-
-    def __init__(self, path: Path, name: str, data: Any, *, required: bool = True):
-        self.path = path
-        self.name = name
-        if data is None and not required:
-            data = {}
-        if data is None:
-            raise ConfigError(f"{path}: missing section '{name}'")
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: section '{name}' must be a mapping")
-        self.data: dict[str, Any] = data
-        self._used: set[str] = set()
-
-    def where(self, key: str) -> str:
-        return f"{self.path}: key '{self.name}.{key}'"
-
-    def _convert(self, key: str, value: Any, kind: Callable[[Any], T], type_name: str) -> T:
-        ok = {
-            bool: lambda v: isinstance(v, bool),
-            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-            str: lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
-        }.get(kind, lambda v: True)(value)
-        if not ok:
-            raise ConfigError(
-                f"{self.where(key)} must be {type_name}, got {type(value).__name__} {value!r}"
-            )
-        return kind(value)
-
-    def value(self, key: str) -> Any:
-        """The raw value (or None) of a key whose type the caller checks."""
-        self._used.add(key)
-        return self.data.get(key)
-
-    def required(self, key: str, kind: Callable[[Any], T], type_name: str) -> T:
-        self._used.add(key)
-        if key not in self.data or self.data[key] is None:
-            raise ConfigError(f"{self.where(key)} is required")
-        return self._convert(key, self.data[key], kind, type_name)
-
-    def optional(self, key: str, kind: Callable[[Any], T], type_name: str, default: T) -> T:
-        self._used.add(key)
-        if key not in self.data or self.data[key] is None:
-            return default
-        return self._convert(key, self.data[key], kind, type_name)
-
-    def choice(self, key: str, choices: tuple[Any, ...], default: Any) -> Any:
-        self._used.add(key)
-        value = self.data.get(key, default)
-        if value not in choices:
-            shown = ", ".join(repr(c) for c in choices)
-            raise ConfigError(f"{self.where(key)} must be one of {shown}, got {value!r}")
-        return value
-
-    def path_key(self, key: str, default: Path, base: Path) -> Path:
-        value = self.optional(key, str, "a path", None)  # type: ignore[arg-type]
-        if value is None:
-            return default
-        path = Path(os.path.expanduser(value))
-        return path if path.is_absolute() else base / path
-
-    def warn_unknown(self, allowed: set[str] | None = None) -> None:
-        known = self._used | (allowed or set())
-        for key in self.data:
-            if key not in known:
-                log.warning("%s: unknown key '%s.%s' (ignored)", self.path, self.name, key)
 
 
 # --------------------------------------------------------------------------- server
@@ -260,8 +181,6 @@ def _load_dispatcher(section: Section) -> DispatcherConfig:
     retry_delay = section.optional("retry_delay", float, "a number of seconds", 30.0)
     if retry_delay < 0:
         raise ConfigError(f"{section.where('retry_delay')} must not be negative")
-    from .leaderboard import leaderboard_settings
-
     board = leaderboard_settings(section)
     metrics_port = section.optional("metrics_port", int, "an integer", None)
     if metrics_port is not None and not 0 < metrics_port < 65536:
@@ -287,14 +206,12 @@ def _load_dispatcher(section: Section) -> DispatcherConfig:
 
 
 def load_event_config(path: str | os.PathLike[str], server: ServerConfig) -> EventConfig:
-    from .workers import load_worker_config  # the registry of worker types
-
     path = Path(path).absolute()
     data = read_yaml(path)
     ramp = _load_ramp(Section(path, "ramp", data.get("ramp")), server.deployment_dir)
     worker_section = Section(path, "worker", data.get("worker"))
     worker_type = worker_section.required("worker_type", str, "a string")
-    worker = load_worker_config(worker_type, worker_section)
+    worker = worker_config_from_section(worker_type, worker_section)
     worker_section.warn_unknown()
     dispatcher = _load_dispatcher(
         Section(path, "dispatcher", data.get("dispatcher"), required=False)

@@ -148,8 +148,10 @@ class Dispatcher:
         """A dispatcher with its worker; the owner id also names the worker's resources."""
         owner = new_owner_id()
         worker = make_worker(
-            config.worker_type, config.worker, event_name=config.ramp.event_name, daemon_id=owner
+            config.worker_type, config.worker, event_name=config.ramp.event_name, daemon_id=owner,
+            database=engine.url.render_as_string(hide_password=True),
         )
+        worker.validate()  # a setting that cannot work stops start-up (ConfigError)
         return cls(engine, config, worker, owner=owner, notifier=notifier)
 
     # ------------------------------------------------------------------ lifecycle
@@ -603,6 +605,11 @@ class Dispatcher:
                 f"platform's side, not in your code ({outcome.message}; "
                 f"attempt {run.budget_attempt} of {self.policy.max_attempts})."
             )
+        if failure is FailureClass.CONFIGURATION:
+            return "checking_error", (
+                "The platform could not run this submission because of its configuration, "
+                f"not because of your code ({outcome.message})."
+            )
         if failure in (FailureClass.TIMEOUT, FailureClass.MEMORY):
             return "training_error", outcome.message
         # The exception line says more than an exit code: lead with it.
@@ -612,7 +619,7 @@ class Dispatcher:
 
     def _failure_detail(self, run: ActiveRun, outcome: RunOutcome) -> str | None:
         """The traceback: the fold's error.txt if ramp-test wrote one, else the log."""
-        if outcome.failure is FailureClass.INFRASTRUCTURE:
+        if outcome.failure in (FailureClass.INFRASTRUCTURE, FailureClass.CONFIGURATION):
             return None
         try:
             fold_error = read_fold_error(run.request.output_dir)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ConfigError, Section
+from .configfile import ConfigError, Section
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,9 @@ __all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "OUTCOMES", "Metrics", "outcome_l
 PREFIX = "ramp_dispatcher_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: how a collected run ended: "scored", a failure class, or an admin's cancel
-OUTCOMES = ("scored", "participant", "timeout", "memory", "infrastructure", "cancelled")
+OUTCOMES = (
+    "scored", "participant", "timeout", "memory", "infrastructure", "configuration", "cancelled"
+)
 #: run duration histogram buckets, seconds (upper bounds; +Inf is implied)
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 7200.0)
 

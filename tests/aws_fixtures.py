@@ -7,6 +7,7 @@
   listening on 127.0.0.1, logging in as the current user. It plays every EC2
   instance. Missing sshd skips the tests with the reason, or fails them when
   RAMP_DISPATCHER_REQUIRE_SSHD=1.
+- ``bastion``: a second such sshd, the jump host of ``ssh_proxy_jump``.
 - :class:`LocalNetwork`: the worker's one seam (``InstanceNetwork``): every
   instance's address is the test sshd, its published host key is the sshd's.
   Two named fakes ride on it, for what moto cannot simulate:
@@ -16,6 +17,12 @@
 - :func:`fake_spot_capacity_shortage`: a botocore hook on the worker's client
   that answers spot RunInstances with InsufficientInstanceCapacity (moto
   always grants spot).
+- :class:`Ec2Proxy`: an HTTP proxy in front of moto, the worker's
+  ``endpoint_url``, for what moto does not do: THROTTLING (answers
+  ``RequestLimitExceeded`` to chosen actions a number of times), LOST REPLY
+  (forwards a RunInstances and drops its reply), CLIENT TOKEN (answers a
+  RunInstances whose ClientToken it saw with the first reply, as EC2 does),
+  BAD CREDENTIALS (``AuthFailure`` for one access key id).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,11 +113,110 @@ class MotoEc2:
         self.server.stop()
 
 
+# ----------------------------------------------------------------- EC2 proxy
+class Ec2Proxy:
+    """Stand-in for EC2 behaviours moto lacks, in front of moto (see the module)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        #: action -> how many more times it is answered RequestLimitExceeded
+        self.throttle: dict[str, int] = {}
+        self.throttled: list[str] = []
+        #: drop the reply of this many RunInstances calls (after moto made the instance)
+        self.lose_run_instances_replies = 0
+        #: ClientToken -> moto's reply to the first RunInstances that carried it
+        self.tokens: dict[str, tuple[int, bytes]] = {}
+        self.run_instances_tokens: list[str | None] = []
+        self.rejected_access_key: str | None = None
+        self.actions: list[str] = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "text/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                form = urllib.parse.parse_qs(body.decode())
+                action = form.get("Action", [""])[0]
+                with proxy.lock:
+                    proxy.actions.append(action)
+                    if proxy.throttle.get(action, 0) > 0:
+                        proxy.throttle[action] -= 1
+                        proxy.throttled.append(action)
+                        limit = _ec2_error("RequestLimitExceeded", "Request limit exceeded.")
+                        self._reply(503, limit)
+                        return
+                auth = self.headers.get("Authorization", "")
+                if proxy.rejected_access_key and f"Credential={proxy.rejected_access_key}/" in auth:
+                    refusal = "AWS was not able to validate the provided access credentials"
+                    self._reply(401, _ec2_error("AuthFailure", refusal))
+                    return
+                token = form.get("ClientToken", [None])[0] if action == "RunInstances" else None
+                if action == "RunInstances":
+                    with proxy.lock:
+                        proxy.run_instances_tokens.append(token)
+                        seen = proxy.tokens.get(token) if token else None
+                    if seen is not None:  # EC2's idempotency: the same reply, no new instance
+                        self._reply(*seen)
+                        return
+                code, data = proxy.forward(self.path, body, self.headers)
+                if action == "RunInstances":
+                    with proxy.lock:
+                        if token and code == 200:
+                            proxy.tokens[token] = (code, data)
+                        lose = proxy.lose_run_instances_replies > 0
+                        if lose:
+                            proxy.lose_run_instances_replies -= 1
+                    if lose:  # LOST REPLY: the instance exists, the caller never hears of it
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                self._reply(code, data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def forward(self, path: str, body: bytes, headers: Any) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.upstream + path, data=body, method="POST")
+        for name in ("Content-Type", "Authorization", "X-Amz-Date", "User-Agent"):
+            if headers.get(name):
+                request.add_header(name, headers[name])
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _ec2_error(code: str, message: str) -> bytes:
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+        f"<Code>{code}</Code><Message>{message}</Message></Error></Errors>"
+        "<RequestID>ramp-test-proxy</RequestID></Response>"
+    ).encode()
+
+
 # ------------------------------------------------------------------------ sshd
 class Sshd:
     """A real OpenSSH server on 127.0.0.1 that plays every instance."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, extra_config: str = ""):
         self.root = root
         self.user = getpass.getuser()
         self.port = free_port()
@@ -158,7 +266,7 @@ UsePAM no
 MaxStartups 50:30:100
 Subsystem sftp internal-sftp
 SetEnv HOME={self.home}
-""")
+{extra_config}""")
         self.log = root / "sshd.log"
 
     def start(self) -> None:
@@ -327,6 +435,26 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
         _missing(f"cannot start the test sshd: {exc}")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def bastion(sshd: Sshd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """A second sshd on 127.0.0.1 playing the bastion (ssh_proxy_jump). It logs
+    its direct-tcpip channels (DEBUG1), so a test sees what went through it."""
+    server = Sshd(tmp_path_factory.mktemp("bastion"), "AllowTcpForwarding yes\nLogLevel DEBUG1\n")
+    try:
+        server.start()
+    except RuntimeError as exc:
+        _missing(f"cannot start the bastion sshd: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ec2_proxy(moto_ec2: MotoEc2) -> Iterator[Ec2Proxy]:
+    proxy = Ec2Proxy(moto_ec2.url)
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture

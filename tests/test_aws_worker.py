@@ -30,11 +30,14 @@ from aws_fixtures import (  # noqa: E402
     KEY_NAME,
     REGION,
     SECURITY_GROUP,
+    Ec2Proxy,
     LocalNetwork,
     MotoEc2,
     Sshd,
+    bastion,  # noqa: F401  (fixtures)
+    ec2_proxy,  # noqa: F401
     fake_spot_capacity_shortage,
-    imds,  # noqa: F401  (fixtures)
+    imds,  # noqa: F401
     moto_ec2,  # noqa: F401
     network,  # noqa: F401
     sshd,  # noqa: F401
@@ -48,9 +51,10 @@ from ramp_dispatcher.config import (
     server_config_for_url,
 )  # noqa: E402
 from ramp_dispatcher.workers import make_worker  # noqa: E402
-from ramp_dispatcher.workers.aws import AWSConfig, AWSWorker  # noqa: E402
-from ramp_dispatcher.workers.aws_ec2 import host_keys_from_console  # noqa: E402
-from ramp_dispatcher.workers.aws_ssh import known_hosts_fingerprints  # noqa: E402
+from ramp_dispatcher.workers.aws.config import AWSConfig  # noqa: E402
+from ramp_dispatcher.workers.aws.worker import AWSWorker  # noqa: E402
+from ramp_dispatcher.workers.aws.network import host_keys_from_console  # noqa: E402
+from ramp_dispatcher.workers.aws.ssh import known_hosts_fingerprints  # noqa: E402
 from ramp_dispatcher.workers.base import FailureClass, RunOutcome, RunRequest  # noqa: E402
 from ramp_dispatcher.workers.supervise import all_processes  # noqa: E402
 
@@ -276,6 +280,7 @@ def test_config_is_read_and_validated(tmp_path: Path, sshd: Sshd, caplog) -> Non
     assert "worker.remote_ramp_kit_folder" in error(remote_ramp_kit_folder="ramp-kits/iris")
     assert "worker.security_group" in error(security_group=None)
     assert "worker.profile_name" in error(profile_name="default")
+    assert "worker.deployment_id" in error(deployment_id="prod copy")
     message = error(secret_access_key=[SECRET])
     assert "worker.secret_access_key" in message and SECRET not in message
     # Without keys, boto3's default credential chain (or profile_name) is used.
@@ -508,6 +513,60 @@ def test_timeout_kills_the_remote_run_and_terminates(aws_env: AwsEnv) -> None:
     aws_env.assert_no_instance_running()
 
 
+def forging_source() -> str:
+    """A submission that defeats the instance-side time limit: it moves its run's
+    ``started`` file into the future, deletes any ``exit`` file, then sleeps."""
+    return (
+        "import pathlib\nimport time\n"
+        + GOOD.replace(
+            "        self.clf.fit(X, y)",
+            "        for run in pathlib.Path('.ramp-dispatcher').glob('*'):\n"
+            "            (run / 'started').write_text('9999999999\\n')\n"
+            "            for name in ('exit', 'exit.tmp'):\n"
+            "                (run / name).unlink(missing_ok=True)\n"
+            "        time.sleep(600)\n"
+            "        self.clf.fit(X, y)",
+        )
+    )
+
+
+def test_daemon_deadline_stops_a_run_that_forges_its_files(aws_env: AwsEnv) -> None:
+    # timeout: long enough for ramp-test to reach fit (and forge) first
+    config = aws_env.config(timeout=10.0, boot_timeout=20.0, deadline_margin=5.0)
+    worker = aws_env.worker(config)
+    request = aws_env.request(forging_source())
+    handle = json.loads(json.dumps(worker.start(request, lambda: None)))  # as stored
+    assert handle["deadline"] == pytest.approx(handle["created_at"] + 20 + 10 + 5)
+    pgid = aws_env.wait_for(lambda: aws_env.remote_pid(handle), 30, "ramp-test to start")
+    started = Path(handle["remote_run_dir"]) / "started"
+    aws_env.wait_for(lambda: started.read_text().strip() == "9999999999", 30, "the forgery")
+    outcome = aws_env.wait(worker, request, handle, timeout=120)
+    assert time.time() >= handle["deadline"]  # not stopped by the instance's own check
+    assert outcome.failure is FailureClass.TIMEOUT
+    assert "time limit of 10 s" in outcome.message and "deadline" in outcome.message
+    assert not aws_env.group_alive(pgid), "ramp-test survived the deadline"
+    assert "[ramp-dispatcher] Training stopped" in request.log_path.read_text()
+    (instance,) = aws_env.moto.instances()
+    assert instance["State"]["Name"] == "terminated"
+    aws_env.assert_no_instance_running()
+
+
+def test_run_past_its_deadline_before_starting_is_infrastructure(aws_env: AwsEnv) -> None:
+    aws_env.network.boot_delay = 600  # SLOW BOOT fake: it never gets an address
+    config = aws_env.config(timeout=1.0, boot_timeout=1.0, deadline_margin=1.0)
+    first = aws_env.worker(config)
+    request = aws_env.request(GOOD)
+    handle = json.loads(json.dumps(first.start(request, lambda: None)))
+    aws_env.wait_for(aws_env.live_instances, 10, "the launch")
+    first.close()  # the daemon goes away before the instance ever answered
+    aws_env.wait_for(lambda: time.time() > handle["deadline"], 10, "the deadline")
+    second = aws_env.worker(config)  # restarted: the deadline comes with the handle
+    outcome = aws_env.wait(second, request, handle, timeout=30)
+    assert outcome.failure is FailureClass.INFRASTRUCTURE
+    assert "did not start on its instance before its deadline" in outcome.message
+    aws_env.assert_no_instance_running()
+
+
 def test_restarted_daemon_reattaches_without_relaunching(aws_env: AwsEnv) -> None:
     probe = aws_env.tmp / "imports"
     probe.mkdir()
@@ -582,37 +641,59 @@ def test_default_network_waits_for_console_host_keys(aws_env: AwsEnv) -> None:
     aws_env.workers.append(worker)
     request = aws_env.request(GOOD)
     outcome = aws_env.wait(worker, request, worker.start(request, lambda: None), timeout=30)
-    assert outcome.failure is FailureClass.INFRASTRUCTURE
+    # A broken image, not an outage (issue 13): failed once, named, not retried.
+    assert outcome.failure is FailureClass.CONFIGURATION
     assert (
         "not reachable over SSH within 1 s (its host keys are not published yet)" in outcome.message
     )
+    assert "known_hosts_file" in outcome.message and "BEGIN SSH HOST KEY KEYS" in outcome.message
     aws_env.assert_no_instance_running()
+    # The next submission launches nothing from that image: one instance at most.
+    second = aws_env.request(GOOD, submission_id=2)
+    outcome = aws_env.wait(worker, second, worker.start(second, lambda: None), timeout=30)
+    assert outcome.failure is FailureClass.CONFIGURATION and "not launched" in outcome.message
+    assert len(aws_env.moto.instances()) == 1
+
+
+def _launch_tagged(
+    aws_env: AwsEnv, event: str, submission: int, attempt: int, deployment: str | None
+) -> str:
+    """An instance as a worker of ``deployment`` tags it (None: no deployment tag)."""
+    ec2 = aws_env.moto.client()
+    image_id = ec2.describe_images(Owners=["self"])["Images"][0]["ImageId"]
+    tags = {"ramp-dispatcher:event": event, "ramp-dispatcher:submission": str(submission),
+            "ramp-dispatcher:attempt": str(attempt)}  # fmt: skip
+    if deployment is not None:
+        tags["ramp-dispatcher:deployment"] = deployment
+    reply = ec2.run_instances(
+        ImageId=image_id, MinCount=1, MaxCount=1, InstanceType="t3.micro",
+        TagSpecifications=[{"ResourceType": "instance",
+                            "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+    )  # fmt: skip
+    return reply["Instances"][0]["InstanceId"]
+
+
+def _state(aws_env: AwsEnv, instance_id: str) -> str:
+    reply = aws_env.moto.client().describe_instances(InstanceIds=[instance_id])
+    return reply["Reservations"][0]["Instances"][0]["State"]["Name"]
 
 
 def test_reaper_terminates_instances_without_an_active_run(aws_env: AwsEnv) -> None:
     ec2 = aws_env.moto.client()
-    image_id = ec2.describe_images(Owners=["self"])["Images"][0]["ImageId"]
+    careful = aws_env.worker()
+    ours = careful.deployment_id
 
     def launch(event: str, submission: int, attempt: int) -> str:
-        tags = {"ramp-dispatcher:event": event, "ramp-dispatcher:submission": str(submission),
-                "ramp-dispatcher:attempt": str(attempt)}  # fmt: skip
-        reply = ec2.run_instances(
-            ImageId=image_id, MinCount=1, MaxCount=1, InstanceType="t3.micro",
-            TagSpecifications=[{"ResourceType": "instance",
-                                "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
-        )  # fmt: skip
-        return reply["Instances"][0]["InstanceId"]
+        return _launch_tagged(aws_env, event, submission, attempt, ours)
 
     orphan = launch(EVENT, 99, 1)
     active = launch(EVENT, 98, 2)
     foreign = launch("another_event", 99, 1)
 
     def state(instance_id: str) -> str:
-        reply = ec2.describe_instances(InstanceIds=[instance_id])
-        return reply["Reservations"][0]["Instances"][0]["State"]["Name"]
+        return _state(aws_env, instance_id)
 
     # Young instances are spared: their run may be newer than the list of active runs.
-    careful = aws_env.worker()
     careful.reap(set())
     careful._reaper.join(10)
     assert state(orphan) == "running"
@@ -623,6 +704,53 @@ def test_reaper_terminates_instances_without_an_active_run(aws_env: AwsEnv) -> N
     assert state(orphan) == "terminated"
     assert state(active) == "running" and state(foreign) == "running"
     ec2.terminate_instances(InstanceIds=[active, foreign])
+    aws_env.assert_no_instance_running()
+
+
+def test_reaper_touches_only_its_own_deployment(aws_env: AwsEnv) -> None:
+    """Production and a staging copy (same event name, same account and region)."""
+    from ramp_dispatcher.workers.aws.worker import default_deployment_id
+
+    prod_db = "postgresql+psycopg2://ramp:secret@db.prod:5432/ramp"
+    staging_db = "postgresql://ramp:other@db.staging:5432/ramp"
+    assert default_deployment_id(prod_db, EVENT) == default_deployment_id(
+        "postgresql://ramp:changed@db.prod:5432/ramp", EVENT
+    )  # stable: neither the driver nor the password counts
+    assert default_deployment_id(prod_db, EVENT) != default_deployment_id(staging_db, EVENT)
+    config = aws_env.config(reap_min_age=0)
+    prod = make_worker("aws", config, event_name=EVENT, database=prod_db)
+    staging = make_worker("aws", config, event_name=EVENT, database=staging_db)
+    named = aws_env.worker(aws_env.config(reap_min_age=0, deployment_id="iris-staging-2"))
+    assert isinstance(prod, AWSWorker) and isinstance(staging, AWSWorker)
+    aws_env.workers += [prod, staging]
+    assert named.deployment_id == "iris-staging-2"
+    assert len({prod.deployment_id, staging.deployment_id, named.deployment_id}) == 3
+
+    prod_orphan = _launch_tagged(aws_env, EVENT, 7, 1, prod.deployment_id)
+    staging_orphan = _launch_tagged(aws_env, EVENT, 7, 1, staging.deployment_id)
+    named_orphan = _launch_tagged(aws_env, EVENT, 7, 1, "iris-staging-2")
+    untagged = _launch_tagged(aws_env, EVENT, 7, 1, None)  # e.g. launched by hand, or by ramp-engine
+    staging.reap(set())
+    staging._reaper.join(10)
+    assert _state(aws_env, staging_orphan) == "terminated"
+    for other in (prod_orphan, named_orphan, untagged):
+        assert _state(aws_env, other) == "running"
+    prod.reap(set())
+    prod._reaper.join(10)
+    assert _state(aws_env, prod_orphan) == "terminated"
+    assert _state(aws_env, named_orphan) == "running" and _state(aws_env, untagged) == "running"
+    aws_env.moto.client().terminate_instances(InstanceIds=[named_orphan, untagged])
+    aws_env.assert_no_instance_running()
+
+
+def test_instances_carry_the_deployment_tag_from_creation(aws_env: AwsEnv) -> None:
+    worker = aws_env.worker(aws_env.config(deployment_id="iris-prod"))
+    request = aws_env.request(GOOD)
+    handle = worker.start(request, lambda: None)
+    _outcome_ok(aws_env.wait(worker, request, handle), request)
+    (instance,) = aws_env.moto.instances()
+    tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+    assert tags["ramp-dispatcher:deployment"] == "iris-prod" == handle["deployment"]
     aws_env.assert_no_instance_running()
 
 
@@ -673,4 +801,306 @@ def test_failures_never_leak_credentials(tmp_path: Path, aws_env: AwsEnv, caplog
         messages = conn.execute(select(runs.c.message)).scalars().all()
     for text in [caplog.text, good.error_msg, *messages]:
         assert SECRET not in text
+    aws_env.assert_no_instance_running()
+
+
+# ------------------------------------------------------- configuration errors
+def test_validate_names_the_file_and_key_of_what_ec2_refuses(
+    tmp_path: Path, aws_env: AwsEnv, ec2_proxy: Ec2Proxy  # noqa: F811
+) -> None:
+    server = server_config_for_url(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    path = tmp_path / "config.yml"
+
+    def validate(**changes: Any) -> str | None:
+        settings = aws_env.settings(endpoint_url=ec2_proxy.url, **changes)
+        path.write_text(_event_yaml({k: v for k, v in settings.items() if v is not None}))
+        worker = AWSWorker(load_event_config(path, server).worker, EVENT)
+        aws_env.workers.append(worker)
+        try:
+            worker.validate()
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    assert validate() is None
+    for key, value in (
+        ("ami_image_name", "no-such-image"),
+        ("key_name", "no-such-key"),
+        ("security_group", "no-such-group"),
+        ("subnet_id", "subnet-0123456789abcdef0"),
+    ):
+        message = validate(**{key: value})
+        assert message and message.startswith(f"{path}: key 'worker.{key}'"), (key, message)
+    # BAD CREDENTIALS stand-in: EC2 refuses the access key.
+    ec2_proxy.rejected_access_key = ACCESS_KEY
+    message = validate()
+    assert message and f"{path}: key 'worker.access_key_id'" in message and "AuthFailure" in message
+    assert SECRET not in message
+    assert not aws_env.live_instances()  # nothing was launched to find out
+
+
+def test_cli_run_exits_2_on_a_setting_ec2_refuses(
+    tmp_path: Path, aws_env: AwsEnv, capsys
+) -> None:
+    from deployment import GOOD as DEMO_GOOD
+    from deployment import Deployment
+
+    from ramp_dispatcher.cli import main
+
+    dep = Deployment(
+        tmp_path / "deploy", f"sqlite:///{tmp_path / 'ramp.sqlite'}", {"good": DEMO_GOOD}
+    )
+    event_path = dep.event_path.with_name("aws-config.yml")
+    event_path.write_text(
+        _event_yaml(aws_env.settings(key_name="no-such-key"), event="iris_demo")
+    )
+    code = main(["run", "--config", str(dep.server_path), "--event-config", str(event_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{event_path}: key 'worker.key_name'" in err and "InvalidKeyPair.NotFound" in err
+    assert not aws_env.live_instances()
+
+
+def test_a_wrong_setting_fails_the_run_once_not_retried(tmp_path: Path, aws_env: AwsEnv) -> None:
+    from deployment import GOOD as DEMO_GOOD
+    from deployment import Deployment
+
+    from ramp_dispatcher.database.dispatcher_schema import runs
+    from ramp_dispatcher.dispatcher import Dispatcher
+
+    dep = Deployment(
+        tmp_path / "deploy", f"sqlite:///{tmp_path / 'ramp.sqlite'}", {"good": DEMO_GOOD}
+    )
+    event_path = dep.event_path.with_name("aws-config.yml")
+    event_path.write_text(
+        _event_yaml(aws_env.settings(ami_image_name="no-such-image"), event="iris_demo")
+        + "dispatcher:\n  hunger_policy: exit\n  poll_interval: 0.5\n"
+        "  time_between_collection: 0.5\n  max_attempts: 3\n  retry_delay: 0\n"
+    )
+    config = load_event_config(event_path, dep.server)
+    worker = AWSWorker(config.worker, "iris_demo", network=aws_env.network)
+    aws_env.workers.append(worker)
+    d = Dispatcher(dep.engine, config, worker)  # no validate(): the image vanished later
+    d.start()
+    try:
+        assert d.stopped.wait(60)
+    finally:
+        d.stop()
+    good = dep.summaries()["good"]
+    assert good.state == "checking_error"
+    assert "worker.ami_image_name" in good.error_msg and "not because of your code" in good.error_msg
+    with dep.engine.connect() as conn:
+        classes = conn.execute(select(runs.c.failure_class)).scalars().all()
+    assert classes == ["configuration"]  # one run: not retried as an outage
+    assert not aws_env.moto.instances()
+
+
+def test_throttled_api_calls_are_retried_with_backoff(
+    aws_env: AwsEnv, ec2_proxy: Ec2Proxy  # noqa: F811
+) -> None:
+    # THROTTLING stand-in: EC2 answers RequestLimitExceeded a few times.
+    ec2_proxy.throttle = {"DescribeImages": 2, "RunInstances": 2, "DescribeInstances": 2}
+    worker = aws_env.worker(aws_env.config(endpoint_url=ec2_proxy.url))
+    request = aws_env.request(GOOD)
+    handle = worker.start(request, lambda: None)
+    _outcome_ok(aws_env.wait(worker, request, handle, timeout=120), request)
+    assert sorted(ec2_proxy.throttled) == sorted(
+        ["DescribeImages"] * 2 + ["RunInstances"] * 2 + ["DescribeInstances"] * 2
+    )
+    assert len(aws_env.moto.instances()) == 1  # retried inside the call: one instance
+    aws_env.assert_no_instance_running()
+
+
+# --------------------------------------------------------------- addressing
+def test_ssh_address_public_or_private(aws_env: AwsEnv) -> None:
+    from ramp_dispatcher.workers.aws.ec2 import Ec2, Ec2Error, Instance
+    from ramp_dispatcher.workers.aws.network import Ec2InstanceNetwork
+
+    ec2 = Ec2(aws_env.config())
+    both = Instance("i-0a", "running", "203.0.113.7", "10.0.3.7", None, None)
+    private_only = Instance("i-0b", "running", None, "10.0.3.8", None, None)
+    public = Ec2InstanceNetwork(ec2, 22)  # the default
+    private = Ec2InstanceNetwork(ec2, 2222, ssh_address="private")
+    assert public.address(both) == ("203.0.113.7", 22)
+    assert private.address(both) == ("10.0.3.7", 2222)
+    assert private.address(private_only) == ("10.0.3.8", 2222)
+    with pytest.raises(Ec2Error) as info:
+        public.address(private_only)
+    assert info.value.config_key == "ssh_address" and "ssh_address: private" in str(info.value)
+    # The worker's default network follows the setting.
+    worker = AWSWorker(aws_env.config(ssh_address="private"), EVENT)
+    aws_env.workers.append(worker)
+    assert worker.network.address(both) == ("10.0.3.7", 22)
+
+
+def _known_hosts_of(server: Sshd, path: Path) -> Path:
+    pub = (server.host_key.parent / "ssh_host_ed25519_key.pub").read_text().split()
+    path.write_text(f"127.0.0.1 {pub[0]} {pub[1]}\n")
+    return path
+
+
+def test_ssh_through_a_bastion_checks_both_host_keys(
+    aws_env: AwsEnv, bastion: Sshd  # noqa: F811
+) -> None:
+    jump = f"{bastion.user}@127.0.0.1:{bastion.port}"
+    config = aws_env.config(
+        ssh_proxy_jump=jump,
+        ssh_proxy_key_path=bastion.client_key,  # the bastion's own key
+        ssh_proxy_known_hosts_file=_known_hosts_of(bastion, aws_env.tmp / "bastion_known_hosts"),
+    )
+    assert config.proxy_jump == (bastion.user, "127.0.0.1", bastion.port)
+    before = bastion.log.read_text()
+    worker = aws_env.worker(config)
+    request = aws_env.request(GOOD)
+    _outcome_ok(aws_env.wait(worker, request, worker.start(request, lambda: None)), request)
+    seen = bastion.log.read_text()[len(before):]
+    # Every SSH connection to the instance went through the bastion's channel.
+    assert f"Accepted publickey for {bastion.user}" in seen
+    assert f"target 127.0.0.1 port {aws_env.sshd.port}" in seen
+    aws_env.assert_no_instance_running()
+
+    # A bastion that is not the pinned host: refused before authenticating, once.
+    wrong = aws_env.config(
+        ssh_proxy_jump=jump,
+        ssh_proxy_key_path=bastion.client_key,
+        ssh_proxy_known_hosts_file=_known_hosts_of(aws_env.sshd, aws_env.tmp / "wrong_known"),
+    )
+    worker = aws_env.worker(wrong)
+    request = aws_env.request(GOOD, submission_id=2)
+    outcome = aws_env.wait(worker, request, worker.start(request, lambda: None), timeout=60)
+    assert outcome.failure is FailureClass.CONFIGURATION
+    assert bastion.host_fingerprint in outcome.message and "refusing to connect" in outcome.message
+    assert "worker.ssh_proxy_known_hosts_file" in outcome.message
+    assert not (aws_env.kit / "submissions" / request.submission_name).exists()
+    aws_env.assert_no_instance_running()
+
+
+def test_bastion_settings_are_checked_when_read(tmp_path: Path, sshd: Sshd) -> None:  # noqa: F811
+    server = server_config_for_url(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    path = tmp_path / "config.yml"
+    key = tmp_path / "worker.pem"
+    key.write_bytes(sshd.client_key.read_bytes())
+    key.chmod(0o600)
+    known = _known_hosts_of(sshd, tmp_path / "known")
+    worker = {
+        "region_name": REGION, "ami_image_name": AMI_NAME, "ami_user_name": "ubuntu",
+        "instance_type": "t3.micro", "key_name": KEY_NAME, "security_group": SECURITY_GROUP,
+        "key_path": "worker.pem", "remote_ramp_kit_folder": "/home/ubuntu/ramp-kits/iris",
+        "local_predictions_folder": "p", "local_log_folder": "l",
+    }  # fmt: skip
+
+    def error(**changes: Any) -> str:
+        path.write_text(_event_yaml({**worker, **changes}))
+        with pytest.raises(ConfigError) as info:
+            load_event_config(path, server)
+        return str(info.value)
+
+    assert "'worker.ssh_address' must be one of 'public', 'private'" in error(ssh_address="both")
+    assert "worker.ssh_proxy_known_hosts_file" in error(ssh_proxy_jump="ec2-user@bastion")
+    message = error(ssh_proxy_jump="bastion", ssh_proxy_known_hosts_file=str(known))
+    assert "worker.ssh_proxy_jump" in message and "user@host" in message
+    assert "worker.ssh_proxy_jump" in error(ssh_proxy_known_hosts_file=str(known))
+    path.write_text(_event_yaml({**worker, "ssh_address": "private",
+                                 "ssh_proxy_jump": "ec2-user@bastion.example.org:2222",
+                                 "ssh_proxy_known_hosts_file": "known"}))  # fmt: skip
+    config = load_event_config(path, server).worker
+    assert config.proxy_jump == ("ec2-user", "bastion.example.org", 2222)
+    assert config.ssh_address == "private" and config.ssh_proxy_known_hosts_file == known
+
+
+def test_client_token_makes_a_retried_launch_one_instance(
+    aws_env: AwsEnv, ec2_proxy: Ec2Proxy  # noqa: F811
+) -> None:
+    from ramp_dispatcher.workers.aws.ec2 import client_token
+
+    # LOST REPLY + CLIENT TOKEN stand-in: moto makes the instance, its reply is
+    # lost, the call is retried; EC2 (the stand-in) answers a known token with
+    # the first reply instead of launching again.
+    ec2_proxy.lose_run_instances_replies = 1
+    worker = aws_env.worker(aws_env.config(endpoint_url=ec2_proxy.url))
+    request = aws_env.request(GOOD, submission_id=5)
+    handle = worker.start(request, lambda: None)
+    _outcome_ok(aws_env.wait(worker, request, handle, timeout=120), request)
+    expected = client_token(EVENT, 5, 1, handle["run"], "on-demand")
+    assert ec2_proxy.run_instances_tokens == [expected, expected]  # the retry kept it
+    assert ec2_proxy.lose_run_instances_replies == 0  # a reply was lost indeed
+    (instance,) = aws_env.moto.instances()  # one instance, not two
+    assert instance["State"]["Name"] == "terminated"
+    aws_env.assert_no_instance_running()
+
+
+def fake_console_without_host_keys(client: Any) -> None:
+    """CONSOLE fake: the serial console of an image whose cloud-init finished
+    without printing host keys (moto's console output never mentions cloud-init)."""
+    import base64
+
+    from botocore.awsrequest import AWSResponse
+
+    text = "[   12.0] cloud-init[812]: Cloud-init v. 23.4 finished at Tue, 01 Dec 2026. Up 12 seconds\n"
+
+    def before_call(params: dict[str, Any], **_: Any) -> Any:
+        output = base64.b64encode(text.encode()).decode()  # as EC2 sends it
+        reply = {"InstanceId": params["body"]["InstanceId"], "Output": output,
+                 "ResponseMetadata": {"HTTPStatusCode": 200}}  # fmt: skip
+        return AWSResponse("https://ec2.fake", 200, {}, None), reply
+
+    client.meta.events.register("before-call.ec2.GetConsoleOutput", before_call)
+
+
+def test_image_without_host_keys_fails_fast_naming_known_hosts_file(aws_env: AwsEnv) -> None:
+    worker = AWSWorker(aws_env.config(boot_timeout=600.0), EVENT)  # the default network
+    aws_env.workers.append(worker)
+    fake_console_without_host_keys(worker.ec2_client)
+    request = aws_env.request(GOOD)
+    # Well before boot_timeout (600 s): cloud-init said it was done.
+    outcome = aws_env.wait(worker, request, worker.start(request, lambda: None), timeout=60)
+    assert outcome.failure is FailureClass.CONFIGURATION
+    assert "cloud-init finished without printing SSH host keys" in outcome.message
+    assert "known_hosts_file" in outcome.message and "AMI recipe" in outcome.message
+    aws_env.assert_no_instance_running()
+
+
+# ------------------------------------------------------------------ reload
+def test_reload_applies_to_new_runs_and_names_what_needs_a_restart(
+    aws_env: AwsEnv, caplog
+) -> None:
+    import subprocess
+
+    # A second client key, authorized on the "image" like the first.
+    new_key = aws_env.tmp / "new_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(new_key)], check=True)
+    authorized = aws_env.sshd.root / "authorized_keys"
+    before = authorized.read_text()
+    authorized.write_text(before + (aws_env.tmp / "new_key.pub").read_text())
+    new_fingerprint = subprocess.run(
+        ["ssh-keygen", "-l", "-f", f"{new_key}.pub"], check=True, capture_output=True, text=True
+    ).stdout.split()[1]
+    try:
+        worker = aws_env.worker()
+        first = aws_env.request(sleeping_good(4), submission_id=1)
+        first_handle = worker.start(first, lambda: None)
+        aws_env.wait_for(lambda: aws_env.remote_pid(first_handle), 30, "the first run to start")
+        log_start = len(aws_env.sshd.log.read_text())
+        with caplog.at_level(logging.INFO):
+            worker.reconfigure(
+                aws_env.config(
+                    key_path=new_key, instance_type="t3.large", timeout=60.0,
+                    region_name="eu-west-1",  # where the instances are: needs a restart
+                )  # fmt: skip
+            )
+        assert "worker.region_name cannot change without a restart" in caplog.text
+        assert worker.config.region_name == REGION and worker.config.instance_type == "t3.large"
+        second = aws_env.request(GOOD, submission_id=2)
+        second_handle = worker.start(second, lambda: None)
+        assert second_handle["timeout"] == 60.0 and first_handle["timeout"] == 120.0
+        _outcome_ok(aws_env.wait(worker, first, first_handle), first)  # kept its settings
+        _outcome_ok(aws_env.wait(worker, second, second_handle), second)
+    finally:
+        authorized.write_text(before)
+    types = {
+        {t["Key"]: t["Value"] for t in i["Tags"]}["ramp-dispatcher:submission"]: i["InstanceType"]
+        for i in aws_env.moto.instances()
+    }
+    assert types == {"1": "t3.micro", "2": "t3.large"}
+    assert new_fingerprint in aws_env.sshd.log.read_text()[log_start:]  # the new key was used
     aws_env.assert_no_instance_running()

@@ -147,6 +147,9 @@ def test_event_required_keys(server, tmp_path: Path, section: str, key: str) -> 
         ("dispatcher", "hunger_policy", "nap", "'dispatcher.hunger_policy' must be one of None, 'sleep', 'exit'"),
         ("dispatcher", "time_between_collection", -1, "'dispatcher.time_between_collection' must be positive"),
         ("worker", "timeout", "long", "'worker.timeout' must be a number of seconds"),
+        ("worker", "timeout", 0, "'worker.timeout' must be positive, got 0.0"),
+        ("worker", "memory_limit_mb", -5, "'worker.memory_limit_mb' must be positive, got -5.0"),
+        ("worker", "conda_env", " ", "'worker.conda_env' must be a non-empty string"),
         ("worker", "worker_type", "dask", "unknown worker type 'dask'"),
     ],
 )
@@ -178,3 +181,21 @@ def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert f"{event}: key 'worker.conda_env' is required" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_worker_types_come_from_the_registry(server, tmp_path: Path) -> None:
+    """The unknown-type error lists the registry's types; the conda worker's
+    section is parsed by its own module into its config dataclass."""
+    from ramp_dispatcher.workers.conda import CondaConfig
+    from ramp_dispatcher.workers.registry import WORKER_TYPES
+
+    path = write(tmp_path / "ev.yml", _with(EVENT, "worker", "worker_type", "dask"))
+    with pytest.raises(ConfigError) as err:
+        load_event_config(path, server)
+    assert f"(known: {', '.join(WORKER_TYPES)})" in str(err.value)
+    assert {"conda", "aws"} <= set(WORKER_TYPES)
+    event = load_event_config(write(tmp_path / "ok.yml", EVENT), server)
+    assert isinstance(event.worker, CondaConfig) and event.worker.conda_env == "ramp-iris"
+    # The dataclass is where the values are checked, with or without a file.
+    with pytest.raises(ValueError, match="'timeout' must be positive"):
+        CondaConfig(conda_env="ramp-iris", timeout=0)

@@ -79,7 +79,8 @@ def test_render_parses_back() -> None:
     assert value(samples, "ramp_dispatcher_running_runs") == 2
     outcomes = {lab["outcome"]: v for n, lab, v in samples if n == "ramp_dispatcher_run_outcomes_total"}
     assert outcomes == {
-        "scored": 2, "participant": 1, "timeout": 0, "memory": 0, "infrastructure": 1, "cancelled": 1
+        "scored": 2, "participant": 1, "timeout": 0, "memory": 0, "infrastructure": 1,
+        "configuration": 0, "cancelled": 1,
     }
     assert set(outcomes) == set(OUTCOMES)
 

@@ -30,6 +30,7 @@ class FailureClass(str, enum.Enum):
     TIMEOUT = "timeout"  # ran out of time: not retried
     MEMORY = "memory"  # ran out of memory: not retried
     INFRASTRUCTURE = "infrastructure"  # our side failed: retried, never charged
+    CONFIGURATION = "configuration"  # the event's settings are wrong: not retried, never charged
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,12 @@ class Worker(ABC):
     @abstractmethod
     def cleanup(self, request: RunRequest, handle: Handle) -> None:
         """Release what the run holds (process, instance, temporary files)."""
+
+    def validate(self) -> None:
+        """Check the settings against the outside world before serving (the
+        daemon calls it at start-up); raise
+        :class:`~ramp_dispatcher.configfile.ConfigError` naming the file and
+        key of a setting that cannot work. The default checks nothing more."""
 
     def reconfigure(self, config: Any) -> None:
         """A re-read config (SIGHUP) applies to the runs started from now on."""

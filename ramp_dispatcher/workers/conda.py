@@ -20,10 +20,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker, WorkerError
+from ..configfile import InvalidSetting
 from . import supervise
+from .base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker, WorkerError
+
+if TYPE_CHECKING:
+    from ..configfile import Section
+    from .registry import WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +64,38 @@ class CondaConfig:
     env_cache_s: float = 60.0
 
     def __post_init__(self) -> None:
+        # The one place these values are checked: from_section names the file.
         if not isinstance(self.conda_env, str) or not self.conda_env.strip():
-            raise ValueError("conda worker: 'conda_env' must be a non-empty string")
+            raise InvalidSetting("conda_env", "must be a non-empty string")
         if not self.timeout > 0:
-            raise ValueError(f"conda worker: 'timeout' must be > 0, got {self.timeout!r}")
+            raise InvalidSetting("timeout", f"must be positive, got {self.timeout!r}")
         if self.memory_limit_mb is not None and not self.memory_limit_mb > 0:
-            raise ValueError(
-                f"conda worker: 'memory_limit_mb' must be > 0, got {self.memory_limit_mb!r}"
+            raise InvalidSetting(
+                "memory_limit_mb", f"must be positive, got {self.memory_limit_mb!r}"
             )
+
+    @classmethod
+    def from_section(cls, section: Section) -> CondaConfig:
+        """The ``worker`` section of an event config (``worker_type: conda``)."""
+        timeout = section.optional("timeout", float, "a number of seconds", 7200.0)
+        memory = section.optional("memory_limit_mb", float, "a number of megabytes", None)
+        try:
+            return cls(
+                conda_env=section.required("conda_env", str, "a string"),
+                timeout=float(timeout),
+                memory_limit_mb=None if memory is None else float(memory),
+            )
+        except InvalidSetting as exc:
+            raise section.invalid(exc) from None
+
+
+# The worker type's entry points for the registry (.registry).
+def from_section(section: Section) -> CondaConfig:
+    return CondaConfig.from_section(section)
+
+
+def create_worker(config: CondaConfig, context: WorkerContext) -> CondaWorker:
+    return CondaWorker(config)
 
 
 # ---------------------------------------------------------------- environments

@@ -1,43 +1,14 @@
-"""The EC2 worker: each run on its own instance booted from the event's AMI.
+"""One run's lifecycle on its own EC2 instance, driven by a thread of its own.
 
-Lifecycle of one run, all of it in a thread of its own so the daemon's loop
-never waits on AWS or SSH: find the newest AMI called ``ami_image_name`` among
-``ami_owners``; launch an instance (spot first when asked, on demand when spot
-has no capacity), tagged at creation with the event, submission, attempt, run
-id and daemon, with a ClientToken so that a retried call never launches
-twice; wait (at most ``boot_timeout``) until SSH answers with a host key the
-instance published; upload the submission over SFTP; start ``ramp-test``
-detached (``setsid nohup``, pid file, exit-code file: see :mod:`.aws_ssh`);
-then one status command per :meth:`AWSWorker.check`; once ramp-test exited,
-download the log, ``training_output`` and the peak memory; terminate the
-instance and confirm it is shutting down before reporting the outcome.
-With ``memory_profiling`` the image's ``python3`` runs ramp-test as a child
-and records its ``ru_maxrss`` (no GNU time or memory_profiler needed).
+Launch (or, on re-attach, find by tags) -> connect when SSH answers with a
+trusted host key -> upload and start ramp-test (unless already started) ->
+one status command per check -> download -> terminate. Every exit path goes
+through :meth:`_Run._finish`, which terminates the instance; only the
+worker's ``close`` leaves it running for the next daemon to re-attach.
 
-Failures: a non-zero exit is the participant's; ``timeout`` exceeded stops the
-remote process group (TIMEOUT); a spot interruption notice, an instance that
-is gone, SSH lost for longer than ``unreachable_timeout``, failed transfers
-and every AWS error are INFRASTRUCTURE (requeued by the dispatcher). The
-instance is terminated on every path except :meth:`AWSWorker.close`, which
-leaves runs for the next daemon to re-attach.
-
-Files on this machine: downloads land first in ``local_predictions_folder``
-and ``local_log_folder`` (under ``.downloads/<submission>-attempt-<n>``), and
-only a complete download is moved to where the dispatcher reads: the log to
-``request.log_path`` and ``training_output`` to ``request.output_dir``, also
-after a failure, where the dispatcher takes the traceback from it.
-
-The handle (stored before the instance exists) holds the run id, the remote
-run folder and the time limit; the instance is found again by its tags. A
-worker that gets :meth:`~AWSWorker.check` for a run it does not know (after a
-restart) re-attaches: instance running and ramp-test started -> status checks
-resume; run finished -> collected; never started -> uploaded and started once
-(the remote run folder is the lock); instance gone -> INFRASTRUCTURE.
-
-Test seam: ``AWSWorker(..., network=...)`` takes an
-:class:`~.aws_ec2.InstanceNetwork` (address, host keys, metadata URL of an
-instance). The default reads the instance's IP and the host keys cloud-init
-prints on its console; tests map every instance to a local sshd and its key.
+About 600 lines: one class whose steps share one thread's state (instance,
+connection, trusted keys, outcome); the protocol, SSH and EC2 calls it drives
+live in their own modules.
 """
 
 from __future__ import annotations
@@ -45,176 +16,51 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import posixpath
 import shutil
-import socket
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from .aws_ec2 import (
+from ..base import FailureClass, Handle, RunOutcome, RunRequest, Wake
+from .ec2 import (
     GONE_STATES,
+    HOST_KEYS_HINT,
+    NO_HOST_KEYS,
     LIVE_STATES,
-    NOT_TERMINATED,
     SPOT_FALLBACK_CODES,
     SPOT_MARKET,
-    TAG_ATTEMPT,
     TAG_DAEMON,
     TAG_EVENT,
     TAG_RUN,
-    TAG_SUBMISSION,
-    Ec2,
     Ec2Error,
-    Ec2InstanceNetwork,
-    Image,
     Instance,
-    InstanceNetwork,
     client_token,
     launch_params,
 )
-from .aws_ssh import (
-    HostKeyMismatch,
+from .remote import (
     RemoteRun,
     RemoteStatus,
-    SshConnection,
-    SshError,
     kill_command,
-    known_hosts_fingerprints,
-    load_private_key,
     parse_status,
     start_command,
     status_command,
 )
-from .base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker
+from .ssh import BastionKeyMismatch, HostKeyMismatch, SshConnection, SshError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .config import AWSConfig
+    from .worker import AWSWorker
 
-HANDLE_VERSION = 1
-#: a found AMI is reused for this long (parallel boots ask once)
-IMAGE_CACHE_S = 300.0
+log = logging.getLogger("ramp_dispatcher.workers.aws")
+
 #: after the start command, how long the run may take to write its pid file
 START_GRACE_S = 60.0
+#: why a running instance is not connected to yet: its host keys are unknown
+NO_KEYS_YET = "its host keys are not published yet"
 #: attempts at one upload or download, reconnecting in between
 TRANSFER_TRIES = 2
-
-
-class AWSConfigError(ValueError):
-    """One setting is wrong; ``key`` names it for the config file's error."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"'{key}' {message}")
-        self.key = key
-        self.message = message
-
-
-@dataclass(frozen=True)
-class AWSConfig:
-    """The ``worker`` section of an event's config for ``worker_type: aws``."""
-
-    region_name: str
-    ami_image_name: str  # EC2 name filter: wildcards pick the newest match
-    ami_user_name: str
-    instance_type: str
-    key_name: str  # the EC2 key pair installed on the instance
-    key_path: Path  # its private key, readable by this user only
-    remote_ramp_kit_folder: str
-    local_predictions_folder: Path
-    local_log_folder: Path
-    security_group: str | None = None  # a name (default VPC)
-    security_group_ids: tuple[str, ...] = ()
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
-    profile_name: str | None = None
-    endpoint_url: str | None = None
-    ami_owners: tuple[str, ...] = ("self",)
-    subnet_id: str | None = None
-    iam_instance_profile: str | None = None  # a name, or an ARN
-    root_volume_size_gb: int | None = None
-    use_spot_instance: bool = False
-    remote_ramp_data_folder: str | None = None  # default: the kit folder
-    remote_python_env: str | None = None  # an env prefix on the image; default: the login shell's
-    memory_profiling: bool = False
-    timeout: float = 7200.0
-    boot_timeout: float = 600.0
-    ssh_port: int = 22
-    ssh_connect_timeout: float = 20.0
-    ssh_command_timeout: float = 120.0
-    unreachable_timeout: float = 600.0
-    known_hosts_file: Path | None = None
-    poll_interval: float = 5.0
-    terminate_timeout: float = 300.0
-    reap_min_age: float = 600.0
-
-    def __post_init__(self) -> None:
-        for key in ("region_name", "ami_image_name", "ami_user_name", "instance_type", "key_name"):
-            if not str(getattr(self, key) or "").strip():
-                raise AWSConfigError(key, "must be a non-empty string")
-        if not self.security_group and not self.security_group_ids:
-            raise AWSConfigError("security_group", "is required (or give security_group_ids)")
-        if bool(self.access_key_id) != bool(self.secret_access_key):
-            raise AWSConfigError(
-                "secret_access_key" if self.access_key_id else "access_key_id",
-                "must be given together with the other key (or neither)",
-            )
-        if self.access_key_id and self.profile_name:
-            raise AWSConfigError("profile_name", "cannot be combined with access keys")
-        if not self.ami_owners:
-            raise AWSConfigError("ami_owners", "must name at least one owner")
-        for key in ("remote_ramp_kit_folder", "remote_ramp_data_folder", "remote_python_env"):
-            value = getattr(self, key)
-            if value is not None and (not value.startswith("/") or "\0" in value):
-                raise AWSConfigError(key, f"must be an absolute path on the image, got {value!r}")
-        for key in (
-            "timeout", "boot_timeout", "ssh_connect_timeout", "ssh_command_timeout",
-            "unreachable_timeout", "poll_interval", "terminate_timeout",
-        ):  # fmt: skip
-            if not getattr(self, key) > 0:
-                raise AWSConfigError(
-                    key, f"must be a positive number of seconds, got {getattr(self, key)!r}"
-                )
-        if self.reap_min_age < 0:
-            raise AWSConfigError("reap_min_age", "must not be negative")
-        if not 0 < self.ssh_port < 65536:
-            raise AWSConfigError("ssh_port", f"must be a TCP port, got {self.ssh_port!r}")
-        if self.root_volume_size_gb is not None and self.root_volume_size_gb < 1:
-            raise AWSConfigError("root_volume_size_gb", "must be at least 1")
-        check_private_key_file(self.key_path)
-        if self.known_hosts_file is not None:
-            try:
-                keys = known_hosts_fingerprints(self.known_hosts_file)
-            except OSError as exc:
-                raise AWSConfigError(
-                    "known_hosts_file", f"{self.known_hosts_file}: {exc.strerror or exc}"
-                ) from None
-            if not keys:
-                raise AWSConfigError(
-                    "known_hosts_file", f"{self.known_hosts_file} lists no host key"
-                )
-
-    @property
-    def remote_data_folder(self) -> str:
-        return self.remote_ramp_data_folder or self.remote_ramp_kit_folder
-
-
-def check_private_key_file(path: Path) -> None:
-    """The key must exist, be ours alone, and be a key paramiko can use."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise AWSConfigError("key_path", f"{path}: {exc.strerror or exc}") from None
-    if mode & 0o077:
-        raise AWSConfigError(
-            "key_path",
-            f"{path} is accessible by group or others (mode {mode & 0o777:o}): chmod 600 it",
-        )
-    try:
-        load_private_key(path)
-    except ValueError as exc:
-        raise AWSConfigError("key_path", f"{path}: {exc}") from None
 
 
 class _Stop(Exception):
@@ -230,270 +76,7 @@ def _infra(message: str) -> _Stop:
     return _Stop(RunOutcome(FailureClass.INFRASTRUCTURE, message))
 
 
-# ---------------------------------------------------------------------- worker
-class AWSWorker(Worker):
-    """Runs every submission of one event on its own EC2 instance."""
-
-    type_name = "aws"
-
-    def __init__(
-        self,
-        config: AWSConfig,
-        event_name: str,
-        *,
-        daemon_id: str | None = None,
-        network: InstanceNetwork | None = None,
-    ):
-        if not event_name:
-            raise ValueError("the aws worker needs the event name (it tags the instances)")
-        self.config = config
-        self.event = event_name
-        self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.key = load_private_key(config.key_path)
-        self._network = network
-        self._lock = threading.Lock()
-        self._runs: dict[tuple[int, int], _Run] = {}
-        self._ec2: Ec2 | None = None
-        self._ec2_lock = threading.Lock()
-        self._image: tuple[Image, float] | None = None
-        self._image_lock = threading.Lock()
-        self._reaper: threading.Thread | None = None
-        self.closed = threading.Event()
-
-    # -- shared resources (built on first use, off the loop)
-    @property
-    def ec2(self) -> Ec2:
-        # Its own lock: building a client takes a while and check() must not wait.
-        with self._ec2_lock:
-            if self._ec2 is None:
-                self._ec2 = Ec2(self.config)
-            return self._ec2
-
-    @property
-    def ec2_client(self) -> Any:
-        """The boto3 EC2 client (tests hook botocore events on it)."""
-        return self.ec2.client
-
-    @property
-    def network(self) -> InstanceNetwork:
-        if self._network is None:
-            trusted = None
-            if self.config.known_hosts_file is not None:
-                trusted = known_hosts_fingerprints(self.config.known_hosts_file)
-            self._network = Ec2InstanceNetwork(self.ec2, self.config.ssh_port, trusted)
-        return self._network
-
-    def image(self) -> Image:
-        with self._image_lock:
-            now = time.monotonic()
-            if self._image is None or now > self._image[1]:
-                found = self.ec2.find_image(self.config.ami_image_name, self.config.ami_owners)
-                self._image = (found, now + IMAGE_CACHE_S)
-                log.info(
-                    "aws worker: using AMI %s (%r, owner %s, created %s)",
-                    found.image_id,
-                    found.name,
-                    found.owner_id,
-                    found.creation_date,
-                )
-            return self._image[0]
-
-    def redact(self, text: str) -> str:
-        """Belt and braces: no message we write may carry a credential."""
-        for secret in (self.config.secret_access_key, self.config.access_key_id):
-            if secret:
-                text = text.replace(secret, "***")
-        return text
-
-    def run_tags(self, request: RunRequest) -> dict[str, str]:
-        return {
-            TAG_EVENT: self.event,
-            TAG_SUBMISSION: str(request.submission_id),
-            TAG_ATTEMPT: str(request.attempt),
-        }
-
-    # -- Worker interface (each returns at once)
-    def start(self, request: RunRequest, wake: Wake) -> Handle:
-        run_id = uuid.uuid4().hex[:16]
-        kit = self.config.remote_ramp_kit_folder
-        handle: Handle = {
-            "worker": self.type_name,
-            "version": HANDLE_VERSION,
-            "event": self.event,
-            "submission_id": request.submission_id,
-            "attempt": request.attempt,
-            "run": run_id,
-            "region": self.config.region_name,
-            "remote_kit_dir": kit,
-            "remote_data_dir": self.config.remote_data_folder,
-            "remote_run_dir": posixpath.join(
-                kit,
-                ".ramp-dispatcher",
-                f"{request.submission_name}-attempt-{request.attempt}-{run_id}",
-            ),
-            "timeout": float(self.config.timeout),
-            "created_at": time.time(),
-        }
-        self._spawn(_Run(self, request, handle, wake, resume=False))
-        return handle
-
-    def check(self, request: RunRequest, handle: Handle) -> RunOutcome | None:
-        problem = _handle_problem(handle, self.event, request)
-        if problem:
-            return RunOutcome(FailureClass.INFRASTRUCTURE, f"invalid aws run handle: {problem}")
-        key = (request.submission_id, request.attempt)
-        with self._lock:
-            run = self._runs.get(key)
-        if run is None or run.handle.get("run") != handle["run"]:
-            # A run started by an earlier daemon: find its instance and go on.
-            log.info(
-                "aws worker: re-attaching submission %s attempt %s (run %s)",
-                request.submission_id,
-                request.attempt,
-                handle["run"],
-            )
-            self._spawn(_Run(self, request, dict(handle), None, resume=True))
-            return None
-        return run.poll()
-
-    def cleanup(self, request: RunRequest, handle: Handle) -> None:
-        key = (request.submission_id, request.attempt)
-        with self._lock:
-            run = self._runs.pop(key, None)
-        if run is not None:
-            run.cancel()  # a no-op once its outcome is out: it terminated already
-        else:
-            # Not ours (the dispatcher gave up on it before a check): free it by tags.
-            threading.Thread(
-                target=self._terminate_tagged,
-                args=(request,),
-                name=f"aws-cleanup-{request.submission_id}-{request.attempt}",
-                daemon=True,
-            ).start()
-        for path in (request.output_dir, *_staging(self.config, request)):
-            try:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-            except OSError as exc:
-                log.warning("aws worker: cannot remove %s: %s", path, exc)
-
-    def reap(self, active: set[tuple[int, int]]) -> None:
-        snapshot = time.time()  # the instant ``active`` was true (or just after)
-        with self._lock:
-            if self._reaper is not None and self._reaper.is_alive():
-                return
-            self._reaper = threading.Thread(
-                target=self._reap,
-                args=(frozenset(active), snapshot),
-                name="aws-reaper",
-                daemon=True,
-            )
-            self._reaper.start()
-
-    def close(self) -> None:
-        """Stop our threads; instances keep running for the next daemon to re-attach."""
-        self.closed.set()
-        with self._lock:
-            runs = list(self._runs.values())
-        for run in runs:
-            run.wakeup()
-
-    # -- internals
-    def _spawn(self, run: _Run) -> None:
-        key = (run.request.submission_id, run.request.attempt)
-        with self._lock:
-            old = self._runs.get(key)
-            self._runs[key] = run
-        if old is not None and old.thread.is_alive():
-            old.cancel()
-        run.thread.start()
-
-    def forget(self, run: _Run) -> None:
-        key = (run.request.submission_id, run.request.attempt)
-        with self._lock:
-            if self._runs.get(key) is run:
-                del self._runs[key]
-
-    def _terminate_tagged(self, request: RunRequest, run_id: str | None = None) -> None:
-        tags = self.run_tags(request) | ({TAG_RUN: run_id} if run_id else {})
-        try:
-            found = self.ec2.find(tags, NOT_TERMINATED)
-            ids = [i.instance_id for i in found]
-            if ids:
-                log.warning(
-                    "aws worker: terminating %s left by submission %s attempt %s",
-                    ", ".join(ids),
-                    request.submission_id,
-                    request.attempt,
-                )
-                self.ec2.terminate(ids)
-        except Ec2Error as exc:
-            log.error(
-                "aws worker: cleanup of submission %s attempt %s: %s (the reaper retries)",
-                request.submission_id,
-                request.attempt,
-                self.redact(str(exc)),
-            )
-
-    def _reap(self, active: frozenset[tuple[int, int]], snapshot: float) -> None:
-        try:
-            instances = self.ec2.find({TAG_EVENT: self.event}, NOT_TERMINATED)
-        except Ec2Error as exc:
-            log.error("aws reaper: cannot list instances: %s", self.redact(str(exc)))
-            return
-        with self._lock:
-            runs = dict(self._runs)
-        doomed: dict[str, str] = {}
-        for inst in instances:
-            key = inst.run_key
-            run = runs.get(key) if None not in key else None  # type: ignore[arg-type]
-            if run is not None and run.owns(inst):
-                if run.finished:
-                    doomed[inst.instance_id] = "its run is finished"
-                continue  # a run of ours in progress
-            if key in active:
-                continue  # another daemon's run, or one about to be re-attached
-            launched = inst.launch_time.timestamp() if inst.launch_time else 0.0
-            if launched > snapshot - self.config.reap_min_age:
-                continue  # may belong to a run claimed after ``active`` was read
-            doomed[inst.instance_id] = "no active run of the event has it"
-        for instance_id, reason in doomed.items():
-            inst = next(i for i in instances if i.instance_id == instance_id)
-            log.warning(
-                "aws reaper: terminating %s (event %s, submission %s, attempt %s, %s): %s",
-                instance_id,
-                self.event,
-                inst.tags.get(TAG_SUBMISSION),
-                inst.tags.get(TAG_ATTEMPT),
-                inst.state,
-                reason,
-            )
-        if doomed:
-            try:
-                self.ec2.terminate(list(doomed))
-            except Ec2Error as exc:
-                log.error("aws reaper: %s", self.redact(str(exc)))
-
-
-def _handle_problem(handle: Handle, event: str, request: RunRequest) -> str | None:
-    if not isinstance(handle, dict) or handle.get("worker") != "aws":
-        return "not an aws handle"
-    for key in ("run", "remote_run_dir", "remote_kit_dir", "remote_data_dir"):
-        if not isinstance(handle.get(key), str) or not handle[key]:
-            return f"missing {key!r}"
-    if handle.get("event") != event:
-        return f"it belongs to event {handle.get('event')!r}"
-    if (handle.get("submission_id"), handle.get("attempt")) != (
-        request.submission_id,
-        request.attempt,
-    ):
-        return "it belongs to another run"
-    return None
-
-
-def _staging(config: AWSConfig, request: RunRequest) -> tuple[Path, Path]:
+def staging_paths(config: AWSConfig, request: RunRequest) -> tuple[Path, Path]:
     """Where downloads land before they are complete: (output folder, log)."""
     name = f"{request.submission_name}-attempt-{request.attempt}"
     return (
@@ -502,7 +85,6 @@ def _staging(config: AWSConfig, request: RunRequest) -> tuple[Path, Path]:
     )
 
 
-# ------------------------------------------------------------------------- run
 class _Run:
     """One run's lifecycle, driven by its own thread."""
 
@@ -515,7 +97,11 @@ class _Run:
         resume: bool,
     ):
         self.worker = worker
-        self.config = worker.config
+        # What the run started with: a SIGHUP changes them for new runs only.
+        self.settings = worker.settings
+        self.config = self.settings.config
+        self.key = self.settings.key
+        self.jump = self.settings.jump
         self.request = request
         self.handle = handle
         self.wake = wake
@@ -539,6 +125,9 @@ class _Run:
         self.trusted: frozenset[str] | None = None
         self.terminated = False
         self.launch_tried = False
+        self.image_id: str | None = None  # the AMI this run launched
+        self.expired = False  # past the daemon's deadline (set by the worker's check)
+        self.remote_started = False  # ramp-test was started on the instance
         self.thread = threading.Thread(
             target=self._main,
             name=f"aws-run-{request.submission_id}-{request.attempt}",
@@ -559,6 +148,29 @@ class _Run:
         with self.cond:
             self.cancelled = True
             self.cond.notify_all()
+
+    def expire(self) -> None:
+        """The daemon's deadline passed: stop the run and terminate its instance."""
+        with self.cond:
+            if not self.expired:
+                log.warning("aws worker: %s: past its deadline; stopping it", self.label)
+            self.expired = True
+            self.cond.notify_all()
+
+    def deadline_outcome(self) -> RunOutcome:
+        """A timeout once ramp-test was started, else the platform's failure."""
+        if self.remote_started:
+            return RunOutcome(
+                FailureClass.TIMEOUT,
+                f"Training stopped: the time limit of {self.timeout:g} s was reached "
+                "(the run passed its deadline).",
+            )
+        return RunOutcome(
+            FailureClass.INFRASTRUCTURE,
+            f"the run did not start on its instance before its deadline "
+            f"({self.config.boot_timeout:g} s to boot, {self.timeout:g} s to run, "
+            f"{self.config.deadline_margin:g} s for transfers)",
+        )
 
     def wakeup(self) -> None:
         with self.cond:
@@ -601,6 +213,7 @@ class _Run:
             self._upload()
             self._start_remote()
         elif self.resume:
+            self.remote_started = True
             log.info("aws worker: %s: ramp-test already started on %s", self.label, self._iid())
         final = self._monitor()
         return self._collect(final)
@@ -611,11 +224,16 @@ class _Run:
             raise _Stop()
         if self.cancelled:
             raise _Stop(RunOutcome(FailureClass.INFRASTRUCTURE, "the run was cancelled"), kill=True)
+        if self.expired:
+            raise _Stop(self.deadline_outcome(), kill=True)
 
     def _sleep(self, seconds: float) -> None:
         with self.cond:
-            self.cond.wait_for(lambda: self.cancelled or self.worker.closed.is_set(), seconds)
+            self.cond.wait_for(self._interrupted, seconds)
         self._checkpoint()
+
+    def _interrupted(self) -> bool:
+        return self.cancelled or self.expired or self.worker.closed.is_set()
 
     def _iid(self) -> str:
         return self.instance.instance_id if self.instance else "(none)"
@@ -624,12 +242,34 @@ class _Run:
         try:
             return fn()
         except Ec2Error as exc:
-            raise _infra(f"{what}: {exc}") from None
+            raise self._ec2_failure(what, exc) from None
+
+    def _ec2_failure(self, what: str, exc: Ec2Error) -> _Stop:
+        """A wrong setting fails the run once (naming it); anything else is retried."""
+        key = exc.config_key
+        if key is None:
+            return _infra(f"{what}: {exc}")
+        return _Stop(
+            RunOutcome(
+                FailureClass.CONFIGURATION,
+                f"{what}: {exc} (check the setting worker.{key} of the event config)",
+            )
+        )
 
     # -- launch / find
     def _launch(self) -> Instance:
-        image = self._ec2_call("cannot find the AMI", self.worker.image)
+        image = self._ec2_call("cannot find the AMI", self.settings.image)
         self._checkpoint()
+        broken = self.worker.broken_images.get(image.image_id)
+        if broken is not None:  # an earlier run found it unusable: launch nothing
+            raise _Stop(
+                RunOutcome(
+                    FailureClass.CONFIGURATION,
+                    f"not launched: an earlier run found image {image.image_id} unusable "
+                    f"({broken}); fix the image or the config, then reload (SIGHUP)",
+                )
+            )
+        self.image_id = image.image_id
         tags = {
             **self.worker.run_tags(self.request),
             TAG_RUN: self.handle["run"],
@@ -649,12 +289,12 @@ class _Run:
         self.launch_tried = True
         if self.config.use_spot_instance:
             try:
-                instance = self.worker.ec2.launch(
+                instance = self.settings.ec2.launch(
                     dict(params, **SPOT_MARKET, ClientToken=token("spot"))
                 )
             except Ec2Error as exc:
                 if exc.code not in SPOT_FALLBACK_CODES:
-                    raise _infra(f"cannot launch a spot instance: {exc}") from None
+                    raise self._ec2_failure("cannot launch a spot instance", exc) from None
                 log.warning(
                     "aws worker: %s: no spot capacity (%s); launching on demand",
                     self.label,
@@ -665,7 +305,7 @@ class _Run:
             # Another token: EC2 refuses a token reused with other parameters.
             on_demand = dict(params, ClientToken=token("on-demand"))
             instance = self._ec2_call(
-                "cannot launch an instance", lambda: self.worker.ec2.launch(on_demand)
+                "cannot launch an instance", lambda: self.settings.ec2.launch(on_demand)
             )
         log.info(
             "aws worker: %s: launched %s (%s, %s)",
@@ -682,7 +322,11 @@ class _Run:
         for i in range(3):  # a just-launched instance can take a moment to be listed
             found = self._ec2_call(
                 "cannot look for the run's instance",
-                lambda: self.worker.ec2.find(self.worker.run_tags(self.request)),
+                # By the run's own id (random): also finds an instance launched
+                # before instances carried the deployment tag.
+                lambda: self.settings.ec2.find(
+                    {TAG_EVENT: self.worker.event, TAG_RUN: self.handle["run"]}
+                ),
             )
             found = [x for x in found if x.tags.get(TAG_RUN) == self.handle["run"]]
             if found or i == 2:
@@ -692,7 +336,7 @@ class _Run:
         if len(live) > 1:  # cannot happen with the ClientToken; free the extras anyway
             extra = [x.instance_id for x in live[1:]]
             log.warning("aws worker: %s: terminating duplicate instance(s) %s", self.label, extra)
-            self._ec2_call("cannot terminate duplicates", lambda: self.worker.ec2.terminate(extra))
+            self._ec2_call("cannot terminate duplicates", lambda: self.settings.ec2.terminate(extra))
         if live:
             log.info(
                 "aws worker: %s: found %s (%s)", self.label, live[0].instance_id, live[0].state
@@ -712,7 +356,7 @@ class _Run:
         while True:
             self._checkpoint()
             inst = self._ec2_call(
-                "cannot describe the instance", lambda: self.worker.ec2.describe(self._iid())
+                "cannot describe the instance", lambda: self.settings.ec2.describe(self._iid())
             )
             if inst is None or inst.state in GONE_STATES:
                 raise _infra(
@@ -724,15 +368,20 @@ class _Run:
                 if why is None:
                     return
             if time.monotonic() > deadline:
-                raise _infra(
+                message = (
                     f"instance {self._iid()} not reachable over SSH within "
                     f"{self.config.boot_timeout:g} s ({why})"
                 )
+                if why == NO_KEYS_YET:
+                    # A broken image, not an outage: another instance would not
+                    # do better, so fail once and launch no more from it.
+                    raise self._broken_image(f"{message}: {HOST_KEYS_HINT}")
+                raise _infra(message)
             self._sleep(self.config.poll_interval)
 
     def _try_connect(self, inst: Instance) -> str | None:
         """Connect once; None on success, else why not (fatal problems raise)."""
-        network = self.worker.network
+        network = self.settings.network
         try:
             where = network.address(inst)
             if where is None:
@@ -741,24 +390,41 @@ class _Run:
                 self.trusted = network.host_keys(inst)
                 if not self.trusted:
                     self.trusted = None
-                    return "its host keys are not published yet"
+                    return NO_KEYS_YET
         except Ec2Error as exc:
+            if exc.code == NO_HOST_KEYS:
+                raise self._broken_image(str(exc)) from None
+            if exc.config_key is not None:
+                raise self._ec2_failure("cannot reach the instance", exc) from None
             return str(exc)
         try:
             self.conn = SshConnection.open(
                 where[0],
                 where[1],
                 self.config.ami_user_name,
-                self.worker.key,
+                self.key,
                 self.trusted,
                 self.config.ssh_connect_timeout,
                 self.config.ssh_command_timeout,
+                jump=self.jump,
             )
+        except BastionKeyMismatch as exc:
+            raise _Stop(
+                RunOutcome(
+                    FailureClass.CONFIGURATION,
+                    f"{exc} (check the setting worker.ssh_proxy_known_hosts_file)",
+                )
+            ) from None
         except HostKeyMismatch as exc:
             raise _infra(f"instance {inst.instance_id}: {exc}") from None
         except SshError as exc:
             return str(exc)
         return None
+
+    def _broken_image(self, message: str) -> _Stop:
+        if self.image_id is not None:
+            self.worker.broken_images[self.image_id] = message
+        return _Stop(RunOutcome(FailureClass.CONFIGURATION, message))
 
     def _reconnect(self) -> bool:
         self._close_ssh()
@@ -772,7 +438,7 @@ class _Run:
     def _metadata_url(self) -> str | None:
         if self.instance is None or self.instance.lifecycle != "spot":
             return None
-        return self.worker.network.metadata_url(self.instance)
+        return self.settings.network.metadata_url(self.instance)
 
     def _status(self) -> RemoteStatus | None:
         """One status command (reconnecting at most once); None when unreachable."""
@@ -829,6 +495,7 @@ class _Run:
                 f"could not start ramp-test on {self._iid()} (exit code {result.exit_code}: "
                 f"{result.stderr.strip()[-300:]})"
             )
+        self.remote_started = True
         log.info("aws worker: %s: ramp-test started on %s", self.label, self._iid())
 
     # -- monitor
@@ -840,9 +507,7 @@ class _Run:
             self.probe_due = True  # look once right away (a re-attached run may be done)
         while True:
             with self.cond:
-                self.cond.wait_for(
-                    lambda: self.probe_due or self.cancelled or self.worker.closed.is_set()
-                )
+                self.cond.wait_for(lambda: self.probe_due or self._interrupted())
                 self.probe_due = False
             self._checkpoint()
             status = self._status()
@@ -896,7 +561,7 @@ class _Run:
 
     def _check_instance_alive(self) -> None:
         try:
-            inst = self.worker.ec2.describe(self._iid())
+            inst = self.settings.ec2.describe(self._iid())
         except Ec2Error as exc:
             log.warning("aws worker: %s: %s", self.label, self.worker.redact(str(exc)))
             return  # the API is unsure: count it as unreachable only
@@ -906,7 +571,7 @@ class _Run:
 
     # -- collect
     def _collect(self, status: RemoteStatus) -> RunOutcome:
-        staged_out, staged_log = _staging(self.config, self.request)
+        staged_out, staged_log = staging_paths(self.config, self.request)
         for path in (staged_out, staged_log):
             if path.is_dir():
                 shutil.rmtree(path)
@@ -996,7 +661,7 @@ class _Run:
 
     def _timeout_log(self, outcome: RunOutcome) -> RunOutcome:
         """Give the participant the log of a run stopped by the time limit."""
-        _, staged_log = _staging(self.config, self.request)
+        _, staged_log = staging_paths(self.config, self.request)
         try:
             assert self.conn is not None
             if self.conn.download_file(self.remote.log, staged_log):
@@ -1011,15 +676,16 @@ class _Run:
 
     def _terminate(self) -> None:
         if self.instance is None:
-            if self.launch_tried:
-                # RunInstances may have worked with its reply lost: look by tags.
-                self.worker._terminate_tagged(self.request, self.handle["run"])
+            if self.launch_tried or self.resume:
+                # RunInstances may have worked with its reply lost, or a
+                # re-attached run stopped before finding its instance: by tags.
+                self.worker.terminate_tagged(self.request, self.handle["run"])
             return
         iid = self.instance.instance_id
         deadline = time.monotonic() + self.config.terminate_timeout
         while True:
             try:
-                state = self.worker.ec2.terminate([iid]).get(iid, "unknown")
+                state = self.settings.ec2.terminate([iid]).get(iid, "unknown")
             except Ec2Error as exc:
                 state, error = "unknown", self.worker.redact(str(exc))
             else:
@@ -1043,7 +709,7 @@ class _Run:
         if self.instance is None or not self.terminated:
             return
         try:
-            self.worker.ec2.wait_terminated(
+            self.settings.ec2.wait_terminated(
                 [self.instance.instance_id],
                 self.config.terminate_timeout,
                 self.config.poll_interval,

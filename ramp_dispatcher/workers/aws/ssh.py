@@ -1,25 +1,10 @@
-"""The aws worker's side of an instance: one SSH connection and the run protocol.
+"""The aws worker's SSH connection to an instance.
 
 :class:`SshConnection` is one paramiko transport whose host key is checked
 against a set of trusted SHA256 fingerprints *before* we authenticate (there
 is no known_hosts to add to and nothing is ever accepted on first sight). It
-runs commands with a deadline and copies folders over SFTP.
-
-The run protocol is four constant shell scripts. Every value (paths, names,
-numbers) reaches them only as a positional argument, and every command line is
-built with :func:`shlex.join`, so no value is ever parsed as shell code. On the
-instance, for one run::
-
-    <kit>/.ramp-dispatcher/<submission>-attempt-<n>-<run>/   the run folder
-        pid       the detached run's pid: also its session and process group
-        started   epoch seconds (instance clock) when it started
-        log       ramp-test's output
-        maxrss    peak resident memory of ramp-test in KiB (memory_profiling)
-        exit      ramp-test's exit code, written last and atomically
-    <kit>/submissions/<submission>/    the uploaded files; training_output/ lands here
-
-Creating the run folder is the lock that makes starting idempotent: a second
-start (a restarted daemon, a retried command) finds it and starts nothing.
+runs commands with a deadline and copies folders over SFTP. What the worker
+runs through it is :mod:`.remote`.
 """
 
 from __future__ import annotations
@@ -32,9 +17,9 @@ import shlex
 import socket
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import paramiko
 
@@ -81,8 +66,8 @@ def known_hosts_fingerprints(path: Path) -> frozenset[str]:
         if fields[0].startswith("@"):  # @cert-authority / @revoked markers
             continue
         # "host keytype base64 [comment]" or "keytype base64 [comment]"
-        for i, field in enumerate(fields[:-1]):
-            if field.startswith(("ssh-", "ecdsa-", "sk-")):
+        for i, word in enumerate(fields[:-1]):
+            if word.startswith(("ssh-", "ecdsa-", "sk-")):
                 fp = fingerprint_of_public_key(fields[i + 1])
                 if fp:
                     found.add(fp)
@@ -107,6 +92,79 @@ def load_private_key(path: Path) -> paramiko.PKey:
 
 
 # ----------------------------------------------------------------- connection
+class BastionKeyMismatch(HostKeyMismatch):
+    """The bastion is not the host ``ssh_proxy_known_hosts_file`` pins."""
+
+
+def _handshake(
+    sock: Any,
+    where: str,
+    user: str,
+    key: paramiko.PKey,
+    trusted: frozenset[str],
+    timeout: float,
+    trusted_from: str,
+    mismatch: type[HostKeyMismatch] = HostKeyMismatch,
+) -> paramiko.Transport:
+    """An authenticated transport over ``sock``, its host key checked first."""
+    transport = paramiko.Transport(sock)
+    transport.banner_timeout = timeout
+    transport.handshake_timeout = timeout
+    transport.auth_timeout = timeout
+    try:
+        transport.start_client(timeout=timeout)
+        server_key = transport.get_remote_server_key()
+        # Checked before authenticating: an impostor learns nothing.
+        if server_key.fingerprint not in trusted:
+            raise mismatch(
+                f"{where} presented the {server_key.get_name()} host key "
+                f"{server_key.fingerprint}, which is not among the "
+                f"{len(trusted)} key(s) {trusted_from}: refusing to connect"
+            )
+        transport.auth_publickey(user, key)
+        if not transport.is_authenticated():
+            raise SshError(f"{where}: public key authentication as {user!r} failed")
+    except SshError:
+        transport.close()
+        raise
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        transport.close()
+        raise SshError(f"SSH to {where} failed: {_describe(exc)}") from None
+    transport.set_keepalive(15)  # notice a dead peer between checks
+    return transport
+
+
+@dataclass(frozen=True)
+class JumpHost:
+    """A bastion (``ssh_proxy_jump``) with its own key and pinned host keys."""
+
+    user: str
+    host: str
+    port: int
+    key: paramiko.PKey = field(repr=False)
+    trusted: frozenset[str]
+
+    @property
+    def where(self) -> str:
+        return f"bastion {self.host}:{self.port}"
+
+    def connect(self, timeout: float) -> paramiko.Transport:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        except OSError as exc:
+            raise SshError(f"cannot connect to the {self.where}: {exc.strerror or exc}") from None
+        return _handshake(
+            sock,
+            self.where,
+            self.user,
+            self.key,
+            self.trusted,
+            timeout,
+            "of ssh_proxy_known_hosts_file",
+            BastionKeyMismatch,
+        )
+
+
 @dataclass(frozen=True)
 class CommandResult:
     exit_code: int
@@ -117,10 +175,17 @@ class CommandResult:
 class SshConnection:
     """One authenticated SSH transport to one instance."""
 
-    def __init__(self, transport: paramiko.Transport, where: str, op_timeout: float):
+    def __init__(
+        self,
+        transport: paramiko.Transport,
+        where: str,
+        op_timeout: float,
+        bastion: paramiko.Transport | None = None,
+    ):
         self.transport = transport
         self.where = where
         self.op_timeout = op_timeout
+        self.bastion = bastion
         self._sftp: paramiko.SFTPClient | None = None
 
     @classmethod
@@ -133,41 +198,43 @@ class SshConnection:
         trusted: frozenset[str],
         connect_timeout: float,
         op_timeout: float,
+        jump: JumpHost | None = None,
     ) -> SshConnection:
+        """Connect and authenticate, through ``jump`` when given (a bastion:
+        its own key and host-key check, a ``direct-tcpip`` channel to the
+        instance; no ``ssh`` binary)."""
         where = f"{host}:{port}"
-        try:
-            sock = socket.create_connection((host, port), timeout=connect_timeout)
-        except OSError as exc:
-            raise SshError(f"cannot connect to {where}: {exc.strerror or exc}") from None
-        transport = paramiko.Transport(sock)
-        transport.banner_timeout = connect_timeout
-        transport.handshake_timeout = connect_timeout
-        transport.auth_timeout = connect_timeout
-        try:
-            transport.start_client(timeout=connect_timeout)
-            server_key = transport.get_remote_server_key()
-            # Checked before authenticating: an impostor learns nothing.
-            if server_key.fingerprint not in trusted:
-                raise HostKeyMismatch(
-                    f"{where} presented the {server_key.get_name()} host key "
-                    f"{server_key.fingerprint}, which is not among the "
-                    f"{len(trusted)} key(s) the instance published: refusing to connect"
+        bastion: paramiko.Transport | None = None
+        if jump is None:
+            try:
+                sock: Any = socket.create_connection((host, port), timeout=connect_timeout)
+            except OSError as exc:
+                raise SshError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        else:
+            bastion = jump.connect(connect_timeout)
+            try:
+                sock = bastion.open_channel(
+                    "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=connect_timeout
                 )
-            transport.auth_publickey(user, key)
-            if not transport.is_authenticated():
-                raise SshError(f"{where}: public key authentication as {user!r} failed")
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                bastion.close()
+                raise SshError(
+                    f"the bastion {jump.where} cannot reach {where}: {_describe(exc)}"
+                ) from None
+            where = f"{where} via {jump.where}"
+        try:
+            transport = _handshake(
+                sock, where, user, key, trusted, connect_timeout, "the instance published"
+            )
         except SshError:
-            transport.close()
+            if bastion is not None:
+                bastion.close()
             raise
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            transport.close()
-            raise SshError(f"SSH to {where} failed: {_describe(exc)}") from None
-        transport.set_keepalive(15)  # notice a dead peer between checks
-        return cls(transport, where, op_timeout)
+        return cls(transport, where, op_timeout, bastion)
 
     @property
     def alive(self) -> bool:
-        return self.transport.is_active()
+        return self.transport.is_active() and (self.bastion is None or self.bastion.is_active())
 
     def close(self) -> None:
         try:
@@ -177,6 +244,8 @@ class SshConnection:
             pass
         self._sftp = None
         self.transport.close()
+        if self.bastion is not None:
+            self.bastion.close()
 
     # -- commands
     def run(self, argv: Sequence[str], timeout: float | None = None) -> CommandResult:
@@ -330,183 +399,3 @@ def _keep(chunks: list[bytes], data: bytes, sizes: list[int], i: int) -> None:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-# --------------------------------------------------------------- run protocol
-@dataclass(frozen=True)
-class RemoteRun:
-    """Where one run lives on the instance."""
-
-    kit_dir: str
-    data_dir: str
-    submissions_dir: str
-    submission_name: str
-    run_dir: str
-
-    @property
-    def submission_dir(self) -> str:
-        return posixpath.join(self.submissions_dir, self.submission_name)
-
-    @property
-    def output_dir(self) -> str:
-        return posixpath.join(self.submission_dir, "training_output")
-
-    @property
-    def log(self) -> str:
-        return posixpath.join(self.run_dir, "log")
-
-
-# Started by the exec channel's shell; returns at once. $1 is the detached
-# script, $2 the memory probe; the rest are values, always double-quoted.
-_START = r"""
-runner=$1 peak=$2 run=$3 kit=$4 data=$5 subs=$6 sub=$7 prefix=$8 mem=$9 threads=${10}
-mkdir -p -- "${run%/*}" || exit 3
-if ! mkdir -- "$run" 2>/dev/null; then echo ramp-dispatcher:already-started; exit 0; fi
-rm -rf -- "$subs/$sub/training_output"
-cd -- "$kit" || exit 4
-setsid nohup bash -l -c "$runner" ramp-dispatcher-run \
-    "$peak" "$run" "$kit" "$data" "$subs" "$sub" "$prefix" "$mem" "$threads" \
-    </dev/null >"$run/log" 2>&1 &
-echo ramp-dispatcher:started
-"""
-
-# The detached run, in a login shell so the image's profile sets up its
-# environment (the AMI recipe activates conda in ~/.profile). setsid made
-# this shell a session leader: $$ is the process group that a kill stops.
-_RUN = r"""
-peak=$1 run=$2 kit=$3 data=$4 subs=$5 sub=$6 prefix=$7 mem=$8 threads=$9
-echo $$ > "$run/pid.tmp" && mv -f -- "$run/pid.tmp" "$run/pid"
-date +%s > "$run/started"
-if [ -n "$prefix" ]; then PATH="$prefix/bin:$PATH"; export PATH; fi
-if [ -n "$threads" ]; then
-    export OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" OPENBLAS_NUM_THREADS="$threads"
-fi
-export PYTHONUNBUFFERED=1
-cd -- "$kit" || { echo 126 > "$run/exit"; exit 126; }
-set -- ramp-test --submission "$sub" --ramp-kit-dir "$kit" --ramp-data-dir "$data" \
-    --ramp-submission-dir "$subs" --save-output --ignore-warning
-if [ "$mem" = 1 ]; then set -- python3 -c "$peak" "$run/maxrss" "$@"; fi
-"$@"
-code=$?
-echo "$code" > "$run/exit.tmp" && mv -f -- "$run/exit.tmp" "$run/exit"
-"""
-
-# Peak memory without tools the image may lack (GNU time, memory_profiler):
-# the environment's own Python waits for ramp-test and reads its rusage.
-_PEAK = r"""
-import os, resource, subprocess, sys
-try:
-    code = subprocess.call(sys.argv[2:])
-except OSError as exc:
-    sys.stderr.write("cannot run %s: %s\n" % (sys.argv[2], exc))
-    sys.exit(127)
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-with open(sys.argv[1] + ".tmp", "w") as f:
-    f.write("%d\n" % peak)
-os.replace(sys.argv[1] + ".tmp", sys.argv[1])
-sys.exit(code if code >= 0 else 128 - code)
-"""
-
-# One status line per check. "alive" is read before "exit": a run that
-# ends in between shows as finished, never as died-without-exit-code.
-_STATUS = r"""
-run=$1 imds=$2
-num() { if [ -f "$1" ]; then tr -dc '0-9' < "$1"; fi; }
-folder=0; if [ -d "$run" ]; then folder=1; fi
-pid=$(num "$run/pid")
-alive=0; if [ -n "$pid" ] && kill -0 -- "-$pid" 2>/dev/null; then alive=1; fi
-code=$(num "$run/exit")
-spot=
-if [ -n "$imds" ]; then
-    token=$(curl -s -f -m 2 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' \
-        "$imds/latest/api/token" 2>/dev/null)
-    spot=$(curl -s -m 2 -o /dev/null -w '%{http_code}' -H "X-aws-ec2-metadata-token: $token" \
-        "$imds/latest/meta-data/spot/instance-action" 2>/dev/null)
-fi
-started=$(num "$run/started") maxrss=$(num "$run/maxrss")
-echo "ramp-dispatcher-status folder=$folder pid=$pid alive=$alive exit=$code" \
-    "started=$started now=$(date +%s) maxrss=$maxrss spot=$spot"
-"""
-
-# Stop the run's whole process group: TERM, then KILL after the grace.
-_KILL = r"""
-run=$1 grace=$2
-pid=; if [ -f "$run/pid" ]; then pid=$(tr -dc '0-9' < "$run/pid"); fi
-if [ -z "$pid" ]; then echo ramp-dispatcher:no-run; exit 0; fi
-kill -TERM -- "-$pid" 2>/dev/null
-i=0
-while kill -0 -- "-$pid" 2>/dev/null && [ "$i" -lt $((grace * 5)) ]; do
-    sleep 0.2; i=$((i + 1))
-done
-kill -KILL -- "-$pid" 2>/dev/null
-echo ramp-dispatcher:stopped
-"""
-
-
-def start_command(
-    run: RemoteRun, env_prefix: str | None, memory_profiling: bool, n_threads: int | None
-) -> list[str]:
-    return [
-        "bash", "-c", _START, "ramp-dispatcher-start", _RUN, _PEAK,
-        run.run_dir, run.kit_dir, run.data_dir, run.submissions_dir, run.submission_name,
-        env_prefix or "", "1" if memory_profiling else "0",
-        "" if n_threads is None else str(int(n_threads)),
-    ]  # fmt: skip
-
-
-def status_command(run: RemoteRun, metadata_url: str | None) -> list[str]:
-    return ["bash", "-c", _STATUS, "ramp-dispatcher-status", run.run_dir, metadata_url or ""]
-
-
-def kill_command(run: RemoteRun, grace_s: int = 5) -> list[str]:
-    return ["bash", "-c", _KILL, "ramp-dispatcher-kill", run.run_dir, str(int(grace_s))]
-
-
-@dataclass(frozen=True)
-class RemoteStatus:
-    """What one status command saw on the instance."""
-
-    folder: bool  # the run folder exists (the run was started once)
-    pid: int | None
-    alive: bool  # some process of the run's group is still there
-    exit_code: int | None
-    started: int | None  # epoch seconds, instance clock
-    now: int | None
-    maxrss_kib: int | None
-    spot: str  # HTTP status of spot/instance-action; "" when not asked
-
-    @property
-    def elapsed(self) -> float | None:
-        """Seconds since the run started, both ends read on the instance's clock."""
-        if self.started is None or self.now is None:
-            return None
-        return float(self.now - self.started)
-
-    @property
-    def spot_interruption(self) -> bool:
-        # 200: a stop/terminate is scheduled; 404: none (IMDSv2 semantics).
-        return self.spot == "200"
-
-
-def parse_status(stdout: str) -> RemoteStatus:
-    line = next(
-        (ln for ln in stdout.splitlines() if ln.startswith("ramp-dispatcher-status ")), None
-    )
-    if line is None:
-        raise SshError(f"unexpected status output: {stdout.strip()[:200]!r}")
-    fields = dict(item.partition("=")[::2] for item in line.split()[1:])
-
-    def num(name: str) -> int | None:
-        value = fields.get(name, "")
-        return int(value) if value.isdigit() else None
-
-    return RemoteStatus(
-        folder=fields.get("folder") == "1",
-        pid=num("pid"),
-        alive=fields.get("alive") == "1",
-        exit_code=num("exit"),
-        started=num("started"),
-        now=num("now"),
-        maxrss_kib=num("maxrss"),
-        spot=fields.get("spot", ""),
-    )

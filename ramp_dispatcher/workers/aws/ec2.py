@@ -1,40 +1,32 @@
-"""The aws worker's EC2 API calls, and how an instance is reached.
+"""The aws worker's EC2 API calls.
 
 :class:`Ec2` wraps the few calls the worker makes (find the image, launch,
-find by tags, terminate). Errors become :class:`Ec2Error`, whose message names
-the operation and AWS's error code and never holds credentials.
-
-:class:`InstanceNetwork` is the worker's one test seam: where to reach an
-instance over SSH, which host keys it may present, and where its metadata
-service answers. :class:`Ec2InstanceNetwork`, the default, uses the instance's
-public (else private) IP and the host keys cloud-init prints on the serial
-console. Tests swap in an implementation that maps every instance to a local
-sshd, because moto's addresses are not reachable and its console output
-cannot know that sshd's key.
+find by tags, terminate, read the console). Errors become :class:`Ec2Error`,
+whose message names the operation and AWS's error code and never holds
+credentials. The tags the worker puts on its instances are named here too.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Iterable
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
-from .aws_ssh import fingerprint_of_public_key
-
 if TYPE_CHECKING:
-    from .aws import AWSConfig
+    from .config import AWSConfig
 
 TAG_EVENT = "ramp-dispatcher:event"
 TAG_SUBMISSION = "ramp-dispatcher:submission"
 TAG_ATTEMPT = "ramp-dispatcher:attempt"
 TAG_RUN = "ramp-dispatcher:run"  # the handle's run id: tells apart reused (submission, attempt)
 TAG_DAEMON = "ramp-dispatcher:daemon"
+#: which deployment (database + event) owns the instance: the reaper's scope
+TAG_DEPLOYMENT = "ramp-dispatcher:deployment"
 
 LIVE_STATES = ("pending", "running")
 #: every state in which an instance may still cost money or come back
@@ -54,17 +46,47 @@ SPOT_FALLBACK_CODES = frozenset(
     }
 )
 
-METADATA_URL = "http://169.254.169.254"
-_FPR_BLOCK = re.compile(
-    r"-----BEGIN SSH HOST KEY FINGERPRINTS-----(.*?)-----END SSH HOST KEY FINGERPRINTS-----", re.S
+#: our own code for "no image matches ami_image_name" (DescribeImages succeeds)
+NO_MATCHING_IMAGE = "ramp-dispatcher.NoMatchingImage"
+
+#: our own code for "ssh_address: public but the instance has no public IP"
+NO_PUBLIC_ADDRESS = "ramp-dispatcher.NoPublicAddress"
+
+#: our own code for "cloud-init finished and printed no SSH host key"
+NO_HOST_KEYS = "ramp-dispatcher.NoHostKeysOnConsole"
+
+#: what a broken image lacks, said wherever it is missed
+HOST_KEYS_HINT = (
+    "the image must print its SSH host keys on its serial console, as cloud-init does "
+    "by default (the '-----BEGIN SSH HOST KEY KEYS-----' block: see the AMI recipe in "
+    "deploy/README.md), or the event config must pin them with known_hosts_file"
 )
-_KEYS_BLOCK = re.compile(
-    r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S
-)
-_FPR = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
-_PUBKEY = re.compile(
-    r"\b(?:ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)\s+([A-Za-z0-9+/]+={0,3})"
-)
+
+#: EC2 error codes that say a setting is wrong, with the setting: retrying
+#: cannot help, the admin must fix the config (AWS's codes, as documented)
+CONFIG_ERROR_KEYS: dict[str, str] = {
+    NO_MATCHING_IMAGE: "ami_image_name",
+    NO_PUBLIC_ADDRESS: "ssh_address",
+    NO_HOST_KEYS: "known_hosts_file",
+    "InvalidAMIID.NotFound": "ami_image_name",
+    "InvalidAMIID.Malformed": "ami_image_name",
+    "InvalidAMIID.Unavailable": "ami_image_name",
+    "InvalidKeyPair.NotFound": "key_name",
+    "InvalidGroup.NotFound": "security_group",
+    "InvalidGroupId.NotFound": "security_group_ids",
+    "InvalidGroupId.Malformed": "security_group_ids",
+    "InvalidSubnetID.NotFound": "subnet_id",
+    "InvalidSubnetID.Malformed": "subnet_id",
+    "InvalidInstanceType": "instance_type",
+    "AuthFailure": "access_key_id",
+    "UnrecognizedClientException": "access_key_id",
+    "InvalidClientTokenId": "access_key_id",
+    "SignatureDoesNotMatch": "secret_access_key",
+    "NoCredentialsError": "access_key_id",
+    "UnauthorizedOperation": "access_key_id",  # the IAM policy lacks a permission
+    "Blocked": "access_key_id",
+    "OptInRequired": "region_name",
+}
 
 
 class Ec2Error(Exception):
@@ -73,6 +95,11 @@ class Ec2Error(Exception):
     def __init__(self, message: str, code: str | None = None):
         super().__init__(message)
         self.code = code
+
+    @property
+    def config_key(self) -> str | None:
+        """The ``worker`` setting to fix when the error is a configuration one."""
+        return CONFIG_ERROR_KEYS.get(self.code or "")
 
 
 @dataclass(frozen=True)
@@ -177,7 +204,8 @@ def _error(operation: str, exc: Exception) -> Ec2Error:
         code = err.get("Code") or "Unknown"
         return Ec2Error(f"EC2 {operation} failed: {code}: {err.get('Message', '')}".strip(), code)
     # NoCredentialsError, EndpointConnectionError, ...: their text names no secret
-    return Ec2Error(f"EC2 {operation} failed: {type(exc).__name__}: {exc}")
+    code = "NoCredentialsError" if isinstance(exc, botocore.exceptions.NoCredentialsError) else None
+    return Ec2Error(f"EC2 {operation} failed: {type(exc).__name__}: {exc}", code)
 
 
 _API_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
@@ -221,7 +249,9 @@ class Ec2:
         except _API_ERRORS as exc:
             raise _error("DescribeImages", exc) from None
         if not images:
-            raise Ec2Error(f"no available AMI named {name!r} owned by {', '.join(owners)}")
+            raise Ec2Error(
+                f"no available AMI named {name!r} owned by {', '.join(owners)}", NO_MATCHING_IMAGE
+            )
         best = max(images, key=lambda i: i.get("CreationDate", ""))
         return Image(
             image_id=best["ImageId"],
@@ -230,6 +260,29 @@ class Ec2:
             creation_date=best.get("CreationDate", ""),
             root_device_name=best.get("RootDeviceName"),
         )
+
+    def check_key_pair(self, name: str) -> None:
+        try:
+            self.client.describe_key_pairs(KeyNames=[name])
+        except _API_ERRORS as exc:
+            raise _error("DescribeKeyPairs", exc) from None
+
+    def check_security_groups(self, names: Iterable[str], ids: Iterable[str]) -> None:
+        kwargs: dict[str, Any] = {}
+        if list(ids):
+            kwargs["GroupIds"] = list(ids)
+        else:
+            kwargs["GroupNames"] = list(names)
+        try:
+            self.client.describe_security_groups(**kwargs)
+        except _API_ERRORS as exc:
+            raise _error("DescribeSecurityGroups", exc) from None
+
+    def check_subnet(self, subnet_id: str) -> None:
+        try:
+            self.client.describe_subnets(SubnetIds=[subnet_id])
+        except _API_ERRORS as exc:
+            raise _error("DescribeSubnets", exc) from None
 
     def launch(self, params: dict[str, Any]) -> Instance:
         try:
@@ -310,59 +363,3 @@ class Ec2:
         except _API_ERRORS as exc:
             raise _error("GetConsoleOutput", exc) from None
         return reply.get("Output") or ""
-
-
-def host_keys_from_console(text: str) -> frozenset[str]:
-    """SHA256 fingerprints of the host keys cloud-init printed on the console.
-
-    Both of cloud-init's blocks count: the fingerprints and the public keys
-    (whose fingerprints we compute). Outside those blocks nothing is trusted.
-    """
-    found: set[str] = set()
-    for block in _FPR_BLOCK.findall(text):
-        found.update(_FPR.findall(block))
-    for block in _KEYS_BLOCK.findall(text):
-        for blob in _PUBKEY.findall(block):
-            fp = fingerprint_of_public_key(blob)
-            if fp:
-                found.add(fp)
-    return frozenset(found)
-
-
-class InstanceNetwork(Protocol):
-    """How the worker reaches an instance (the one seam tests replace)."""
-
-    def address(self, instance: Instance) -> tuple[str, int] | None:
-        """(host, port) of its sshd; None while it has no address yet."""
-
-    def host_keys(self, instance: Instance) -> frozenset[str] | None:
-        """Fingerprints its sshd may present; None while they are not known yet."""
-
-    def metadata_url(self, instance: Instance) -> str:
-        """Base URL of its metadata service, as seen from the instance."""
-
-
-class Ec2InstanceNetwork:
-    """The real thing: public IP (else private) and console-published host keys.
-
-    With ``trusted_keys`` (from the ``known_hosts_file`` setting) those keys
-    are trusted instead: for images whose host keys are baked in.
-    """
-
-    def __init__(self, ec2: Ec2, ssh_port: int, trusted_keys: frozenset[str] | None = None):
-        self.ec2 = ec2
-        self.ssh_port = ssh_port
-        self.trusted_keys = trusted_keys
-
-    def address(self, instance: Instance) -> tuple[str, int] | None:
-        host = instance.public_ip or instance.private_ip
-        return (host, self.ssh_port) if host else None
-
-    def host_keys(self, instance: Instance) -> frozenset[str] | None:
-        if self.trusted_keys is not None:
-            return self.trusted_keys
-        # Written by cloud-init once sshd's keys exist; empty until then.
-        return host_keys_from_console(self.ec2.console_output(instance.instance_id)) or None
-
-    def metadata_url(self, instance: Instance) -> str:
-        return METADATA_URL
