@@ -622,7 +622,7 @@ class Dispatcher:
             return fold_error
         log_path = outcome.log_path or run.request.log_path
         try:
-            return messages.extract_traceback(log_path.read_text(errors="replace"))
+            return messages.extract_traceback(messages.read_log_tail(log_path))
         except OSError:
             return None
 

@@ -31,10 +31,14 @@ def load_worker_config(worker_type: str, section: Section) -> Any:
             raise ConfigError(f"{section.path}: key 'worker.timeout' must be positive")
         if memory is not None and memory <= 0:
             raise ConfigError(f"{section.path}: key 'worker.memory_limit_mb' must be positive")
+        max_log = section.optional("max_log_mb", float, "a number of megabytes", 5.0)
+        if max_log <= 0:
+            raise ConfigError(f"{section.path}: key 'worker.max_log_mb' must be positive")
         return CondaConfig(
             conda_env=section.required("conda_env", str, "a string"),
             timeout=float(timeout),
             memory_limit_mb=memory,
+            max_log_mb=float(max_log),
         )
     if worker_type == "aws":
         return _load_aws(section)

@@ -51,12 +51,15 @@ class CondaConfig:
     conda_env: str
     #: wall-clock limit of one run, seconds
     timeout: float = 7200.0
-    #: limit on the summed RSS of the run's process tree (sampled every 0.5 s)
+    #: limit on the run's process tree's unique memory (summed PSS, sampled every 0.5 s)
     memory_limit_mb: float | None = None
     #: niceness increment of the run (the daemon itself keeps its priority)
     niceness: int = 5
     #: how long a resolved environment name is trusted before asking conda again
     env_cache_s: float = 60.0
+    #: bound of a run's log: past it the supervisor keeps the head and the
+    #: latest output, with a line saying how much was dropped
+    max_log_mb: float = 5.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.conda_env, str) or not self.conda_env.strip():
@@ -67,6 +70,8 @@ class CondaConfig:
             raise ValueError(
                 f"conda worker: 'memory_limit_mb' must be > 0, got {self.memory_limit_mb!r}"
             )
+        if not self.max_log_mb > 0:
+            raise ValueError(f"conda worker: 'max_log_mb' must be > 0, got {self.max_log_mb!r}")
 
 
 # ---------------------------------------------------------------- environments
@@ -274,6 +279,7 @@ class CondaWorker(Worker):
         ]  # fmt: skip
         if self.config.memory_limit_mb is not None:
             argv += ["--memory-limit-mb", repr(float(self.config.memory_limit_mb))]
+        argv += ["--max-log-mb", repr(float(self.config.max_log_mb))]
         for name, value in setenv.items():
             argv += ["--setenv", f"{name}={value}"]
         argv += ["--", *command]
