@@ -593,6 +593,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def require_private_postgres() -> None:
+    """Skip (with the reason) when no private cluster can be made here; fail
+    instead under RAMP_DISPATCHER_REQUIRE_PG=1, as CI sets it."""
+    import pytest
+
+    why = PrivatePostgres.unavailable()
+    if why:
+        if os.environ.get("RAMP_DISPATCHER_REQUIRE_PG") == "1":
+            pytest.fail(f"a private PostgreSQL cluster is required but cannot be made: {why}")
+        print(f"skipping a private-PostgreSQL test: {why}")
+        pytest.skip(why)
+
+
 class PrivatePostgres:
     """A throw-away PostgreSQL cluster (trust auth) that a test may stop and start."""
 

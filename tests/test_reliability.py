@@ -56,6 +56,7 @@ from faults import (
     naive_utcnow,
     owner_pid,
     ramp_test_pids,
+    require_private_postgres,
     run_rows,
     wait_for,
 )
@@ -442,12 +443,7 @@ def test_backends_terminated_mid_run(pg_url: str, harness) -> None:
 @pytest.fixture
 def private_pg() -> Iterator[PrivatePostgres]:
     """A PostgreSQL cluster of this test's own, which it may stop and start."""
-    why = PrivatePostgres.unavailable()
-    if why:
-        if os.environ.get("RAMP_DISPATCHER_REQUIRE_PG") == "1":
-            pytest.fail(f"the PostgreSQL restart test cannot run: {why}")
-        print(f"skipping the PostgreSQL restart test: {why}")
-        pytest.skip(why)
+    require_private_postgres()
     pg = PrivatePostgres()
     try:
         pg.init()

@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker, WorkerError
+from .base import (
+    FailureClass,
+    Handle,
+    RunOutcome,
+    RunRequest,
+    Wake,
+    Worker,
+    WorkerConfigError,
+    WorkerError,
+)
 from . import supervise
 
 log = logging.getLogger(__name__)
@@ -75,6 +84,15 @@ class CondaConfig:
 
 
 # ---------------------------------------------------------------- environments
+class EnvironmentNotFound(WorkerError):
+    """conda does not list ``conda_env``. ``str()`` names the environments it
+    does list (for the operator); :attr:`public` does not (for participants)."""
+
+    def __init__(self, conda_env: str, known: str) -> None:
+        self.public = f"conda environment {conda_env!r} not found"
+        super().__init__(f"{self.public} (known: {known})")
+
+
 def _check_ramp_test(prefix: Path, label: str) -> Path:
     ramp_test = prefix / "bin" / "ramp-test"
     if not prefix.is_dir():
@@ -153,7 +171,7 @@ def resolve_env(conda_env: str) -> Path:
         matches = [root]
     if not matches:
         known = ", ".join(sorted({name_of(p) for p in envs})) or "none"
-        raise WorkerError(f"conda environment {conda_env!r} not found (known: {known})")
+        raise EnvironmentNotFound(conda_env, known)
     # Same name in several envs_dirs: conda itself uses the first one listed.
     return _check_ramp_test(matches[0], f"conda environment {conda_env!r}")
 
@@ -237,8 +255,22 @@ class CondaWorker(Worker):
             return prefix
 
     # -- Worker interface
+    def validate(self) -> None:
+        """The environment exists and has ``bin/ramp-test`` (``run`` checks it
+        before serving; the message, with conda's list, goes to the operator)."""
+        try:
+            self.env_prefix()
+        except WorkerError as exc:
+            raise WorkerConfigError("conda_env", str(exc)) from None
+
     def start(self, request: RunRequest, wake: Wake) -> Handle:
-        prefix = self.env_prefix()
+        try:
+            prefix = self.env_prefix()
+        except EnvironmentNotFound as exc:
+            # The message becomes the submission's error_msg: conda's list of
+            # this host's environments is for the daemon's log only.
+            log.error("conda worker: %s", exc)
+            raise WorkerError(exc.public) from None
         log_path = Path(os.path.abspath(request.log_path))
         status_path = Path(os.path.abspath(_status_path(request)))
         output_dir = request.output_dir
