@@ -138,8 +138,12 @@ class EventConfig:
 
 
 def resolve_n_workers(n: int) -> int:
-    """ramp-board's rule: a negative n means ``cpu_count + 1 + n`` (at least 1)."""
-    return max((os.cpu_count() or 1) + 1 + n, 1) if n < 0 else n
+    """ramp-board's rule: a negative n means ``cpu_count + 1 + n`` (-1: one per CPU).
+
+    The result may be 0 or less (an explicit 0, or -n beyond the CPU count):
+    the config loader refuses that rather than serve nothing or guess.
+    """
+    return (os.cpu_count() or 1) + 1 + n if n < 0 else n
 
 
 def _load_ramp(section: Section, deployment_dir: Path) -> RampConfig:
@@ -171,6 +175,14 @@ def _load_ramp(section: Section, deployment_dir: Path) -> RampConfig:
 
 def _load_dispatcher(section: Section) -> DispatcherConfig:
     n_workers = section.optional("n_workers", int, "an integer", 1)
+    if resolve_n_workers(n_workers) < 1:
+        # Serving with no slot would claim nothing, silently.
+        cpus = os.cpu_count() or 1
+        raise ConfigError(
+            f"{section.where('n_workers')} must give at least one worker: got {n_workers}"
+            + (f" (cpu_count + 1 + n = {cpus + 1 + n_workers} on this {cpus}-CPU host)"
+               if n_workers < 0 else "")
+        )
     n_threads = section.optional("n_threads", int, "an integer", None)
     if n_threads is not None and n_threads < 1:
         raise ConfigError(f"{section.where('n_threads')} must be a positive integer")

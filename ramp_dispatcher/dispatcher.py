@@ -629,7 +629,7 @@ class Dispatcher:
             return fold_error
         log_path = outcome.log_path or run.request.log_path
         try:
-            return messages.extract_traceback(log_path.read_text(errors="replace"))
+            return messages.extract_traceback(messages.read_log_tail(log_path))
         except OSError:
             return None
 
@@ -645,16 +645,81 @@ def _short(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+#: longest pause between two tries to reach the database at start-up
+START_RETRY_MAX_S = 30.0
+
+
+def validate_worker(worker: Worker, config: EventConfig) -> None:
+    """The worker's own start-up check; a :class:`UserError` naming the file and key."""
+    from .errors import UserError
+    from .workers.base import WorkerConfigError
+
+    try:
+        worker.validate()
+    except WorkerConfigError as exc:
+        raise UserError(f"{config.path}: key 'worker.{exc.key}': {exc.message}") from None
+    except WorkerError as exc:
+        raise UserError(
+            f"{config.path}: the {config.worker_type} worker cannot run here: {exc}"
+        ) from None
+
+
+def wait_for_database(
+    engine: Engine,
+    server: ServerConfig,
+    notifier: SystemdNotifier,
+    stopped: threading.Event,
+    max_delay: float = START_RETRY_MAX_S,
+) -> bool:
+    """Check the schema revision, waiting for an unreachable database.
+
+    Logged once, retried with backoff (1 s doubling up to ``max_delay``);
+    systemd's STATUS says so, and EXTEND_TIMEOUT_USEC keeps the start from
+    timing out while we wait. False when ``stopped`` was set meanwhile. A
+    reachable database at the wrong revision raises :class:`UserError`.
+    """
+    from .database.revision import require_head
+
+    delay = 1.0
+    since: float | None = None
+    while True:
+        try:
+            require_head(engine, server.path)
+        except OperationalError as exc:  # connection-level: refused, unknown host...
+            now = time.monotonic()
+            if since is None:
+                since = now
+                log.warning(
+                    "database unavailable at start-up (%s); waiting for it, "
+                    "retrying with backoff up to every %g s", _short(exc), max_delay,
+                )
+            notifier.notify(
+                f"EXTEND_TIMEOUT_USEC={int((delay + 30) * 1_000_000)}",
+                f"STATUS=waiting for the database for {now - since:.0f} s: {_short(exc)}",
+            )
+            if stopped.wait(delay):
+                return False
+            delay = min(delay * 2, max_delay)
+            continue
+        if since is not None:
+            log.info("database reachable after %.0f s", time.monotonic() - since)
+        return True
+
+
 def run_daemon(server: ServerConfig, config: EventConfig) -> int:
     """``ramp-dispatcher run``: serve one event until a signal or hunger_policy exit."""
     from .config import load_event_config
-    from .database.revision import require_head
     from .errors import UserError
 
     engine = make_engine(server.database_url)
-    require_head(engine, server.path)
     notifier = SystemdNotifier()
     dispatcher = Dispatcher.for_event(engine, config, notifier)
+    try:
+        validate_worker(dispatcher.worker, config)
+    except UserError:
+        dispatcher.worker.close()
+        engine.dispose()
+        raise
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
@@ -675,6 +740,18 @@ def run_daemon(server: ServerConfig, config: EventConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
+    try:
+        reached = wait_for_database(engine, server, notifier, dispatcher.stopped)
+    except BaseException:
+        dispatcher.worker.close()
+        engine.dispose()
+        notifier.close()
+        raise
+    if not reached:  # stopped while waiting: nothing was started
+        dispatcher.worker.close()
+        engine.dispose()
+        notifier.close()
+        return 0
     dispatcher.start()
     try:
         dispatcher.stopped.wait()

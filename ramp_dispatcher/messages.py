@@ -13,17 +13,25 @@ What ramp-test (ramp-workflow 0.7.0) prints matters here:
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 __all__ = [
+    "LOG_TAIL_BYTES",
     "MAX_ERROR_CHARS",
     "bound",
     "error_message",
     "extract_traceback",
+    "read_log_tail",
     "strip_ansi",
 ]
 
 MAX_ERROR_CHARS: int = 10_000
+
+#: how much of a log's end the daemon reads to find the traceback: a
+#: traceback longer than this is cut anyway (MAX_ERROR_CHARS)
+LOG_TAIL_BYTES: int = 256 * 1024
 
 # How many lines to keep when a log holds no traceback.
 TAIL_LINES = 20
@@ -65,6 +73,25 @@ def strip_ansi(text: str) -> str:
             lines.append(segments[-1] if segments else "")
         text = "\n".join(lines)
     return _CONTROL_RE.sub("", text)
+
+
+def read_log_tail(path: Path, max_bytes: int = LOG_TAIL_BYTES) -> str:
+    """The last ``max_bytes`` of a log, decoded leniently.
+
+    A log can be as large as a participant makes it: never read it whole.
+    When the file is longer, the first (partial) line of the chunk is dropped.
+    Raises OSError when the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        start = max(size - max_bytes, 0)
+        f.seek(start)
+        data = f.read(max_bytes)
+    if start > 0:
+        newline = data.find(b"\n")
+        if 0 <= newline < len(data) - 1:
+            data = data[newline + 1 :]
+    return data.decode("utf-8", "replace")
 
 
 def extract_traceback(log: str) -> str:

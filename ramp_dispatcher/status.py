@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +20,7 @@ from .database import reports
 from .database.reports import EventReport
 from .errors import UserError
 
-__all__ = ["format_report", "report_to_json", "resolve_event_name", "status_text"]
+__all__ = ["format_report", "printable", "report_to_json", "resolve_event_name", "status_text"]
 
 #: longest message shown in a table cell (the JSON has the whole first line)
 MESSAGE_WIDTH = 80
@@ -100,6 +101,27 @@ def report_to_json(report: EventReport) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- table
 
+# What must not reach the admin's terminal as is: C0/C1 controls (escape
+# sequences, newlines, backspace), line/paragraph separators and the bidi
+# overrides that reorder what a terminal shows.
+_UNPRINTABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters shown as Python-style escapes
+    (``\\x1b``, ``\\n``), so a stored name cannot drive the terminal or
+    break a table row. The JSON output keeps the exact text."""
+    return _UNPRINTABLE_RE.sub(_escape, text)
+
 
 def duration(seconds: float | None) -> str:
     """``45s``, ``5m 02s``, ``3h 07m``, ``2d 04h``."""
@@ -116,7 +138,7 @@ def duration(seconds: float | None) -> str:
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    cells = [[str(c) for c in row] for row in rows]
+    cells = [[printable(str(c)) for c in row] for row in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *cells)]
     lines = ["  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
@@ -124,6 +146,7 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 def _clip(text: str, width: int = MESSAGE_WIDTH) -> str:
+    text = printable(text)  # before cutting, so an escape is never cut in half
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -134,7 +157,7 @@ def _time(value: dt.datetime | None) -> str:
 def format_report(report: EventReport) -> str:
     c = report.counts
     out = [
-        f"Event {report.event!r} at {_time(report.generated_at)} UTC",
+        f"Event {printable(repr(report.event))} at {_time(report.generated_at)} UTC",
         f"Submissions: {c.summary()} (total {c.total})",
     ]
     if c.by_state:

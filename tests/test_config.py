@@ -120,6 +120,19 @@ def test_negative_n_workers_is_relative_to_cpu_count(server, tmp_path: Path) -> 
     assert event.dispatcher.n_workers == os.cpu_count()
 
 
+@pytest.mark.parametrize("n", [0, "below"])
+def test_n_workers_resolving_to_none_is_an_error(server, tmp_path: Path, n) -> None:
+    """An explicit 0, or a negative n beyond the CPU count (cpu_count + 1 + n < 1)."""
+    value = 0 if n == 0 else -((os.cpu_count() or 1) + 1)
+    path = write(tmp_path / "ev.yml", _with(EVENT, "dispatcher", "n_workers", value))
+    with pytest.raises(ConfigError) as err:
+        load_event_config(path, server)
+    assert str(err.value).startswith(f"{path}: key 'dispatcher.n_workers' must give at least one worker")
+    # the last negative value that still gives one worker is accepted
+    path = write(tmp_path / "ev.yml", _with(EVENT, "dispatcher", "n_workers", -(os.cpu_count() or 1)))
+    assert load_event_config(path, server).dispatcher.n_workers == 1
+
+
 @pytest.mark.parametrize(
     "section,key",
     [

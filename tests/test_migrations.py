@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import select
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -308,6 +309,55 @@ def test_migration_0003_adds_and_removes_cancel_requested_at(engine: Engine) -> 
         assert conn.execute(text("SELECT attempt, status FROM dispatcher_runs")).all() == [
             (1, "running")
         ]
+
+
+def _run_rows(eng: Engine, submission_ids: list[int], event_id: int) -> None:
+    with eng.begin() as conn:
+        for sid in submission_ids:
+            conn.execute(
+                insert(runs).values(
+                    submission_id=sid, event_id=event_id, attempt=1, worker_type="conda",
+                    owner="h:1:x", status="collected", created_at=datetime(2024, 1, 1),
+                )
+            )
+
+
+def test_ramp_database_delete_event_takes_the_runs_along(empty_db_url: str, tmp_path: Path) -> None:
+    """ramp-database 0.10.1's own delete_event on an event the dispatcher ran:
+    before 0006 PostgreSQL refuses it (and SQLite keeps orphan runs); from 0006
+    on, the event goes and so do its runs, on both backends and back again."""
+    from ramp_database.tools.event import delete_event
+    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.orm import Session
+
+    info = build_rampboard_db(empty_db_url, tmp_path)
+    eng = make_engine(empty_db_url)
+    theirs = plain_engine(empty_db_url)  # ramp-database's kind of connection
+    try:
+        migrate.upgrade(eng, "0005_waiting_index")
+        _run_rows(eng, sorted(info["submissions"].values()), info["event_id"])
+        if eng.dialect.name == "postgresql":
+            with Session(theirs) as session, pytest.raises(IntegrityError, match="dispatcher_runs"):
+                delete_event(session, info["event"])
+
+        assert any("applied 0006_runs_cascade" in line for line in migrate.upgrade(eng))
+        # down and up again: the downgrade restores 0005's constraints cleanly
+        migrate.downgrade(eng, "0005_waiting_index")
+        migrate.upgrade(eng)
+        with Session(theirs) as session:
+            delete_event(session, info["event"])
+        with eng.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM events")).scalar_one() == 0
+            assert conn.execute(text("SELECT count(*) FROM submissions")).scalar_one() == 0
+            assert conn.execute(text("SELECT count(*) FROM dispatcher_runs")).scalar_one() == 0
+        if eng.dialect.name == "postgresql":
+            fks = inspect(eng).get_foreign_keys(runs.name)
+            assert sorted((f["referred_table"], f["options"].get("ondelete")) for f in fks) == [
+                ("events", "CASCADE"), ("submissions", "CASCADE")
+            ]
+    finally:
+        theirs.dispose()
+        eng.dispose()
 
 
 # --------------------------------------------------------------------------- c) adoption

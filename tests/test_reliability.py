@@ -56,6 +56,7 @@ from faults import (
     naive_utcnow,
     owner_pid,
     ramp_test_pids,
+    require_private_postgres,
     run_rows,
     wait_for,
 )
@@ -442,10 +443,7 @@ def test_backends_terminated_mid_run(pg_url: str, harness) -> None:
 @pytest.fixture
 def private_pg() -> Iterator[PrivatePostgres]:
     """A PostgreSQL cluster of this test's own, which it may stop and start."""
-    why = PrivatePostgres.unavailable()
-    if why:
-        print(f"skipping the PostgreSQL restart test: {why}")
-        pytest.skip(why)
+    require_private_postgres()
     pg = PrivatePostgres()
     try:
         pg.init()

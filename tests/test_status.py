@@ -112,6 +112,38 @@ def test_status_needs_the_current_schema(empty_db_url: str, capsys: pytest.Captu
     assert main(["cancel", "1", "--url", empty_db_url]) == 2
 
 
+def test_status_table_escapes_control_characters(
+    empty_db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stored name with an escape sequence and a newline: the table shows them
+    escaped on one row; the JSON keeps the exact name."""
+    dep = Deployment(tmp_path / "deploy", empty_db_url, {})
+    hostile = "\x1b[2J\x1b]0;pwn\x07a\nb\x08"  # clear screen, set title, newline
+    with dep.engine.begin() as conn:
+        sid = admin.add_submission(conn, EVENT, "demo_team", hostile, write_submission(tmp_path / "h", GOOD))
+        now = queries.utcnow()
+        conn.execute(
+            insert(runs).values(
+                submission_id=sid, event_id=1, attempt=1, worker_type="conda", owner="h:1:x",
+                status="collected", outcome="training_error", failure_class="participant",
+                message="boom\x1b[31m red", created_at=now, started_at=now, finished_at=now,
+            )
+        )
+
+    assert main(["status", "--config", str(dep.server_path)]) == 0
+    text = capsys.readouterr().out
+    assert "\x1b" not in text and "\x07" not in text and "\x08" not in text
+    escaped = "demo_team/\\x1b[2J\\x1b]0;pwn\\x07a\\nb\\x08"
+    rows = [line for line in text.splitlines() if escaped in line]
+    assert len(rows) == 2, text  # waiting and last finished, each on one line
+    assert any("boom\\x1b[31m red" in row for row in rows), text
+
+    assert main(["status", "--config", str(dep.server_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [w["name"] for w in data["waiting"]] == [hostile]
+    assert [f["name"] for f in data["finished"]] == [hostile]
+
+
 def test_duration_format() -> None:
     assert [duration(x) for x in (None, 0, 45.4, 62, 3600 * 3 + 420, 86400 * 2 + 3600 * 4)] == [
         "-", "0s", "45s", "1m 02s", "3h 07m", "2d 04h"

@@ -40,8 +40,13 @@ runs = Table(
     "dispatcher_runs",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("submission_id", Integer, ForeignKey("submissions.id"), nullable=False),
-    Column("event_id", Integer, ForeignKey("events.id"), nullable=False),
+    # Rows go with their submission or event when ramp-database deletes those
+    # (migration 0006; on SQLite, where no connection enforces foreign keys,
+    # its triggers do it).
+    Column(
+        "submission_id", Integer, ForeignKey("submissions.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("event_id", Integer, ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
     Column("attempt", Integer, nullable=False),
     Column("worker_type", String(32), nullable=False),
     Column("owner", String(200), nullable=False),

@@ -21,6 +21,7 @@ REVISIONS: tuple[str, ...] = (
     "0003_cancel_requests",
     "0004_lookup_indexes",
     "0005_waiting_index",
+    "0006_runs_cascade",
 )
 #: Revision that stands for ramp-board 0.10.1's schema as ramp-database creates it.
 BASELINE = REVISIONS[0]

@@ -78,6 +78,16 @@ class WorkerError(Exception):
     """An infrastructure failure while starting or checking a run."""
 
 
+class WorkerConfigError(WorkerError):
+    """The worker's config cannot work on this host; ``key`` is the
+    ``worker`` section's key to fix (raised by :meth:`Worker.validate`)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"key 'worker.{key}': {message}")
+        self.key = key
+        self.message = message
+
+
 class Worker(ABC):
     """One worker type. One instance serves all runs of one daemon."""
 
@@ -85,6 +95,14 @@ class Worker(ABC):
     type_name: str
     #: the worker type's own config dataclass
     config: Any
+
+    def validate(self) -> None:
+        """Check, once before serving, that runs can start on this host.
+
+        Raise :class:`WorkerConfigError` naming the key to fix (``run`` then
+        exits 2 naming the file and the key). May be slow; the default checks
+        nothing.
+        """
 
     @abstractmethod
     def start(self, request: RunRequest, wake: Wake) -> Handle:

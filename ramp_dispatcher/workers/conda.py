@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 from ..configfile import InvalidSetting
 from . import supervise
-from .base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker, WorkerError
+from .base import (
+    FailureClass,
+    Handle,
+    RunOutcome,
+    RunRequest,
+    Wake,
+    Worker,
+    WorkerConfigError,
+    WorkerError,
+)
 
 if TYPE_CHECKING:
     from ..configfile import Section
@@ -56,12 +65,15 @@ class CondaConfig:
     conda_env: str
     #: wall-clock limit of one run, seconds
     timeout: float = 7200.0
-    #: limit on the summed RSS of the run's process tree (sampled every 0.5 s)
+    #: limit on the run's process tree's unique memory (summed PSS, sampled every 0.5 s)
     memory_limit_mb: float | None = None
     #: niceness increment of the run (the daemon itself keeps its priority)
     niceness: int = 5
     #: how long a resolved environment name is trusted before asking conda again
     env_cache_s: float = 60.0
+    #: bound of a run's log: past it the supervisor keeps the head and the
+    #: latest output, with a line saying how much was dropped
+    max_log_mb: float = 5.0
 
     def __post_init__(self) -> None:
         # The one place these values are checked: from_section names the file.
@@ -73,17 +85,21 @@ class CondaConfig:
             raise InvalidSetting(
                 "memory_limit_mb", f"must be positive, got {self.memory_limit_mb!r}"
             )
+        if not self.max_log_mb > 0:
+            raise InvalidSetting("max_log_mb", f"must be positive, got {self.max_log_mb!r}")
 
     @classmethod
     def from_section(cls, section: Section) -> CondaConfig:
         """The ``worker`` section of an event config (``worker_type: conda``)."""
         timeout = section.optional("timeout", float, "a number of seconds", 7200.0)
         memory = section.optional("memory_limit_mb", float, "a number of megabytes", None)
+        max_log = section.optional("max_log_mb", float, "a number of megabytes", 5.0)
         try:
             return cls(
                 conda_env=section.required("conda_env", str, "a string"),
                 timeout=float(timeout),
                 memory_limit_mb=None if memory is None else float(memory),
+                max_log_mb=float(max_log),
             )
         except InvalidSetting as exc:
             raise section.invalid(exc) from None
@@ -99,6 +115,15 @@ def create_worker(config: CondaConfig, context: WorkerContext) -> CondaWorker:
 
 
 # ---------------------------------------------------------------- environments
+class EnvironmentNotFound(WorkerError):
+    """conda does not list ``conda_env``. ``str()`` names the environments it
+    does list (for the operator); :attr:`public` does not (for participants)."""
+
+    def __init__(self, conda_env: str, known: str) -> None:
+        self.public = f"conda environment {conda_env!r} not found"
+        super().__init__(f"{self.public} (known: {known})")
+
+
 def _check_ramp_test(prefix: Path, label: str) -> Path:
     ramp_test = prefix / "bin" / "ramp-test"
     if not prefix.is_dir():
@@ -177,7 +202,7 @@ def resolve_env(conda_env: str) -> Path:
         matches = [root]
     if not matches:
         known = ", ".join(sorted({name_of(p) for p in envs})) or "none"
-        raise WorkerError(f"conda environment {conda_env!r} not found (known: {known})")
+        raise EnvironmentNotFound(conda_env, known)
     # Same name in several envs_dirs: conda itself uses the first one listed.
     return _check_ramp_test(matches[0], f"conda environment {conda_env!r}")
 
@@ -261,8 +286,22 @@ class CondaWorker(Worker):
             return prefix
 
     # -- Worker interface
+    def validate(self) -> None:
+        """The environment exists and has ``bin/ramp-test`` (``run`` checks it
+        before serving; the message, with conda's list, goes to the operator)."""
+        try:
+            self.env_prefix()
+        except WorkerError as exc:
+            raise WorkerConfigError("conda_env", str(exc)) from None
+
     def start(self, request: RunRequest, wake: Wake) -> Handle:
-        prefix = self.env_prefix()
+        try:
+            prefix = self.env_prefix()
+        except EnvironmentNotFound as exc:
+            # The message becomes the submission's error_msg: conda's list of
+            # this host's environments is for the daemon's log only.
+            log.error("conda worker: %s", exc)
+            raise WorkerError(exc.public) from None
         log_path = Path(os.path.abspath(request.log_path))
         status_path = Path(os.path.abspath(_status_path(request)))
         output_dir = request.output_dir
@@ -303,6 +342,7 @@ class CondaWorker(Worker):
         ]  # fmt: skip
         if self.config.memory_limit_mb is not None:
             argv += ["--memory-limit-mb", repr(float(self.config.memory_limit_mb))]
+        argv += ["--max-log-mb", repr(float(self.config.max_log_mb))]
         for name, value in setenv.items():
             argv += ["--setenv", f"{name}={value}"]
         argv += ["--", *command]

@@ -4,13 +4,19 @@ Run as (the conda worker starts it so; ``python -m
 ramp_dispatcher.workers.supervise`` works as well)::
 
     python -I -S .../ramp_dispatcher/workers/supervise.py --log LOG --status STATUS \\
-        --timeout SECONDS [--memory-limit-mb MB] [--nice N] [--cwd DIR] \\
-        [--setenv NAME=VALUE ...] -- COMMAND [ARG ...]
+        --timeout SECONDS [--memory-limit-mb MB] [--max-log-mb MB] [--nice N] \\
+        [--cwd DIR] [--setenv NAME=VALUE ...] -- COMMAND [ARG ...]
 
 The conda worker starts this program in its own session, so it outlives the
 daemon that started it; the daemon (or a restarted one) learns the result
 from the status file only. Standard library only, with no import from this
 package: it must start fast, without site-packages.
+
+The command's output reaches the log through a pipe that this program reads,
+so the log is bounded (``--max-log-mb``): the first quarter of the room is
+written as it comes, the rest holds the latest output, and a marker line
+says how much was dropped in between. Memory is counted as the tree's unique
+memory (PSS, :func:`tree_memory_kib`).
 
 The status file is JSON, always replaced atomically. Right after the command
 is spawned it holds ``{"started_at", "supervisor_pid", "child_pid",
@@ -23,7 +29,9 @@ with a ``reason`` is final.
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
+import fcntl
 import json
 import os
 import resource
@@ -43,6 +51,15 @@ PR_SET_CHILD_SUBREAPER = 36
 TERM_GRACE_S = 5.0
 #: seconds between two memory samples of the tree
 SAMPLE_INTERVAL_S = 0.5
+#: bytes asked of one read of the command's output
+READ_CHUNK = 1 << 20
+#: while output is being dropped, the log's tail on disk is refreshed this often
+TAIL_FLUSH_INTERVAL_S = 2.0
+#: how long the output pipe is drained after the tree is stopped
+DRAIN_TIMEOUT_S = 2.0
+#: longest stretch spent moving output before the limits are checked again
+DRAIN_SLICE_S = 0.2
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, spelled out for Python < 3.10
 
 
 # ---------------------------------------------------------------- /proc helpers
@@ -104,6 +121,147 @@ def rss_kib(pid: int) -> int:
     return 0  # gone, a zombie, or a kernel thread
 
 
+def pss_kib(pid: int) -> int | None:
+    """Proportional set size: each shared page counts 1/n in each of its n users.
+
+    None when smaps_rollup cannot be read (kernel < 4.14, or /proc mounted
+    with restrictions); 0 when the process is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        return 0 if not os.path.exists(f"/proc/{pid}") else None
+    except ProcessLookupError:
+        return 0
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def tree_memory_kib(pids: Sequence[int]) -> int:
+    """The unique memory of a process tree, in KiB.
+
+    Summing RSS counts a page shared by a forked child and its parent (or a
+    file mapped by several workers) once per process; summing PSS counts it
+    once in all. A process whose PSS cannot be read counts its RSS (an
+    overestimate, never an underestimate).
+    """
+    total = 0
+    for pid in pids:
+        pss = pss_kib(pid)
+        total += rss_kib(pid) if pss is None else pss
+    return total
+
+
+class LogCapture:
+    """Writes the command's output to the log, keeping at most ``limit`` bytes.
+
+    Until the output passes ``limit`` it is written as it comes. Past it, the
+    file keeps the first quarter of the room (how the run started), a marker
+    line saying how much was dropped, and the latest output, which is kept in
+    memory in whole chunks and rewritten after the marker now and then (and
+    at the end), so the file stays readable and bounded throughout.
+    ``limit`` None keeps everything.
+    """
+
+    def __init__(self, fd: int, limit: int | None, limit_text: str = "") -> None:
+        self.fd = fd
+        self.limit = limit
+        self.limit_text = limit_text
+        self.head_room = 0 if limit is None else limit // 4
+        # the marker line takes about 150 bytes: keep room for it
+        self.tail_room = 0 if limit is None else max(limit - self.head_room - 256, 0)
+        self.total = 0  # bytes of output received
+        self.head_end: int | None = None  # file offset where the head ends
+        self.tail: collections.deque[bytes] = collections.deque()
+        self.tail_bytes = 0
+        self.capping = False
+        self.dirty = False
+        self.last_flush = 0.0
+        if limit is not None and self.head_room == 0:
+            self.head_end = os.lseek(fd, 0, os.SEEK_END)
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.limit is None:
+            _write_all(self.fd, data)
+            return
+        before = self.total
+        self.total += len(data)
+        if before < self.head_room:  # (part of) this chunk is head
+            head = data[: self.head_room - before]
+            if not self.capping:
+                _write_all(self.fd, head)
+            data = data[len(head) :]
+            if self.total >= self.head_room:
+                self.head_end = os.lseek(self.fd, 0, os.SEEK_END)
+        if not data:
+            return
+        # Output past the head: remembered (the latest tail_room bytes, in
+        # whole chunks: no copying of what is kept) ...
+        self.tail.append(data)
+        self.tail_bytes += len(data)
+        while self.tail_bytes - len(self.tail[0]) >= self.tail_room:
+            self.tail_bytes -= len(self.tail.popleft())
+        # ... and written as it comes, until the whole would pass the limit.
+        if not self.capping and self.total <= self.limit:
+            _write_all(self.fd, data)
+            return
+        self.capping = True
+        self.dirty = True
+        if time.monotonic() - self.last_flush >= TAIL_FLUSH_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Rewrite what follows the head: the marker line, then the latest output."""
+        if not self.dirty or self.head_end is None:
+            return
+        self.dirty = False
+        self.last_flush = time.monotonic()
+        tail = b"".join(self.tail)
+        tail = tail[max(len(tail) - self.tail_room, 0) :]
+        # Start the kept part on a line of its own when a line break is near.
+        newline = tail.find(b"\n", 0, 4096)
+        if newline >= 0:
+            tail = tail[newline + 1 :]
+        dropped = self.total - self.head_room - len(tail)
+        marker = (
+            f"\n[ramp-dispatcher] {_size(dropped)} of output dropped here; the log keeps "
+            f"the first {_size(self.head_room)} and the last {_size(len(tail))}"
+            f"{self.limit_text}.\n"
+        ).encode()
+        try:
+            # O_APPEND: after the truncation, writes land at the head's end.
+            os.ftruncate(self.fd, self.head_end)
+        except OSError:
+            return
+        _write_all(self.fd, marker + tail)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except OSError:
+            return  # disk full: losing log lines must not stop the run
+        view = view[n:]
+
+
+def _size(n: int) -> str:
+    if n < 10 * 1024:
+        return f"{n} bytes"
+    if n < 10 * 1024 * 1024:
+        return f"{n / 1024:.0f} KiB"
+    return f"{n / (1024 * 1024):.0f} MiB"
+
+
 # ------------------------------------------------------------------ supervisor
 class Supervisor:
     def __init__(
@@ -115,6 +273,7 @@ class Supervisor:
         memory_limit_mb: float | None = None,
         cwd: str | None = None,
         env: dict[str, str] | None = None,
+        max_log_mb: float | None = None,
     ):
         self.command = command
         self.log_path = log_path
@@ -129,15 +288,48 @@ class Supervisor:
         self.peak_tree_kib = 0
         self.started_at = 0.0
         self.log_fd = -1
+        self.max_log_mb = max_log_mb
+        self.capture: LogCapture | None = None
+        self.out_fd = -1  # our end of the command's output pipe
 
     # -- small pieces
     def note(self, text: str) -> None:
         """Append a line to the run's log (participants read it)."""
-        if self.log_fd >= 0:
+        line = f"\n[ramp-dispatcher] {text}\n".encode()
+        if self.capture is not None:
+            self.capture.write(line)  # after the output, inside the kept tail
+        elif self.log_fd >= 0:
+            _write_all(self.log_fd, line)
+
+    def drain(self, until_eof: bool = False) -> None:
+        """Move what the command printed from the pipe to the log.
+
+        Reads what is there now; with ``until_eof``, waits (at most
+        DRAIN_TIMEOUT_S) for every writer to close the pipe, then closes it.
+        """
+        if self.out_fd < 0 or self.capture is None:
+            return
+        # Bounded even while output keeps coming: the limits are checked between.
+        deadline = time.monotonic() + (DRAIN_TIMEOUT_S if until_eof else DRAIN_SLICE_S)
+        while True:
+            if not until_eof and time.monotonic() >= deadline:
+                return
             try:
-                os.write(self.log_fd, f"\n[ramp-dispatcher] {text}\n".encode())
+                data = os.read(self.out_fd, READ_CHUNK)
+            except BlockingIOError:
+                if not until_eof or time.monotonic() >= deadline:
+                    return
+                select.select([self.out_fd], [], [], max(deadline - time.monotonic(), 0))
+                continue
+            except InterruptedError:
+                continue
             except OSError:
-                pass
+                data = b""
+            if not data:  # every writer closed it
+                os.close(self.out_fd)
+                self.out_fd = -1
+                return
+            self.capture.write(data)
 
     def write_status(self, data: dict[str, Any]) -> None:
         self.status_path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +376,7 @@ class Supervisor:
         return descendants(os.getpid())
 
     def sample_memory(self) -> int:
-        total = sum(rss_kib(p.pid) for p in self.live_descendants())
+        total = tree_memory_kib([p.pid for p in self.live_descendants()])
         self.peak_tree_kib = max(self.peak_tree_kib, total)
         return total
 
@@ -205,6 +397,7 @@ class Supervisor:
         self.signal_tree(signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and self.remaining():
+            self.drain()  # a process blocked on a full pipe could not stop
             time.sleep(0.05)
         # Loop because a process may fork between our scan and our kill.
         for _ in range(200):
@@ -216,11 +409,13 @@ class Supervisor:
     def wait_child(self, pidfd: int | None, seconds: float) -> None:
         """Sleep up to ``seconds``, waking early when the child exits."""
         seconds = max(0.0, seconds)
-        if pidfd is None:
-            time.sleep(min(seconds, 0.1))
-            return
         poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
+        if self.out_fd >= 0:
+            poller.register(self.out_fd, select.POLLIN)
+        if pidfd is None:
+            seconds = min(seconds, 0.1)
+        else:
+            poller.register(pidfd, select.POLLIN)
         poller.poll(seconds * 1000)
 
     # -- the run
@@ -234,16 +429,31 @@ class Supervisor:
             )
             env = dict(os.environ)
             env.update(self.env)
-            self.child = subprocess.Popen(
-                self.command,
-                stdin=subprocess.DEVNULL,
-                stdout=self.log_fd,
-                stderr=self.log_fd,
-                cwd=self.cwd,
-                env=env,
-                close_fds=True,
-                process_group=0,  # its own group: one killpg stops it all
-            )
+            limit = None
+            if self.max_log_mb is not None:
+                limit = int(self.max_log_mb * 1024 * 1024)
+            self.capture = LogCapture(self.log_fd, limit, f" (max_log_mb: {self.max_log_mb:g})"
+                                      if self.max_log_mb is not None else "")
+            # The output comes through us, so the log can be bounded.
+            self.out_fd, out_w = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(self.out_fd, False)  # our end only: the command's blocks
+            try:
+                fcntl.fcntl(self.out_fd, F_SETPIPE_SZ, READ_CHUNK)  # fewer wake-ups
+            except OSError:
+                pass
+            try:
+                self.child = subprocess.Popen(
+                    self.command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out_w,
+                    stderr=out_w,
+                    cwd=self.cwd,
+                    env=env,
+                    close_fds=True,
+                    process_group=0,  # its own group: one killpg stops it all
+                )
+            finally:
+                os.close(out_w)
         except OSError as exc:
             self.note(f"could not start ramp-test: {exc}")
             return self.finish("spawn_error", f"could not start {self.command[0]}: {exc}")
@@ -268,6 +478,7 @@ class Supervisor:
         reason = "exited"
         message = ""
         while True:
+            self.drain()
             self.reap()
             if self.child_status is not None:
                 break
@@ -298,9 +509,15 @@ class Supervisor:
             os.close(pidfd)
         # Also after a normal exit: a submission must leave no process behind.
         self.stop_tree(TERM_GRACE_S)
+        self.drain(until_eof=True)
         return self.finish(reason, message)
 
     def finish(self, reason: str, message: str) -> int:
+        if self.out_fd >= 0:  # a writer outside our tree holds the pipe: stop reading
+            os.close(self.out_fd)
+            self.out_fd = -1
+        if self.capture is not None:
+            self.capture.flush()
         exit_code: int | None = None
         sig: int | None = None
         if self.child_status is not None:
@@ -361,6 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--status", required=True, type=Path, help="JSON status file")
     parser.add_argument("--timeout", required=True, type=float, help="seconds")
     parser.add_argument("--memory-limit-mb", type=float, default=None)
+    parser.add_argument(
+        "--max-log-mb", type=float, default=None, help="bound of the log (default: none)"
+    )
     parser.add_argument("--nice", type=int, default=5, help="niceness increment")
     parser.add_argument("--cwd", default=None, help="the command's working directory")
     parser.add_argument("--setenv", action="append", default=[], metavar="NAME=VALUE")
@@ -384,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         memory_limit_mb=args.memory_limit_mb,
         cwd=args.cwd,
         env=env,
+        max_log_mb=args.max_log_mb,
     )
     # Installed before spawning so an early cancel is not lost.
     signal.signal(signal.SIGTERM, sup.on_signal)
