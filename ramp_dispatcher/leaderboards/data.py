@@ -97,13 +97,13 @@ def load_event_facts(conn: Connection, event_id: int) -> EventFacts:
         .where(e.c.id == event_id)
     ).one()
     est = rs.event_score_types
+    # ramp-database lists the score columns in the order its ORM loads
+    # ``event.score_types``: this very query, without ORDER BY. SQLite answers
+    # it from the (event_id, name) index, by name; PostgreSQL usually in table
+    # order. The same statement on the same database gives the same order.
     scores = tuple(
         ScoreColumn(r.name, r.precision)
-        for r in conn.execute(
-            select(est.c.name, est.c.precision)
-            .where(est.c.event_id == event_id)
-            .order_by(est.c.id)
-        )
+        for r in conn.execute(select(est.c.name, est.c.precision).where(est.c.event_id == event_id))
     )
     return EventFacts(
         row.id, row.name, row.ramp_sandbox_name, row.official_score_name or "",
