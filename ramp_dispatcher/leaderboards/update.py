@@ -12,9 +12,10 @@ An empty table is NULL. ``new_only`` recomputes only the "new" columns.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ def lower_is_better(conn: Connection, event: EventFacts) -> bool:
     ramp-database does. Without ramp-workflow importable here, it is inferred
     from the "worst" value ramp-database stores for submissions not yet scored:
     a positive worst (e.g. ``inf``) is a maximum, so lower is better.
+    Asked only when a table of scores must be sorted.
     """
     key = (event.kit_dir, event.official_score_name)
     with _directions_lock:
@@ -68,25 +70,42 @@ def lower_is_better(conn: Connection, event: EventFacts) -> bool:
     return value
 
 
+#: run in a child process: the kit's problem.py imports ramp-workflow and its
+#: dependencies, a second of CPU and tens of MB the daemon need not keep
+_PROBE = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("problem", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+for score_type in module.score_types:
+    if score_type.name == sys.argv[2]:
+        print("lower" if score_type.is_lower_the_better else "higher")
+        break
+else:
+    sys.exit("no score type %r in %s" % (sys.argv[2], sys.argv[1]))
+"""
+PROBE_TIMEOUT = 120.0
+
+
 def _from_problem(event: EventFacts) -> bool | None:
     path = Path(event.kit_dir) / "problem.py"
     try:
-        spec = importlib.util.spec_from_file_location(f"_ramp_problem_{abs(hash(path))}", path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {path}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        for score_type in getattr(module, "score_types", []):
-            if score_type.name == event.official_score_name:
-                return bool(score_type.is_lower_the_better)
-        raise LookupError(f"no score type {event.official_score_name!r} in {path}")
-    except Exception as exc:  # no ramp-workflow here, a kit elsewhere, a bad kit
-        log.warning(
-            "event %r: cannot read the direction of score %r from %s (%s); inferring it "
-            "from the stored worst score", event.name, event.official_score_name, path,
-            f"{type(exc).__name__}: {exc}".splitlines()[0],
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(path), event.official_score_name],
+            cwd=path.parent if path.parent.is_dir() else None,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=PROBE_TIMEOUT,
         )
-        return None
+        answer = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
+        if answer in (["lower"], ["higher"]):
+            return answer == ["lower"]
+        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    except (OSError, subprocess.SubprocessError) as exc:  # no kit here, a hung kit
+        why = f"{type(exc).__name__}: {exc}"
+    log.warning(
+        "event %r: cannot read the direction of score %r from %s (%s); inferring it "
+        "from the stored worst score", event.name, event.official_score_name, path, why,
+    )
+    return None
 
 
 def _from_worst(conn: Connection, event: EventFacts) -> bool:
@@ -111,17 +130,18 @@ def _from_worst(conn: Connection, event: EventFacts) -> bool:
 
 @dataclass
 class Context:
-    """What several refreshes share: the event's facts, the score direction,
-    and the submissions' file names."""
+    """What several refreshes share: the event's facts, the score direction
+    (read when first needed), and the submissions' file names."""
 
     event: EventFacts
-    lower_is_better: bool
     files: FileNames = field(default_factory=FileNames)
 
     @classmethod
     def load(cls, conn: Connection, event_id: int, files: FileNames | None = None) -> Context:
-        event = data.load_event_facts(conn, event_id)
-        return cls(event, lower_is_better(conn, event), files or FileNames())
+        return cls(data.load_event_facts(conn, event_id), files or FileNames())
+
+    def lower_is_better(self, conn: Connection) -> bool:
+        return lower_is_better(conn, self.event)
 
 
 def _precision(event: EventFacts) -> dict[str, int | None]:
@@ -149,7 +169,7 @@ def compute_tables(
     precision = _precision(ctx.event)
     rows = [tables.scored_row(s, precision) for s in scored]
     failed_html = _html(tables.listing_board(failed, "failed"))
-    lower = ctx.lower_is_better
+    lower = ctx.lower_is_better(conn) if rows else False
     if not event_level:
         out["leaderboard_html"] = (
             _html(tables.score_board(ctx.event, rows, "public", lower)) if rows else None
@@ -249,7 +269,7 @@ def update_new_leaderboards(conn: Connection, event_id: int, team_id: int) -> No
     event_team_id = conn.execute(
         select(et.c.id).where(et.c.event_id == event_id, et.c.team_id == team_id)
     ).scalar_one()
-    ctx = Context(data.load_event_facts(conn, event_id), False)  # "new" needs no direction
+    ctx = Context(data.load_event_facts(conn, event_id))
     update_event_leaderboards(conn, event_id, new_only=True, ctx=ctx)
     update_team_leaderboards(conn, event_id, [event_team_id], new_only=True, ctx=ctx)
 
@@ -257,7 +277,7 @@ def update_new_leaderboards(conn: Connection, event_id: int, team_id: int) -> No
 def new_leaderboard_html(conn: Connection, event_id: int, team_id: int | None = None) -> str | None:
     """ramp-database's ``get_leaderboard(session, "new", event, team)``: the event's
     (or, with ``team_id``, a team's) "new submissions" HTML, None when empty."""
-    ctx = Context(data.load_event_facts(conn, event_id), False)
+    ctx = Context(data.load_event_facts(conn, event_id))
     if team_id is None:
         return event_tables(conn, ctx, new_only=True)["new_leaderboard_html"]
     et = rs.event_teams
