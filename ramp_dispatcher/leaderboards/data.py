@@ -61,6 +61,8 @@ class SubmissionRow:
     contributivity: float | None
     historical_contributivity: float | None
     max_ram: float | None
+    #: when its last run started (set at each run): part of its scores' cache key
+    training_timestamp: dt.datetime | None = None
     #: "<element>.<ext>" of the submission's first file (its link), "" if none
     first_file: str = ""
     #: scored submissions only: step ("valid"/"test") -> score name -> bag scores
@@ -141,7 +143,7 @@ def _submission_query():
             s.c.id, s.c.event_team_id, t.c.name.label("team"), s.c.name, s.c.hash_,
             s.c.submission_timestamp, s.c.state, s.c.queue_position, s.c.is_valid,
             s.c.is_in_competition, s.c.contributivity, s.c.historical_contributivity,
-            s.c.max_ram,
+            s.c.max_ram, s.c.training_timestamp,
         )
         .join(et, et.c.id == s.c.event_team_id)
         .join(t, t.c.id == et.c.team_id)
@@ -153,7 +155,7 @@ def _row(r: Any) -> SubmissionRow:
     return SubmissionRow(
         r.id, r.event_team_id, r.team, r.name, r.hash_, r.submission_timestamp, r.state,
         r.queue_position, r.is_valid, r.is_in_competition, r.contributivity,
-        r.historical_contributivity, r.max_ram,
+        r.historical_contributivity, r.max_ram, r.training_timestamp,
     )
 
 

@@ -60,9 +60,10 @@ def render(columns: Sequence[tuple[str, Column]]) -> str:
     n_rows = len(cells[0]) if cells else 0
     head = "".join(f"      <th>{_cell(name)}</th>\n" for name, _ in columns)
     body = []
-    for i in range(n_rows):
-        tds = "".join(f"      <td>{_cell(c[i])}</td>\n" for c in cells)
+    for row in zip(*cells):
+        tds = "".join([f"      <td>{c}</td>\n" for c in row])
         body.append(f"    <tr>\n{tds}    </tr>\n")
+    assert len(body) == n_rows
     return (
         '<thead> \n    <tr style="text-align: left;">\n'
         + head
@@ -77,14 +78,16 @@ def _cell(value: str) -> str:
 
 
 def _format(col: Column) -> list[str]:
+    """A column's cells, as they appear between <td> and </td>."""
     if isinstance(col, Text):
-        return [str(v) for v in col.values]
+        return [_cell(v) for v in col.values]
     if isinstance(col, Int):
         return [f"{v:d}" for v in col.values]
     if isinstance(col, Datetime):
         return pandas_datetimes(col.values)
     if any(v is None for v in col.values):
-        return [_object_float(v) for v in col.values]
+        return [_cell(_object_float(v)) for v in col.values]
+    # numbers: nothing to strip, no double spaces
     return float_column([float(v) for v in col.values])  # type: ignore[arg-type]
 
 
@@ -104,12 +107,14 @@ def _fmt(v: float, spec: str) -> str:
 
 
 def _trim_zeros(cells: list[str]) -> list[str]:
+    """pandas cuts one trailing zero at a time from every decimal number while
+    all of them end in one; a number's zeros stop at its decimal point, so that
+    is cutting the fewest trailing zeros any of them has."""
     is_number = [_DECIMAL_NUMBER.match(x) is not None for x in cells]
     if not any(is_number):
         return cells
-    out = list(cells)
-    while all(x.endswith("0") for x, n in zip(out, is_number) if n):
-        out = [x[:-1] if n else x for x, n in zip(out, is_number)]
+    cut = min(len(x) - len(x.rstrip("0")) for x, n in zip(cells, is_number) if n)
+    out = [x[: len(x) - cut] if n else x for x, n in zip(cells, is_number)] if cut else list(cells)
     return [x + "0" if n and x.endswith(".") else x for x, n in zip(out, is_number)]
 
 

@@ -253,11 +253,12 @@ class LeaderboardService:
                     files = self._ctx.files if self._ctx is not None else None
                     self._ctx = update.Context.load(conn, self._event_id, files)
                 ctx = self._ctx
-                if work.everything:
+                if work.everything:  # read everything again
                     ctx.files.clear()
+                    ctx.scores.clear()
                     teams = set(data.event_team_ids(conn, self._event_id))
                 else:
-                    ctx.files.forget(work.submissions)
+                    ctx.forget(work.submissions)
                     teams = data.event_teams_of(conn, work.submissions)
                 event_values: dict[str, str | None] = {}
                 if work.event or work.everything:

@@ -135,6 +135,8 @@ class Context:
 
     event: EventFacts
     files: FileNames = field(default_factory=FileNames)
+    #: a scored submission's scores and times, by id, with the run they came from
+    scores: dict[int, tuple[object, tables.ScoredRow]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, conn: Connection, event_id: int, files: FileNames | None = None) -> Context:
@@ -142,6 +144,36 @@ class Context:
 
     def lower_is_better(self, conn: Connection) -> bool:
         return lower_is_better(conn, self.event)
+
+    def forget(self, submission_ids: Iterable[int]) -> None:
+        """These submissions changed: read them again."""
+        ids = list(submission_ids)
+        self.files.forget(ids)
+        for sid in ids:
+            self.scores.pop(sid, None)
+
+    def scored_rows(
+        self, conn: Connection, scored: Sequence[SubmissionRow]
+    ) -> list[tables.ScoredRow]:
+        """The scored submissions' lines; scores read only for those not met
+        before (or run again since: the key holds the run's start time)."""
+        misses = [
+            s for s in scored
+            if s.id not in self.scores or self.scores[s.id][0] != _score_key(s)
+        ]
+        if misses:
+            data.fill_scores(conn, misses)
+            precision = _precision(self.event)
+            for s in misses:
+                self.scores[s.id] = (_score_key(s), tables.scored_row(s, precision))
+        return [
+            tables.ScoredRow(s, self.scores[s.id][1].scores, self.scores[s.id][1].times)
+            for s in scored
+        ]
+
+
+def _score_key(sub: SubmissionRow) -> object:
+    return sub.training_timestamp
 
 
 def _precision(event: EventFacts) -> dict[str, int | None]:
@@ -165,9 +197,11 @@ def compute_tables(
     failed = [s for s in subs if s.is_error]
     scored = [s for s in subs if s.is_on_leaderboard]
     ctx.files.fill(conn, failed + scored)
-    data.fill_scores(conn, scored)
-    precision = _precision(ctx.event)
-    rows = [tables.scored_row(s, precision) for s in scored]
+    if event_level:  # what is not scored any more leaves the cache
+        keep = {s.id for s in scored}
+        for sid in [sid for sid in ctx.scores if sid not in keep]:
+            del ctx.scores[sid]
+    rows = ctx.scored_rows(conn, scored)
     failed_html = _html(tables.listing_board(failed, "failed"))
     lower = ctx.lower_is_better(conn) if rows else False
     if not event_level:
