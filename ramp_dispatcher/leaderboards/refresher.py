@@ -38,8 +38,8 @@ from . import data, update
 
 log = logging.getLogger(__name__)
 
-#: seconds a shutdown waits for a pending refresh
-SHUTDOWN_WAIT = 30.0
+#: seconds a shutdown waits for a pending refresh (systemd allows the whole stop 30 s)
+SHUTDOWN_WAIT = 20.0
 #: seconds before a failed refresh is tried again
 RETRY_DELAY = 5.0
 
