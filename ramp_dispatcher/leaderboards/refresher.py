@@ -88,6 +88,7 @@ class LeaderboardService:
         self._cond = threading.Condition()
         self._pending = Pending()
         self._running = False
+        self._started = False  # requests before start() are covered by its full refresh
         self._closed = False
         self._thread: threading.Thread | None = None
         self._engine: Engine | None = None
@@ -131,6 +132,8 @@ class LeaderboardService:
         if not self.enabled:
             self.hook.request()  # results may have come in while we were down
             return
+        with self._cond:
+            self._started = True
         self._add(Pending(everything=True, event=True, new_sweep=True))
 
     def request(self, submission_ids: Iterable[int] = (), *, new_only: bool = False) -> None:
@@ -187,7 +190,7 @@ class LeaderboardService:
 
     def _add(self, more: Pending) -> None:
         with self._cond:
-            if self._closed:
+            if self._closed or not self._started:
                 return
             self._pending.merge(more)
             if self._thread is None:
