@@ -120,10 +120,12 @@ class DispatcherConfig:
     max_attempts: int = 3
     #: seconds before the first retry of an infrastructure failure (doubles each time)
     retry_delay: float = 30.0
-    #: run after results are written (coalesced), e.g. ramp-database update-leaderboards
+    #: an extra command run after the built-in refresh wrote results (coalesced)
     leaderboard_command: tuple[str, ...] | None = None
     #: seconds between two runs of leaderboard_command, at least
     leaderboard_interval: float = 60.0
+    #: refresh ramp-board's cached leaderboards after each change (built in)
+    leaderboard_refresh: bool = True
     #: serve Prometheus metrics on 127.0.0.1:<port>
     metrics_port: int | None = None
 
@@ -213,6 +215,7 @@ def _load_dispatcher(section: Section) -> DispatcherConfig:
         retry_delay=float(retry_delay),
         leaderboard_command=board.command,
         leaderboard_interval=board.interval,
+        leaderboard_refresh=board.refresh,
         metrics_port=metrics_port,
     )
 

@@ -38,7 +38,7 @@ from . import messages
 from .config import EventConfig, ServerConfig
 from .database import control, queries, reports
 from .database.engine import make_engine
-from .leaderboard import LeaderboardRefresher
+from .leaderboards.refresher import LeaderboardService
 from .metrics import Metrics
 from .results import ResultsError, parse_training_output, read_fold_error
 from .retry import RetryPolicy
@@ -127,11 +127,8 @@ class Dispatcher:
         )
         self.notifier = notifier or SystemdNotifier(env={})
         self.metrics = Metrics(config.ramp.event_name)
-        self.leaderboard = LeaderboardRefresher(
-            list(config.dispatcher.leaderboard_command or []) or None,
-            config.dispatcher.leaderboard_interval,
-            cwd=config.path.parent,
-        )
+        # ramp-board's cached leaderboards, refreshed off the loop
+        self.leaderboard = LeaderboardService.for_event(engine, config)
         self.active: dict[int, ActiveRun] = {}
         self.stopped = threading.Event()
         self._last_reap = -REAP_INTERVAL_S  # the first claim cycle reaps
@@ -199,7 +196,7 @@ class Dispatcher:
 
             self._listener = NotifyListener(self.engine, self.event.id, lambda: self.wake("claim"))
             self._listener.start()
-        self.leaderboard.request()  # results may have come in while we were down
+        self.leaderboard.start()  # everything once, beside the first claim
         self.notifier.ready(status=f"serving event {self.event.name}")
 
     def stop(self) -> None:
@@ -215,7 +212,7 @@ class Dispatcher:
         except DB_ERRORS as exc:
             log.warning("could not release leases (%s); they expire in %s", _short(exc), self.lease)
         self.worker.close()
-        self.leaderboard.close(wait=10)
+        self.leaderboard.close()  # finishes a pending refresh, bounded
         self.metrics.close()
         if self.active:
             log.info("left %d run(s) running for the next start to re-attach", len(self.active))
@@ -316,6 +313,8 @@ class Dispatcher:
                 claims = self._claim(conn)
         for claim in claims:
             self._launch(claim)
+        # claims, launches and queue positions change the "new" tables
+        self.leaderboard.request([c.submission_id for c in claims], new_only=True)
         self.metrics.set_running(len(self.active))
         self._reap()
         if not self.active and not claims:
@@ -343,7 +342,7 @@ class Dispatcher:
         if done:
             log.info("%s: checking_error (cancelled by an administrator)", run.label())
             self.metrics.outcome("cancelled")
-            self.leaderboard.request()
+            self.leaderboard.request([run.submission_id])
         del self.active[run.run_id]
         self.wake("claim")
 
@@ -554,7 +553,7 @@ class Dispatcher:
         if written:
             log.info("%s: scored", run.label())
             self.metrics.outcome("scored")
-            self.leaderboard.request()
+            self.leaderboard.request([run.submission_id])
         return written
 
     def _store_failure(self, run: ActiveRun, outcome: RunOutcome) -> bool:
@@ -590,7 +589,7 @@ class Dispatcher:
         if done:
             log.info("%s: %s (%s: %s)", run.label(), state, failure.value, outcome.message)
             self.metrics.outcome(failure.value)
-            self.leaderboard.request()
+            self.leaderboard.request([run.submission_id])
         return done
 
     def _failure_text(

@@ -1,10 +1,9 @@
-"""Keep ramp-board's leaderboards current without recomputing them after every result.
+"""The admin's own leaderboard hook: ``leaderboard_command``, run off the loop.
 
-ramp-engine recomputed every leaderboard of the event after each collection,
-inside its loop (14 s at 200 scored submissions, growing linearly). Here the
-dispatcher only calls :meth:`LeaderboardRefresher.request` after it writes a
-result; an admin-configured command (typically ``ramp-database
-update-leaderboards --config C --event E``) runs in a thread of its own,
+The daemon refreshes ramp-board's cached leaderboards itself
+(:mod:`ramp_dispatcher.leaderboards`); after a refresh that wrote results it
+calls :meth:`LeaderboardRefresher.request`, and an admin-configured command
+(anything else to do then: a static export, a notification) runs in a thread of its own,
 coalesced: at most once per ``interval`` seconds, and requests that arrive
 while it runs, or too soon after, fold into exactly one more run. A failing
 command is logged with the tail of its stderr and never stops the daemon.
@@ -55,6 +54,8 @@ STDERR_TAIL_CHARS = 4000
 class LeaderboardSettings:
     command: tuple[str, ...] | None = None
     interval: float = DEFAULT_INTERVAL
+    #: the built-in refresh (ramp_dispatcher.leaderboards); off only on request
+    refresh: bool = True
 
 
 def parse_command(value: Any, where: str) -> list[str] | None:
@@ -88,8 +89,10 @@ def parse_command(value: Any, where: str) -> list[str] | None:
 
 
 def leaderboard_settings(section: Section) -> LeaderboardSettings:
-    """Read ``leaderboard_command`` and ``leaderboard_interval`` from a config section
-    (the event config's ``dispatcher`` section)."""
+    """Read ``leaderboard_refresh``, ``leaderboard_command`` and
+    ``leaderboard_interval`` from a config section (the event config's
+    ``dispatcher`` section)."""
+    refresh = section.optional("leaderboard_refresh", bool, "true or false", True)
     command = parse_command(section.value("leaderboard_command"), section.where("leaderboard_command"))
     interval = section.optional(
         "leaderboard_interval", float, "a number of seconds", DEFAULT_INTERVAL
@@ -104,7 +107,9 @@ def leaderboard_settings(section: Section) -> LeaderboardSettings:
             command[0],
         )
     return LeaderboardSettings(
-        command=None if command is None else tuple(command), interval=float(interval)
+        command=None if command is None else tuple(command),
+        interval=float(interval),
+        refresh=refresh,
     )
 
 

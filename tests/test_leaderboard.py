@@ -204,6 +204,13 @@ def test_leaderboard_settings_from_a_section(
 
     defaults = leaderboard_settings(Section(path, "dispatcher", {}))
     assert defaults.command is None and defaults.interval == DEFAULT_INTERVAL
+    assert defaults.refresh is True  # the built-in refresh is on unless turned off
+    off = Section(path, "dispatcher", {"leaderboard_refresh": False})
+    assert leaderboard_settings(off).refresh is False
+    off.warn_unknown()
+    assert "unknown key" not in caplog.text
+    with pytest.raises(ConfigError, match="leaderboard_refresh' must be true or false"):
+        leaderboard_settings(Section(path, "dispatcher", {"leaderboard_refresh": "sometimes"}))
 
     with pytest.raises(ConfigError, match="leaderboard_interval' must not be negative"):
         leaderboard_settings(Section(path, "dispatcher", {"leaderboard_interval": -1}))

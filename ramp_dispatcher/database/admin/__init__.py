@@ -43,7 +43,7 @@ from .kit import (
     ensure_file_types,
     load_problem_module,
 )
-from .leaderboard_html import new_leaderboard_html, update_new_leaderboards
+from ...leaderboards.update import new_leaderboard_html, update_new_leaderboards
 from .lookup import MAX_NAME_LENGTH, AdminError
 from .submissions import add_submission, submission_hash
 from .teams import sign_up_team

@@ -15,7 +15,7 @@ from sqlalchemy import Connection, func, insert, select, update
 from .. import ramp_schema as rs
 from ..clock import utcnow
 from .kit import _extension_id, _score_types, load_problem_module
-from .leaderboard_html import update_new_leaderboards
+from ...leaderboards.update import update_new_leaderboards
 from .lookup import (
     MAX_NAME_LENGTH,
     AdminError,
