@@ -2,11 +2,13 @@
 
 This module orchestrates only. Statements live in ``database.queries``, output
 parsing in ``results``, messages in ``messages``, retry rules in ``retry``, and
-everything a run does in its worker. Two APScheduler jobs share one thread, so
-they never run at once and need no locks:
+everything a run does in its worker; a run's life is the state machine of
+``runs``, and who a daemon is, ``owner``. Two jobs share one thread
+(``jobloop``), so they never run at once and need no locks:
 
-- ``collect`` (every ``time_between_collection`` s) asks the worker about each
-  run and writes what finished; workers wake it the moment a run ends;
+- ``collect`` (every ``time_between_collection`` s) moves each run one step
+  along its life: record its handle, ask the worker whether it ended, record
+  its end, write it back; workers wake it the moment a run ends;
 - ``claim`` (every ``poll_interval`` s) renews leases, claims as many waiting
   submissions as there are free slots, starts them, and refreshes queue
   positions; PostgreSQL's NOTIFY and freed slots wake it at once.
@@ -18,19 +20,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import shutil
 import signal
-import socket
 import threading
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -38,10 +34,14 @@ from . import messages
 from .config import EventConfig, ServerConfig
 from .database import control, queries, reports
 from .database.engine import make_engine
+from .jobloop import JobLoop
 from .leaderboards.refresher import LeaderboardService
+from .messages import first_line
 from .metrics import Metrics
+from .owner import new_owner_id, owner_is_dead
 from .results import ResultsError, parse_training_output, read_fold_error
 from .retry import RetryPolicy
+from .runs import ActiveRun, RunState
 from .sdnotify import SystemdNotifier
 from .workers import make_worker
 from .workers.base import FailureClass, RunOutcome, RunRequest, Worker, WorkerError
@@ -56,56 +56,6 @@ REAP_INTERVAL_S = 300.0
 STATUS_INTERVAL_S = 30.0
 #: exceptions that mean "the database is away", not "our bug"
 DB_ERRORS = (OperationalError, DBAPIError)
-
-
-@dataclass
-class ActiveRun:
-    event_name: str
-    run_id: int
-    submission_id: int
-    name: str  # the participant's name for the submission
-    attempt: int
-    request: RunRequest
-    handle: dict[str, Any] | None = None
-    last_check: float = 0.0
-    due: bool = True
-    outcome: RunOutcome | None = None
-    #: the handle is in the runs table (a database outage may delay it)
-    handle_recorded: bool = False
-    #: the attempt's rank since the submission was new or retried by an admin
-    budget_attempt: int = 1
-    finished_recorded: bool = False
-
-    def label(self) -> str:
-        return (
-            f"event {self.event_name}: submission {self.submission_id} ({self.name!r}) "
-            f"attempt {self.attempt}"
-        )
-
-
-def _process_start(pid: int | str) -> tuple[str, str] | None:
-    """(state, start time in clock ticks) of a process, None if there is none."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = data[data.rfind(")") + 2 :].split()
-    return fields[0], fields[19]
-
-
-def new_owner_id() -> str:
-    """``host:pid:start:random``: the start time tells a reused pid apart."""
-    start = (_process_start("self") or ("", "0"))[1]
-    return f"{socket.gethostname()}:{os.getpid()}:{start}:{uuid.uuid4().hex[:8]}"
-
-
-def owner_is_dead(owner: str) -> bool:
-    """True for a daemon of this host whose process is gone (killed, crashed)."""
-    host, pid, start, *_ = (owner.split(":") + ["", "", ""])[:4]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another host: only its lease tells
-    proc = _process_start(pid)
-    return proc is None or proc[0] == "Z" or proc[1] != start
 
 
 class Dispatcher:
@@ -133,7 +83,7 @@ class Dispatcher:
         self.stopped = threading.Event()
         self._last_reap = -REAP_INTERVAL_S  # the first claim cycle reaps
         self._last_status = -STATUS_INTERVAL_S
-        self._scheduler: BackgroundScheduler | None = None
+        self._loop: JobLoop | None = None
         self._listener = None
         self._event: queries.EventInfo | None = None
         self._db_down_since: float | None = None
@@ -148,7 +98,6 @@ class Dispatcher:
             config.worker_type, config.worker, event_name=config.ramp.event_name, daemon_id=owner,
             database=engine.url.render_as_string(hide_password=True),
         )
-        worker.validate()  # a setting that cannot work stops start-up (ConfigError)
         return cls(engine, config, worker, owner=owner, notifier=notifier)
 
     # ------------------------------------------------------------------ lifecycle
@@ -175,22 +124,17 @@ class Dispatcher:
         )
         tbc = self.config.dispatcher.time_between_collection
         poll = self.config.dispatcher.poll_interval
-        scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(1)},
-            job_defaults={"coalesce": True, "max_instances": 3, "misfire_grace_time": None},
-            timezone=dt.timezone.utc,
-        )
-        now = dt.datetime.now(dt.timezone.utc)
-        scheduler.add_job(self._guard(self.claim_cycle), "interval", seconds=poll, id="claim", next_run_time=now)
-        scheduler.add_job(self._guard(self.collect_cycle), "interval", seconds=tbc, id="collect", next_run_time=now)
+        loop = JobLoop()
+        loop.add("claim", self._guard(self.claim_cycle), poll)
+        loop.add("collect", self._guard(self.collect_cycle), tbc)
         watchdog = self.notifier.watchdog_interval()
         if watchdog:
             # On the loop's own thread: the pings stop if the loop is stuck.
-            scheduler.add_job(self._systemd_ping, "interval", seconds=watchdog, id="watchdog", next_run_time=now)
-        self._scheduler = scheduler
+            loop.add("watchdog", self._systemd_ping, watchdog)
+        self._loop = loop
         if self.config.dispatcher.metrics_port:
             self.metrics.serve(self.config.dispatcher.metrics_port)
-        scheduler.start()
+        loop.start()
         if self.engine.dialect.name == "postgresql":
             from .listen import NotifyListener
 
@@ -204,13 +148,13 @@ class Dispatcher:
         self.stopped.set()
         if self._listener is not None:
             self._listener.stop()
-        if self._scheduler is not None and self._scheduler.running:
-            self._scheduler.shutdown(wait=True)
+        if self._loop is not None:
+            self._loop.stop()
         try:
             with self.engine.begin() as conn:
                 queries.release(conn, self.owner)
         except DB_ERRORS as exc:
-            log.warning("could not release leases (%s); they expire in %s", _short(exc), self.lease)
+            log.warning("could not release leases (%s); they expire in %s", first_line(exc), self.lease)
         self.worker.close()
         self.leaderboard.close()  # finishes a pending refresh, bounded
         self.metrics.close()
@@ -237,11 +181,9 @@ class Dispatcher:
         self.worker.reconfigure(config.worker)
         self.leaderboard.command = list(config.dispatcher.leaderboard_command or []) or None
         self.leaderboard.interval = config.dispatcher.leaderboard_interval
-        if self._scheduler is not None:
-            self._scheduler.reschedule_job("claim", trigger="interval", seconds=config.dispatcher.poll_interval)
-            self._scheduler.reschedule_job(
-                "collect", trigger="interval", seconds=config.dispatcher.time_between_collection
-            )
+        if self._loop is not None:
+            self._loop.reschedule("claim", config.dispatcher.poll_interval)
+            self._loop.reschedule("collect", config.dispatcher.time_between_collection)
         log.info(
             "event config reloaded: %d worker(s), poll every %g s",
             config.dispatcher.n_workers, config.dispatcher.poll_interval,
@@ -250,13 +192,10 @@ class Dispatcher:
 
     def wake(self, job_id: str) -> None:
         """Run a job now (thread-safe); called by workers and the listener."""
-        scheduler = self._scheduler
-        if scheduler is None or self.stopped.is_set():
+        loop = self._loop
+        if loop is None or self.stopped.is_set():
             return
-        try:
-            scheduler.modify_job(job_id, next_run_time=dt.datetime.now(dt.timezone.utc))
-        except Exception:  # the scheduler is shutting down
-            pass
+        loop.wake(job_id)
 
     def _guard(self, job):
         """A job never dies: database outages are logged once and retried."""
@@ -276,7 +215,7 @@ class Dispatcher:
             except DB_ERRORS as exc:
                 if self._db_down_since is None:
                     self._db_down_since = time.monotonic()
-                    log.error("database unavailable (%s); runs are kept, retrying", _short(exc))
+                    log.error("database unavailable (%s); runs are kept, retrying", first_line(exc))
             except Exception:
                 log.exception("unexpected error in %s; continuing", job.__name__)
 
@@ -305,8 +244,7 @@ class Dispatcher:
             for run_id in set(self.active) - ours:
                 # Our lease lapsed (a long database outage) and another daemon
                 # took the run over: it is theirs to collect now.
-                log.warning("%s: taken over by another daemon; dropped", self.active[run_id].label())
-                del self.active[run_id]
+                self._drop(self.active[run_id])
             for row in adopted:
                 self._reattach(row)
             with self.engine.begin() as conn:
@@ -343,8 +281,15 @@ class Dispatcher:
             log.info("%s: checking_error (cancelled by an administrator)", run.label())
             self.metrics.outcome("cancelled")
             self.leaderboard.request([run.submission_id])
+        run.drop()
         del self.active[run.run_id]
         self.wake("claim")
+
+    def _drop(self, run: ActiveRun) -> None:
+        """Another daemon holds the run now: forget it, write nothing."""
+        log.warning("%s: taken over by another daemon; dropped", run.label())
+        run.drop()
+        self.active.pop(run.run_id, None)
 
     def _systemd_ping(self) -> None:
         """WATCHDOG=1 while the loop turns, and now and then a STATUS= summary."""
@@ -363,7 +308,7 @@ class Dispatcher:
                 summary = reports.state_counts(conn, self.event.id, self.event.sandbox_name).summary()
             self.notifier.status(summary)
         except DB_ERRORS as exc:
-            log.debug("status summary skipped: %s", _short(exc))
+            log.debug("status summary skipped: %s", first_line(exc))
 
     def _reap(self) -> None:
         """Let the worker free resources of runs nobody owns (e.g. instances)."""
@@ -392,6 +337,8 @@ class Dispatcher:
         )
 
     def _launch(self, claim: queries.Claim) -> None:
+        """A claimed run: STARTING -> STARTED (-> RUNNING once its handle is
+        recorded), or ENDED as an infrastructure failure if it cannot start."""
         request = self._request(claim.submission_id, claim.attempt)
         run = ActiveRun(
             self.event.name, claim.run_id, claim.submission_id, claim.name, claim.attempt, request
@@ -402,46 +349,45 @@ class Dispatcher:
         try:
             if not submission_dir.is_dir():
                 raise WorkerError(f"the submission's folder {submission_dir} does not exist")
-            run.handle = self.worker.start(request, lambda: self._mark_due(run.run_id))
+            run.started(self.worker.start(request, self._waker(run)))
         except WorkerError as exc:
-            run.outcome = RunOutcome(FailureClass.INFRASTRUCTURE, str(exc))
+            run.fail_to_start(str(exc))
             self.wake("collect")
             return
         except Exception as exc:  # a worker bug must not cost other runs
             log.exception("%s: worker failed to start the run", run.label())
-            run.outcome = RunOutcome(FailureClass.INFRASTRUCTURE, f"worker error: {exc}")
+            run.fail_to_start(f"worker error: {exc}")
             self.wake("collect")
             return
         log.info("%s: training", run.label())
         self._record_handle(run)
 
     def _record_handle(self, run: ActiveRun) -> None:
-        """Store the handle so a restarted daemon can find the run. A database
-        outage must not abort the other launches: collect retries it."""
+        """STARTED -> RUNNING: store the handle so a restarted daemon can find
+        the run. A database outage must not abort the other launches: the run
+        stays STARTED and collect tries again."""
         try:
             with self.engine.begin() as conn:
                 queries.mark_running(conn, run.run_id, run.handle or {})
-            run.handle_recorded = True
         except DB_ERRORS as exc:
-            log.warning("%s: handle not recorded yet (%s); will retry", run.label(), _short(exc))
+            log.warning("%s: handle not recorded yet (%s); will retry", run.label(), first_line(exc))
+            return
+        run.recorded()
 
     def _reattach(self, row: queries.RunRow) -> None:
         request = self._request(row.submission_id, row.attempt)
-        run = ActiveRun(
-            self.event.name, row.id, row.submission_id, row.submission_name, row.attempt, request
-        )
-        run.handle = row.handle
-        run.handle_recorded = True
-        if row.status == "starting" or row.handle is None:
+        run = ActiveRun.reattached(
+            self.event.name, row.id, row.submission_id, row.submission_name, row.attempt, request,
+            row.status, row.handle,
+        )  # fmt: skip
+        if run.state is RunState.STARTING:
             # The daemon died between starting the run and recording its
             # handle: the worker may find it; otherwise it never started.
-            run.handle = self.worker.recover(request)
-            if run.handle is None:
-                run.outcome = RunOutcome(
-                    FailureClass.INFRASTRUCTURE, "the dispatcher stopped while starting this run"
-                )
+            handle = self.worker.recover(request)
+            if handle is None:
+                run.fail_to_start("the dispatcher stopped while starting this run")
             else:
-                run.handle_recorded = False  # collect records it
+                run.started(handle)  # collect records it
         log.info("%s: re-attached (was %s)", run.label(), row.status)
         self.active[run.run_id] = run
 
@@ -457,83 +403,115 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ collect
 
-    def _mark_due(self, run_id: int) -> None:
-        run = self.active.get(run_id)
-        if run is not None:
-            run.due = True
-        self.wake("collect")
+    def _waker(self, run: ActiveRun) -> Callable[[], None]:
+        """The callback a worker calls (from its own thread) when the run changed."""
+
+        def wake() -> None:
+            run.wake()
+            self.wake("collect")
+
+        return wake
 
     def collect_cycle(self) -> None:
+        """Each run one step further along its life (see ``runs``)."""
         tbc = self.config.dispatcher.time_between_collection
         freed = False
         for run in list(self.active.values()):
-            if run.handle is not None and not run.handle_recorded:
+            if run.state is RunState.STARTED:
                 self._record_handle(run)
             now = time.monotonic()
-            if run.outcome is None and (run.due or now - run.last_check >= tbc):
-                run.due, run.last_check = False, now
-                try:
-                    run.outcome = self.worker.check(run.request, run.handle or {})
-                except Exception as exc:
-                    log.exception("%s: status check failed", run.label())
-                    run.outcome = RunOutcome(FailureClass.INFRASTRUCTURE, f"status check failed: {exc}")
-            if run.outcome is not None:
-                if not self._finish(run):
-                    log.warning("%s: taken over by another daemon; dropped", run.label())
-                del self.active[run.run_id]
+            if run.check_due(now):
+                self._check(run, now, tbc)
+            if run.state is RunState.ENDED:
+                self._record_end(run)
+            if run.state is RunState.FINISHED:
+                self._close(run)
+            if run.state is RunState.CLOSED:
+                self.active.pop(run.run_id, None)
                 freed = True
         if freed:
             self.metrics.set_running(len(self.active))
             self.wake("claim")
 
-    def _finish(self, run: ActiveRun) -> bool:
-        """Write a finished run's outcome; False if the run is not ours any more.
+    def _check(self, run: ActiveRun, now: float, interval: float) -> None:
+        """STARTED/RUNNING -> ENDED when the worker reports an outcome. Writes nothing."""
+        run.checked(now, interval)
+        try:
+            outcome = self.worker.check(run.request, run.handle or {})
+        except Exception as exc:
+            log.exception("%s: status check failed", run.label())
+            outcome = RunOutcome(FailureClass.INFRASTRUCTURE, f"status check failed: {exc}")
+        if outcome is not None:
+            run.end(outcome)
 
-        Raises on database errors, keeping the run for the next cycle; every
-        step is safe to repeat. Nothing on disk is touched for a run another
-        daemon took over: its files may already belong to a newer attempt.
+    def _record_end(self, run: ActiveRun) -> None:
+        """ENDED -> FINISHED: the run's row says ``finished``, with the outcome's
+        class and message (the submission ``tested`` on success).
+
+        Raises on database errors, keeping the run for the next cycle. A row
+        already finished (a re-attached run) is ours to go on with; a row
+        another daemon took over, or already collected, is dropped untouched:
+        its files may already belong to a newer attempt.
         """
         outcome = run.outcome
         assert outcome is not None
-        with self.engine.connect() as conn:
-            if not queries.run_is_ours(conn, run.run_id, self.owner):
-                return False
-        if not run.finished_recorded:
-            if outcome.duration_s is not None:
-                self.metrics.observe_duration(outcome.duration_s)
-            with self.engine.begin() as conn:
-                queries.mark_finished(
-                    conn,
-                    run.run_id,
-                    self.owner,
-                    None if outcome.failure is None else outcome.failure.value,
-                    outcome.message,
-                    succeeded=outcome.failure is None,
-                )
-            run.finished_recorded = True
+        with self.engine.begin() as conn:
+            marked = queries.mark_finished(
+                conn,
+                run.run_id,
+                self.owner,
+                None if outcome.failure is None else outcome.failure.value,
+                outcome.message,
+                succeeded=outcome.failure is None,
+            )
+            ours = marked or queries.run_is_ours(conn, run.run_id, self.owner)
+        if not ours:
+            self._drop(run)
+            return
+        if outcome.duration_s is not None:
+            self.metrics.observe_duration(outcome.duration_s)
+        run.finished()
+
+    def _close(self, run: ActiveRun) -> None:
+        """FINISHED -> CLOSED: write the results (``scored``), the final failure,
+        or the requeue of an infrastructure failure; then free what the run held.
+
+        Raises on database errors, keeping the run FINISHED for the next
+        cycle; every step is safe to repeat.
+        """
+        outcome = run.outcome
+        assert outcome is not None
         if outcome.failure is None:
             try:
                 done = self._store_results(run, outcome)
             except ResultsError as exc:
                 # ramp-test said it succeeded but its output is unusable: not the
                 # participant's doing, so it is ours to retry.
-                run.outcome = outcome = RunOutcome(
+                run.replace_outcome(RunOutcome(
                     FailureClass.INFRASTRUCTURE,
                     f"unusable output: {exc}",
                     exit_code=outcome.exit_code,
                     max_ram_mb=outcome.max_ram_mb,
                     log_path=outcome.log_path,
-                )
-                done = self._store_failure(run, outcome)
+                ))  # fmt: skip
+                assert run.outcome is not None
+                done = self._store_failure(run, run.outcome)
         else:
             done = self._store_failure(run, outcome)
         if not done:
-            return False
+            self._drop(run)
+            return
+        run.closed()
         try:
             self.worker.cleanup(run.request, run.handle or {})
         except Exception:
             log.exception("%s: cleanup failed", run.label())
-        return True
+
+    def _finish(self, run: ActiveRun) -> None:
+        """ENDED -> CLOSED in one go: what collect does for an ended run."""
+        self._record_end(run)
+        if run.state is RunState.FINISHED:
+            self._close(run)
 
     def _store_results(self, run: ActiveRun, outcome: RunOutcome) -> bool:
         request = run.request
@@ -640,10 +618,6 @@ def _replace_dir(source: Path, dest: Path) -> None:
     shutil.move(str(source), str(dest))
 
 
-def _short(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 #: longest pause between two tries to reach the database at start-up
 START_RETRY_MAX_S = 30.0
 
@@ -690,11 +664,11 @@ def wait_for_database(
                 since = now
                 log.warning(
                     "database unavailable at start-up (%s); waiting for it, "
-                    "retrying with backoff up to every %g s", _short(exc), max_delay,
+                    "retrying with backoff up to every %g s", first_line(exc), max_delay,
                 )
             notifier.notify(
                 f"EXTEND_TIMEOUT_USEC={int((delay + 30) * 1_000_000)}",
-                f"STATUS=waiting for the database for {now - since:.0f} s: {_short(exc)}",
+                f"STATUS=waiting for the database for {now - since:.0f} s: {first_line(exc)}",
             )
             if stopped.wait(delay):
                 return False

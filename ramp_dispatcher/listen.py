@@ -3,7 +3,8 @@
 The trigger installed by our migration NOTIFYs a channel with the event id. A
 thread holds one dedicated connection that LISTENs, sleeps in ``select`` (no
 CPU), and calls ``on_news`` for our event. If the connection drops it reconnects
-with backoff; polling in the dispatcher covers the gap.
+with a backoff capped at a few seconds, so that wake-ups come back within
+seconds of the database; polling in the dispatcher covers the gap.
 """
 
 from __future__ import annotations
@@ -17,8 +18,15 @@ from typing import Callable
 from sqlalchemy import Engine
 
 from .database.dispatcher_schema import NOTIFY_CHANNEL
+from .messages import first_line
 
 log = logging.getLogger(__name__)
+
+#: seconds before the first reconnect; doubled per failure up to the cap
+FIRST_RECONNECT_DELAY_S = 0.5
+#: the longest wait between two reconnects: a returning database is heard
+#: within this (one connection attempt every few seconds costs nothing)
+MAX_RECONNECT_DELAY_S = 4.0
 
 
 class NotifyListener:
@@ -39,29 +47,36 @@ class NotifyListener:
         os.close(self._stop_w)
 
     def _run(self) -> None:
-        delay = 1.0
+        delay = FIRST_RECONNECT_DELAY_S
+        failures = 0
         while True:
             try:
                 raw = self._engine.raw_connection()
             except Exception as exc:
-                log.warning("LISTEN connection failed (%s); retrying in %.0f s", _first_line(exc), delay)
+                # once per outage at warning level; then quietly, every few seconds
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "LISTEN connection failed (%s); retrying in %.1f s", first_line(exc), delay)
                 if self._sleep(delay):
                     return
-                delay = min(delay * 2, 60.0)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY_S)
                 continue
+            if failures:
+                log.info("LISTEN connection back after %d failed attempt(s)", failures)
+                failures = 0
             try:
                 dbapi = raw.driver_connection
                 dbapi.autocommit = True
                 with dbapi.cursor() as cur:
                     cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
                 log.debug("listening on %s", NOTIFY_CHANNEL)
-                delay = 1.0
+                delay = FIRST_RECONNECT_DELAY_S
                 # Anything that arrived while we were not listening: look once.
                 self._on_news()
                 if self._listen(dbapi):
                     return
             except Exception as exc:
-                log.warning("LISTEN connection lost (%s); reconnecting", _first_line(exc))
+                log.warning("LISTEN connection lost (%s); reconnecting", first_line(exc))
             finally:
                 try:
                     raw.invalidate()  # never hand a LISTENing connection back to the pool
@@ -88,7 +103,3 @@ class NotifyListener:
         """Wait, or return True at once when asked to stop."""
         ready, _, _ = select.select([self._stop_r], [], [], seconds)
         return bool(ready)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -173,3 +173,8 @@ def error_message(reason: str, detail: str | None) -> str:
     if len(reason) + 2 >= MAX_ERROR_CHARS:  # absurd reason: no room for detail
         return bound(reason)
     return reason + "\n\n" + bound(cleaned, MAX_ERROR_CHARS - len(reason) - 2)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception in one log line: its message's first line, or its type."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -34,7 +34,7 @@ from sqlalchemy.engine import make_url
 from ramp_dispatcher.database import queries
 from ramp_dispatcher.database.dispatcher_schema import runs
 from ramp_dispatcher.demo import EVENT
-from ramp_dispatcher.dispatcher import ActiveRun
+from ramp_dispatcher.runs import ActiveRun, RunState
 from ramp_dispatcher.results import parse_training_output
 from ramp_dispatcher.workers.base import FailureClass, RunOutcome
 
@@ -667,9 +667,9 @@ def test_collecting_twice_changes_nothing(empty_db_url: str, harness, monkeypatc
     d = _in_process(h, monkeypatch)
     d._event = event
     for _ in range(2):
-        run = ActiveRun(EVENT, row.id, sid, "good", row.attempt, d._request(sid, row.attempt), handle=row.handle)
-        run.handle_recorded = True
-        run.outcome = d.worker.check(run.request, run.handle)
+        run = ActiveRun(EVENT, row.id, sid, "good", row.attempt, d._request(sid, row.attempt), handle=row.handle,
+                        state=RunState.RUNNING)  # fmt: skip
+        run.end(d.worker.check(run.request, run.handle))
         assert run.outcome is not None and run.outcome.failure is None
         d._finish(run)
         assert dump_submission(h.dep.engine, sid) == before
@@ -705,9 +705,8 @@ def _late_outcomes(stale, sid: int) -> list[RunOutcome]:
 
 
 def _late_run(stale, run_id: int, sid: int, outcome: RunOutcome) -> ActiveRun:
-    run = ActiveRun(EVENT, run_id, sid, "late", 1, stale._request(sid, 1), handle={})
-    run.handle_recorded = True
-    run.outcome = outcome
+    run = ActiveRun(EVENT, run_id, sid, "late", 1, stale._request(sid, 1), handle={}, state=RunState.RUNNING)
+    run.end(outcome)
     return run
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Sequence
 
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, Select, bindparam, func, select, update
 
 from ..errors import UserError
 from .dispatcher_schema import ACTIVE_RUN_STATUSES, RUN_COLLECTED, RUN_FINISHED, runs
@@ -46,7 +46,6 @@ __all__ = [
     "write_cancelled",
 ]
 
-S = submissions
 
 #: the participant's error page shows this for a cancelled submission
 CANCEL_MESSAGE = "Cancelled by the event's administrators."
@@ -81,15 +80,15 @@ class SubmissionRef:
 def _ref_query():
     return (
         select(
-            S.c.id,
-            S.c.name,
+            submissions.c.id,
+            submissions.c.name,
             teams.c.name.label("team"),
             events.c.id.label("event_id"),
             events.c.name.label("event_name"),
-            S.c.state,
+            submissions.c.state,
             events.c.ramp_sandbox_name,
         )
-        .join(event_teams, event_teams.c.id == S.c.event_team_id)
+        .join(event_teams, event_teams.c.id == submissions.c.event_team_id)
         .join(teams, teams.c.id == event_teams.c.team_id)
         .join(events, events.c.id == event_teams.c.event_id)
     )
@@ -114,7 +113,7 @@ def find_submission(conn: Connection, ref: str, event_name: str | None = None) -
             raise UserError(f"event {event_name!r} is not in the database")
     number = ref if ref.isdigit() else (m.group(1) if (m := _ON_DISK.match(ref)) else None)
     if number is not None:
-        row = conn.execute(_ref_query().where(S.c.id == int(number))).first()
+        row = conn.execute(_ref_query().where(submissions.c.id == int(number))).first()
         if row is None:
             raise UserError(f"no submission with id {int(number)} in the database")
         if event_name is not None and row.event_name != event_name:
@@ -130,11 +129,11 @@ def find_submission(conn: Connection, ref: str, event_name: str | None = None) -
     query = _ref_query().where(events.c.name == event_name)
     if "/" in ref:
         team, name = ref.split("/", 1)
-        rows = conn.execute(query.where(teams.c.name == team, S.c.name == name)).all()
+        rows = conn.execute(query.where(teams.c.name == team, submissions.c.name == name)).all()
         if not rows:
             raise UserError(f"team {team!r} has no submission {name!r} in event {event_name!r}")
         return _to_ref(rows[0])  # (event_team, name) is unique in ramp-board
-    rows = conn.execute(query.where(S.c.name == ref).order_by(S.c.id)).all()
+    rows = conn.execute(query.where(submissions.c.name == ref).order_by(submissions.c.id)).all()
     if not rows:
         raise UserError(f"no submission named {ref!r} in event {event_name!r}")
     if len(rows) > 1:
@@ -161,9 +160,9 @@ class _RunState:
 def _lock_state(conn: Connection, submission_id: int) -> str:
     """The submission's current state, its row locked until commit (PostgreSQL;
     SQLite's BEGIN IMMEDIATE already excludes other writers)."""
-    query = select(S.c.state).where(S.c.id == submission_id)
+    query = select(submissions.c.state).where(submissions.c.id == submission_id)
     if conn.dialect.name == "postgresql":
-        query = query.with_for_update(of=S)
+        query = query.with_for_update(of=submissions)
     state = conn.execute(query).scalar_one_or_none()
     if state is None:
         raise UserError(f"submission {submission_id} is no longer in the database")
@@ -312,16 +311,17 @@ def pending_cancels(conn: Connection, run_ids: Sequence[int]) -> list[int]:
     ids = list(run_ids)
     if not ids:
         return []
-    return list(conn.execute(_pending_cancels_stmt(), {"ids": ids}).scalars())
+    return list(conn.execute(_pending_cancels_stmt(), {"run_ids": ids}).scalars())
 
 
 @cache
-def _pending_cancels_stmt():
-    # built once: the daemon asks every claim cycle
+def _pending_cancels_stmt() -> Select[tuple[int]]:
+    """Which of ``:run_ids`` an admin asked to cancel. Built once: the daemon
+    asks every claim cycle."""
     return (
         select(runs.c.id)
         .where(
-            runs.c.id.in_(bindparam("ids", expanding=True)),
+            runs.c.id.in_(bindparam("run_ids", expanding=True)),
             runs.c.cancel_requested_at.is_not(None),
             runs.c.status != RUN_COLLECTED,
         )

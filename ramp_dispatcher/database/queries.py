@@ -6,10 +6,13 @@ run twice, or a late result from a superseded attempt, changes nothing.
 
 The statements run for every submission are built once (``@cache``), with bind
 parameters for whatever varies: building a Core statement costs the daemon more
-CPU than executing it (``bench/batch.py`` measures the daemon's CPU per run).
-SQLAlchemy reserves a column's own name for the SET clause of an UPDATE, so
-bind parameters of new values are named ``v_<column>`` and those of WHERE
-clauses ``p_<column>`` where they would collide.
+CPU than executing it (``bench/cpu.py`` measures the daemon's CPU per run).
+They are kept in small typed dataclasses named for what each statement does.
+SQLAlchemy reads a parameter named like one of the table's columns as a new
+value for that column, so bind parameters are named for their role instead:
+``new_<column>`` for a value written by an UPDATE (:func:`_set_clause`),
+``daemon`` for the owner a write is guarded by, ``run_id`` and ``run_ids`` for
+the runs' primary keys.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from functools import cache
 from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import (
-    Connection, Float, Integer, and_, bindparam, exists, func, insert, or_, select, update,
+    ColumnElement, Connection, Float, Integer, Select, Update, and_, bindparam, exists, func,
+    insert, or_, select, update,
 )
+from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
 
 from ..errors import UserError
 from ..results import TrainingResults
@@ -42,8 +47,6 @@ from .ramp_schema import (
     submission_scores,
     submissions,
 )
-
-S = submissions
 
 
 # One clock for the package; re-exported (control, reports and the dispatcher
@@ -98,25 +101,25 @@ def load_event(conn: Connection, event_name: str) -> EventInfo:
     return EventInfo(row.id, event_name, row.ramp_sandbox_name, n_folds, scores)
 
 
-def _event_submissions():
+def _event_submissions() -> ColumnElement[bool]:
     """Submissions of the event ``:event_id`` (ids of its event_teams)."""
-    return S.c.event_team_id.in_(
+    return submissions.c.event_team_id.in_(
         select(event_teams.c.id).where(event_teams.c.event_id == bindparam("event_id")).scalar_subquery()
     )
 
 
-def _waiting(include_backoff: bool = False):
+def _waiting(include_backoff: bool = False) -> ColumnElement[bool]:
     """The event's submissions that wait for a run; parameters from :func:`_params`."""
     # "not the sandbox" as two ranges: both backends read them from the
     # (state, name) index and so never visit the teams' sandboxes, which stay
     # ``new`` forever (migration 0005). ``name`` is NOT NULL in ramp-board.
     sandbox = bindparam("sandbox")
-    not_sandbox = or_(S.c.name < sandbox, S.c.name > sandbox)
-    condition = and_(S.c.state == "new", not_sandbox, _event_submissions())
+    not_sandbox = or_(submissions.c.name < sandbox, submissions.c.name > sandbox)
+    condition = and_(submissions.c.state == "new", not_sandbox, _event_submissions())
     if include_backoff:
         return condition
     # an infrastructure failure waits out its backoff before the next attempt
-    return and_(condition, ~exists().where(runs.c.submission_id == S.c.id, runs.c.retry_after > bindparam("now")))
+    return and_(condition, ~exists().where(runs.c.submission_id == submissions.c.id, runs.c.retry_after > bindparam("now")))
 
 
 def _params(event: EventInfo, **more: Any) -> dict[str, Any]:
@@ -124,8 +127,8 @@ def _params(event: EventInfo, **more: Any) -> dict[str, Any]:
 
 
 @cache
-def _count_waiting_stmt(include_backoff: bool):
-    return select(func.count()).select_from(S).where(_waiting(include_backoff))
+def _count_waiting_stmt(include_backoff: bool) -> Select[tuple[int]]:
+    return select(func.count()).select_from(submissions).where(_waiting(include_backoff))
 
 
 def count_waiting(conn: Connection, event: EventInfo, include_backoff: bool = False) -> int:
@@ -146,24 +149,34 @@ class Claim:
 
 def _new_values(values: dict[str, Any]) -> tuple[tuple[str, ...], dict[str, Any]]:
     """An UPDATE's varying SET values: (their sorted column names, which key
-    the statement built for them; their ``v_`` bind parameters)."""
-    return tuple(sorted(values)), {f"v_{c}": v for c, v in values.items()}
+    the statement built for them; their ``new_<column>`` bind parameters)."""
+    return tuple(sorted(values)), {f"new_{c}": v for c, v in values.items()}
 
 
-def _set_clause(columns: tuple[str, ...]) -> dict[str, Any]:
-    return {c: bindparam(f"v_{c}") for c in columns}
+def _set_clause(columns: Iterable[str]) -> dict[str, Any]:
+    """``column = :new_<column>`` for each column, for ``.values()``."""
+    return {c: bindparam(f"new_{c}") for c in columns}
+
+
+@dataclass(frozen=True)
+class _StateStatements:
+    #: the submissions' state and the other given columns
+    submissions: Update
+    #: the same state on all their folds, as ramp-board copies it
+    folds: Update
 
 
 @cache
-def _set_state_stmts(columns: tuple[str, ...]):
-    ids = bindparam("ids", expanding=True)
-    subs = update(S).where(S.c.id.in_(ids)).values(state=bindparam("v_state"), **_set_clause(columns))
-    folds = (
-        update(submission_on_cv_folds)
-        .where(submission_on_cv_folds.c.submission_id.in_(bindparam("ids", expanding=True)))
-        .values(state=bindparam("v_state"))
+def _set_state_stmts(columns: tuple[str, ...]) -> _StateStatements:
+    folds = submission_on_cv_folds
+    return _StateStatements(
+        submissions=update(submissions)
+        .where(submissions.c.id.in_(bindparam("submission_ids", expanding=True)))
+        .values(**_set_clause(("state", *columns))),
+        folds=update(folds)
+        .where(folds.c.submission_id.in_(bindparam("submission_ids", expanding=True)))
+        .values(**_set_clause(("state",))),
     )
-    return subs, folds
 
 
 def set_state(conn: Connection, submission_ids: Sequence[int], state: str, **values: Any) -> None:
@@ -171,10 +184,10 @@ def set_state(conn: Connection, submission_ids: Sequence[int], state: str, **val
     if not submission_ids:
         return
     columns, params = _new_values(values)
-    subs, folds = _set_state_stmts(columns)
+    stmts = _set_state_stmts(columns)
     ids = list(submission_ids)
-    conn.execute(subs, {"ids": ids, "v_state": state, **params})
-    conn.execute(folds, {"ids": ids, "v_state": state})
+    conn.execute(stmts.submissions, {"submission_ids": ids, "new_state": state, **params})
+    conn.execute(stmts.folds, {"submission_ids": ids, "new_state": state})
 
 
 def claim(
@@ -193,20 +206,20 @@ def claim(
     """
     if limit <= 0:
         return []
-    oldest, last_attempts, new_run = _claim_stmts(conn.dialect.name)
+    stmts = _claim_stmts(conn.dialect.name)
     params = _params(event, limit=limit)
     now = params["now"]
-    rows = conn.execute(oldest, params).all()
+    rows = conn.execute(stmts.oldest_waiting, params).all()
     if not rows:
         return []
     ids = [r.id for r in rows]
-    last_attempt = dict(conn.execute(last_attempts, {"ids": ids}).all())
+    last_attempt = dict(conn.execute(stmts.last_attempts, {"submission_ids": ids}).all())
     set_state(conn, ids, "sent_to_training", sent_to_training_timestamp=now, queue_position=-1)
     claims = []
     for r in rows:
         attempt = last_attempt.get(r.id, 0) + 1
         run_id = conn.execute(
-            new_run,
+            stmts.new_run,
             {
                 "submission_id": r.id,
                 "event_id": event.id,
@@ -223,23 +236,32 @@ def claim(
     return claims
 
 
+@dataclass(frozen=True)
+class _ClaimStatements:
+    #: up to ``:limit`` waiting submissions, oldest first, locked (PostgreSQL)
+    oldest_waiting: Select[tuple[int, str]]
+    #: (submission id, its highest attempt) for ``:submission_ids``
+    last_attempts: Select[tuple[int, int]]
+    #: a run's row; returns its id
+    new_run: ReturningInsert[tuple[int]]
+
+
 @cache
-def _claim_stmts(dialect: str):
-    """(the oldest waiting submissions, their last attempts, a new run)."""
+def _claim_stmts(dialect: str) -> _ClaimStatements:
     oldest = (
-        select(S.c.id, S.c.name)
+        select(submissions.c.id, submissions.c.name)
         .where(_waiting())
-        .order_by(S.c.submission_timestamp, S.c.id)
+        .order_by(submissions.c.submission_timestamp, submissions.c.id)
         .limit(bindparam("limit", type_=Integer))
     )
     if dialect == "postgresql":
-        oldest = oldest.with_for_update(of=S, skip_locked=True)
-    last_attempt = (
+        oldest = oldest.with_for_update(of=submissions, skip_locked=True)
+    last_attempts = (
         select(runs.c.submission_id, func.max(runs.c.attempt))
-        .where(runs.c.submission_id.in_(bindparam("ids", expanding=True)))
+        .where(runs.c.submission_id.in_(bindparam("submission_ids", expanding=True)))
         .group_by(runs.c.submission_id)
     )
-    return oldest, last_attempt, insert(runs).returning(runs.c.id)
+    return _ClaimStatements(oldest, last_attempts, insert(runs).returning(runs.c.id))
 
 
 def update_queue_positions(conn: Connection, event: EventInfo, full: bool = False) -> None:
@@ -250,40 +272,48 @@ def update_queue_positions(conn: Connection, event: EventInfo, full: bool = Fals
     edit, a crash); it scans the event, so it runs at start-up only. Within a
     run, submissions leave the queue through :func:`claim`, which sets -1.
     """
-    ranked, stale = _queue_position_stmts()
+    stmts = _queue_position_stmts()
     params = _params(event)
-    conn.execute(ranked, params)
+    conn.execute(stmts.number_waiting, params)
     if full:
-        conn.execute(stale, params)
+        conn.execute(stmts.reset_stale, params)
+
+
+@dataclass(frozen=True)
+class _QueueStatements:
+    #: waiting submissions get their rank (only those whose rank changes)
+    number_waiting: Update
+    #: -1 for the event's submissions that left the queue behind our back
+    reset_stale: Update
 
 
 @cache
-def _queue_position_stmts():
+def _queue_position_stmts() -> _QueueStatements:
     ranked = (
         select(
-            S.c.id.label("sid"),
-            func.row_number().over(order_by=(S.c.submission_timestamp, S.c.id)).label("pos"),
+            submissions.c.id.label("sid"),
+            func.row_number().over(order_by=(submissions.c.submission_timestamp, submissions.c.id)).label("pos"),
         )
         .where(_waiting())
         .subquery()
     )
     positions = (
-        update(S)
+        update(submissions)
         .where(
-            S.c.id == ranked.c.sid,
+            submissions.c.id == ranked.c.sid,
             # redundant with the ranking, but it lets PostgreSQL's planner
             # reach the rows through the state index instead of a full scan
-            S.c.state == "new",
-            S.c.queue_position.is_distinct_from(ranked.c.pos),
+            submissions.c.state == "new",
+            submissions.c.queue_position.is_distinct_from(ranked.c.pos),
         )
         .values(queue_position=ranked.c.pos)
     )
     stale = (
-        update(S)
-        .where(_event_submissions(), S.c.queue_position != -1, ~_waiting())
+        update(submissions)
+        .where(_event_submissions(), submissions.c.queue_position != -1, ~_waiting())
         .values(queue_position=-1)
     )
-    return positions, stale
+    return _QueueStatements(positions, stale)
 
 
 # --------------------------------------------------------------------------- runs
@@ -305,7 +335,7 @@ def mark_running(conn: Connection, run_id: int, handle: dict[str, Any]) -> bool:
     """The worker started the run: store its handle; the submission is ``training``."""
     now = utcnow()
     sid = conn.execute(
-        _run_stmts().running, {"run_id": run_id, "v_handle": handle, "v_started_at": now}
+        _run_stmts().record_handle, {"run_id": run_id, "new_handle": handle, "new_started_at": now}
     ).scalar()
     if sid is None:
         return False
@@ -315,39 +345,43 @@ def mark_running(conn: Connection, run_id: int, handle: dict[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class _RunStatements:
-    running: Any
-    is_ours: Any
-    finished: Any
-    renew: Any
-    still_ours: Any
-    active_of_event: Any
+    """The per-run statements of ``dispatcher_runs``; ``:daemon`` is the owner
+    a statement is guarded by."""
+
+    #: starting -> running with ``:new_handle``; returns the submission id
+    record_handle: ReturningUpdate[tuple[int]]
+    #: the run, if ``:daemon`` holds it and it is not collected
+    held_by: Select[tuple[int]]
+    #: starting/running -> finished with the outcome; returns the submission id
+    record_end: ReturningUpdate[tuple[int]]
+    #: heartbeat and a new lease end for ``:run_ids`` that ``:daemon`` holds
+    renew_leases: Update
+    #: which of ``:run_ids`` ``:daemon`` still holds
+    still_held: Select[tuple[int]]
+    #: (id, owner, lease end) of the unfinished runs of ``:event_id``
+    unfinished_of_event: Select[tuple[int, str, dt.datetime]]
 
 
 @cache
 def _run_stmts() -> _RunStatements:
     run = runs.c.id == bindparam("run_id")
-    ours = runs.c.owner == bindparam("p_owner")
-    ids = runs.c.id.in_(bindparam("ids", expanding=True))
+    held = runs.c.owner == bindparam("daemon")
+    ids = runs.c.id.in_(bindparam("run_ids", expanding=True))
     return _RunStatements(
-        running=update(runs)
+        record_handle=update(runs)
         .where(run, runs.c.status == RUN_STARTING)
-        .values(status=RUN_RUNNING, handle=bindparam("v_handle"), started_at=bindparam("v_started_at"))
+        .values(status=RUN_RUNNING, **_set_clause(("handle", "started_at")))
         .returning(runs.c.submission_id),
-        is_ours=select(runs.c.id).where(run, ours, runs.c.status != RUN_COLLECTED),
-        finished=update(runs)
-        .where(run, ours, runs.c.status.in_((RUN_STARTING, RUN_RUNNING)))
-        .values(
-            status=RUN_FINISHED,
-            finished_at=bindparam("v_finished_at"),
-            failure_class=bindparam("v_failure_class"),
-            message=bindparam("v_message"),
-        )
+        held_by=select(runs.c.id).where(run, held, runs.c.status != RUN_COLLECTED),
+        record_end=update(runs)
+        .where(run, held, runs.c.status.in_((RUN_STARTING, RUN_RUNNING)))
+        .values(status=RUN_FINISHED, **_set_clause(("finished_at", "failure_class", "message")))
         .returning(runs.c.submission_id),
-        renew=update(runs)
-        .where(ids, ours, runs.c.status != RUN_COLLECTED)
-        .values(heartbeat_at=bindparam("v_now"), lease_expires_at=bindparam("v_expires")),
-        still_ours=select(runs.c.id).where(ids, ours),
-        active_of_event=select(runs.c.id, runs.c.owner, runs.c.lease_expires_at).where(
+        renew_leases=update(runs)
+        .where(ids, held, runs.c.status != RUN_COLLECTED)
+        .values(**_set_clause(("heartbeat_at", "lease_expires_at"))),
+        still_held=select(runs.c.id).where(ids, held),
+        unfinished_of_event=select(runs.c.id, runs.c.owner, runs.c.lease_expires_at).where(
             runs.c.event_id == bindparam("event_id"), runs.c.status.in_(ACTIVE_RUN_STATUSES)
         ),
     )
@@ -355,7 +389,7 @@ def _run_stmts() -> _RunStatements:
 
 def run_is_ours(conn: Connection, run_id: int, owner: str) -> bool:
     """Whether ``owner`` still holds the run and it is not collected yet."""
-    return conn.execute(_run_stmts().is_ours, {"run_id": run_id, "p_owner": owner}).first() is not None
+    return conn.execute(_run_stmts().held_by, {"run_id": run_id, "daemon": owner}).first() is not None
 
 
 def mark_finished(
@@ -368,13 +402,13 @@ def mark_finished(
 ) -> bool:
     """The run ended; on success the submission is ``tested`` until scored."""
     sid = conn.execute(
-        _run_stmts().finished,
+        _run_stmts().record_end,
         {
             "run_id": run_id,
-            "p_owner": owner,
-            "v_finished_at": utcnow(),
-            "v_failure_class": failure_class,
-            "v_message": message,
+            "daemon": owner,
+            "new_finished_at": utcnow(),
+            "new_failure_class": failure_class,
+            "new_message": message,
         },
     ).scalar()
     if sid is not None and succeeded:
@@ -386,21 +420,18 @@ def _close_run(conn: Connection, run_id: int, owner: str, **values: Any) -> bool
     """Collect a run once: False if it was already collected, or is no longer
     ours (another daemon took it over): then nothing may be written."""
     columns, params = _new_values(values)
-    params.update(run_id=run_id, p_owner=owner, v_collected_at=utcnow())
+    params.update(run_id=run_id, daemon=owner, new_collected_at=utcnow())
     return conn.execute(_close_run_stmt(columns), params).rowcount == 1
 
 
 @cache
-def _close_run_stmt(columns: tuple[str, ...]):
+def _close_run_stmt(columns: tuple[str, ...]) -> Update:
+    """running/finished -> collected, with the given columns, if ``:daemon`` holds it."""
     return (
         update(runs)
-        .where(runs.c.id == bindparam("run_id"), runs.c.owner == bindparam("p_owner"),
+        .where(runs.c.id == bindparam("run_id"), runs.c.owner == bindparam("daemon"),
                runs.c.status != RUN_COLLECTED)  # fmt: skip
-        .values(
-            status=RUN_COLLECTED,
-            collected_at=bindparam("v_collected_at"),
-            **_set_clause(columns),
-        )
+        .values(status=RUN_COLLECTED, **_set_clause(("collected_at", *columns)))
     )
 
 
@@ -414,8 +445,11 @@ def heartbeat(
         return set()
     now = utcnow()
     stmts = _run_stmts()
-    conn.execute(stmts.renew, {"ids": ids, "p_owner": owner, "v_now": now, "v_expires": now + lease})
-    return set(conn.execute(stmts.still_ours, {"ids": ids, "p_owner": owner}).scalars())
+    conn.execute(
+        stmts.renew_leases,
+        {"run_ids": ids, "daemon": owner, "new_heartbeat_at": now, "new_lease_expires_at": now + lease},
+    )
+    return set(conn.execute(stmts.still_held, {"run_ids": ids, "daemon": owner}).scalars())
 
 
 def release(conn: Connection, owner: str) -> None:
@@ -455,7 +489,7 @@ def adopt_orphaned_runs(
     """
     now = utcnow()
     held = set(held)
-    candidates = conn.execute(_run_stmts().active_of_event, {"event_id": event.id}).all()
+    candidates = conn.execute(_run_stmts().unfinished_of_event, {"event_id": event.id}).all()
     adopted = []
     for run_id, old_owner, expires in candidates:
         if run_id in held:
@@ -476,14 +510,14 @@ def adopt_orphaned_runs(
         select(
             runs.c.id,
             runs.c.submission_id,
-            S.c.name,
+            submissions.c.name,
             runs.c.attempt,
             runs.c.status,
             runs.c.owner,
             runs.c.handle,
             runs.c.started_at,
         )
-        .join(S, S.c.id == runs.c.submission_id)
+        .join(submissions, submissions.c.id == runs.c.submission_id)
         .where(runs.c.id.in_(adopted))
         .order_by(runs.c.id)
     ).all()
@@ -568,12 +602,22 @@ def write_results(
 
 @dataclass(frozen=True)
 class _ResultStatements:
-    fold_ids: Any
-    score_ids: Any
-    fold_times: Any
-    fold_scores: Any
-    bagged: Any
-    fold_errors: Any
+    """What ramp-database's set_time, set_scores and set_bagged_scores write,
+    and the failure message on the folds. ``fid``/``sid`` are a fold row's and
+    a score row's ids; ``tr``/``va``/``te`` the train/valid/test values."""
+
+    #: the submission's fold rows, in ramp-test's fold order
+    fold_ids: Select[tuple[int]]
+    #: (event score type, score row id) of the submission
+    score_ids: Select[tuple[int, int]]
+    #: a fold's times, state scored (executemany)
+    fold_times: Update
+    #: a fold's train/valid/test score of one score type (executemany)
+    fold_scores: Update
+    #: a score row's bagged scores (executemany)
+    bagged: Update
+    #: the error message on all folds of ``:of_submission``
+    fold_errors: Update
 
 
 @cache
@@ -607,8 +651,8 @@ def _result_stmts() -> _ResultStatements:
             test_score_cv_bags=bindparam("test_bags", type_=scores.c.test_score_cv_bags.type),
         ),
         fold_errors=update(folds)
-        .where(folds.c.submission_id == bindparam("p_submission_id"))
-        .values(error_msg=bindparam("v_error_msg")),
+        .where(folds.c.submission_id == bindparam("of_submission"))
+        .values(**_set_clause(("error_msg",))),
     )
 
 
@@ -632,7 +676,7 @@ def write_failure(
     if max_ram_mb is not None:
         values["max_ram"] = float(max_ram_mb)
     set_state(conn, [submission_id], state, **values)
-    conn.execute(_result_stmts().fold_errors, {"p_submission_id": submission_id, "v_error_msg": error_msg})
+    conn.execute(_result_stmts().fold_errors, {"of_submission": submission_id, "new_error_msg": error_msg})
     return True
 
 
@@ -683,14 +727,14 @@ def submission_summaries(conn: Connection, event: EventInfo) -> list[SubmissionS
 
     rows = conn.execute(
         select(
-            S.c.id, S.c.name, teams.c.name.label("team"), S.c.state, S.c.queue_position,
-            S.c.train_time_cv_mean, S.c.valid_time_cv_mean, S.c.test_time_cv_mean,
-            S.c.max_ram, S.c.error_msg,
+            submissions.c.id, submissions.c.name, teams.c.name.label("team"), submissions.c.state, submissions.c.queue_position,
+            submissions.c.train_time_cv_mean, submissions.c.valid_time_cv_mean, submissions.c.test_time_cv_mean,
+            submissions.c.max_ram, submissions.c.error_msg,
         )
-        .join(event_teams, event_teams.c.id == S.c.event_team_id)
+        .join(event_teams, event_teams.c.id == submissions.c.event_team_id)
         .join(teams, teams.c.id == event_teams.c.team_id)
         .where(event_teams.c.event_id == event.id)
-        .order_by(S.c.submission_timestamp, S.c.id)
+        .order_by(submissions.c.submission_timestamp, submissions.c.id)
     ).all()
     names = {s.event_score_type_id: s.name for s in event.scores}
     scores: dict[int, dict[str, tuple[float | None, float | None]]] = {}

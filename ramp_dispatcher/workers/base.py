@@ -99,8 +99,9 @@ class Worker(ABC):
     def validate(self) -> None:
         """Check, once before serving, that runs can start on this host.
 
-        Raise :class:`WorkerConfigError` naming the key to fix (``run`` then
-        exits 2 naming the file and the key). May be slow; the default checks
+        Raise :class:`WorkerConfigError` naming the key to fix, or a
+        :class:`~ramp_dispatcher.configfile.ConfigError` that already names the
+        file and key (``run`` then exits 2). May be slow; the default checks
         nothing.
         """
 
@@ -126,12 +127,6 @@ class Worker(ABC):
     @abstractmethod
     def cleanup(self, request: RunRequest, handle: Handle) -> None:
         """Release what the run holds (process, instance, temporary files)."""
-
-    def validate(self) -> None:
-        """Check the settings against the outside world before serving (the
-        daemon calls it at start-up); raise
-        :class:`~ramp_dispatcher.configfile.ConfigError` naming the file and
-        key of a setting that cannot work. The default checks nothing more."""
 
     def reconfigure(self, config: Any) -> None:
         """A re-read config (SIGHUP) applies to the runs started from now on."""

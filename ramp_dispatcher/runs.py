@@ -1,0 +1,154 @@
+"""One run's life in the daemon, as one explicit state.
+
+A run is claimed (a ``dispatcher_runs`` row exists, status ``starting``),
+started by its worker, checked until it ends, and then written back. The
+daemon keeps each run it serves as an :class:`ActiveRun`; its ``state`` says
+which step comes next, and each transition below names what the dispatcher
+writes to the database when it makes it::
+
+    STARTING ──start──> STARTED ──record_handle──> RUNNING
+       │                   │                          │
+       └──start failed──> ENDED <────────check────────┘
+                            │
+                       record_end
+                            v
+                         FINISHED ──close──> CLOSED (leaves the active set)
+
+A run taken over by another daemon, or cancelled by an admin, goes to CLOSED
+from any state (``drop`` / ``cancel``). The database keeps its own, coarser
+``status`` per run (starting, running, finished, collected); a restarted daemon
+re-attaches from it (:meth:`ActiveRun.reattached`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .database.dispatcher_schema import RUN_STARTING
+from .workers.base import FailureClass, Handle, RunOutcome, RunRequest
+
+
+class RunState(enum.Enum):
+    #: claimed; the worker has not started it yet
+    STARTING = "starting"
+    #: the worker started it; its handle is not in the runs table yet (a
+    #: database outage delays it, or it was found again after a crash)
+    STARTED = "started"
+    #: its handle is recorded; waiting for the worker to report its end
+    RUNNING = "running"
+    #: the worker reported its outcome; the runs table does not say so yet
+    ENDED = "ended"
+    #: the runs table says it finished; the submission's rows are not written yet
+    FINISHED = "finished"
+    #: written back (or dropped, or cancelled): it leaves the active set
+    CLOSED = "closed"
+
+
+#: states in which the worker is asked whether the run ended
+CHECKED_STATES = (RunState.STARTED, RunState.RUNNING)
+
+
+class TransitionError(RuntimeError):
+    """A transition asked of a run in a state that does not allow it (a bug)."""
+
+
+@dataclass
+class ActiveRun:
+    event_name: str
+    run_id: int
+    submission_id: int
+    name: str  # the participant's name for the submission
+    attempt: int
+    request: RunRequest
+    handle: Handle | None = None
+    state: RunState = RunState.STARTING
+    outcome: RunOutcome | None = None
+    #: the attempt's rank since the submission was new or retried by an admin
+    budget_attempt: int = 1
+    #: monotonic time of the next status check; 0 asks for one at once
+    check_at: float = 0.0
+
+    def label(self) -> str:
+        return (
+            f"event {self.event_name}: submission {self.submission_id} ({self.name!r}) "
+            f"attempt {self.attempt}"
+        )
+
+    def _move(self, allowed: tuple[RunState, ...], to: RunState) -> None:
+        if self.state not in allowed:
+            raise TransitionError(f"{self.label()}: cannot go from {self.state.name} to {to.name}")
+        self.state = to
+
+    # ---------------------------------------------------------------- transitions
+
+    @classmethod
+    def reattached(
+        cls, event_name: str, run_id: int, submission_id: int, name: str, attempt: int,
+        request: RunRequest, status: str, handle: Handle | None,
+    ) -> ActiveRun:  # fmt: skip
+        """A run of the runs table taken up by this daemon (restart, orphan).
+
+        Writes nothing. ``starting`` or no handle: the daemon died between
+        starting it and recording its handle; the caller asks the worker to
+        find it (:meth:`started` or :meth:`end`). A ``finished`` row is checked
+        again: the outcome was not kept, the worker's status tells it again.
+        """
+        run = cls(event_name, run_id, submission_id, name, attempt, request, handle=handle)
+        if status != RUN_STARTING and handle is not None:
+            run.state = RunState.RUNNING
+        return run
+
+    def started(self, handle: Handle) -> None:
+        """STARTING -> STARTED: the worker started it. Writes nothing yet."""
+        self._move((RunState.STARTING,), RunState.STARTED)
+        self.handle = handle
+
+    def recorded(self) -> None:
+        """STARTED -> RUNNING. The dispatcher wrote the handle on the run's row
+        (status ``running``) and set the submission ``training``."""
+        self._move((RunState.STARTED,), RunState.RUNNING)
+
+    def end(self, outcome: RunOutcome) -> None:
+        """STARTING/STARTED/RUNNING -> ENDED: the worker's outcome (or the
+        failure to start it). Writes nothing: :meth:`finished` follows."""
+        self._move((RunState.STARTING, *CHECKED_STATES), RunState.ENDED)
+        self.outcome = outcome
+
+    def fail_to_start(self, message: str) -> None:
+        """STARTING/STARTED -> ENDED as an infrastructure failure."""
+        self.end(RunOutcome(FailureClass.INFRASTRUCTURE, message))
+
+    def finished(self) -> None:
+        """ENDED -> FINISHED. The dispatcher wrote the run's row ``finished``
+        with the failure class and message (the submission ``tested`` on
+        success): a crash from here on does not lose the outcome's class."""
+        self._move((RunState.ENDED,), RunState.FINISHED)
+
+    def replace_outcome(self, outcome: RunOutcome) -> None:
+        """In FINISHED: a successful run whose output turned out unusable is
+        written back as an infrastructure failure instead."""
+        self._move((RunState.FINISHED,), RunState.FINISHED)
+        self.outcome = outcome
+
+    def closed(self) -> None:
+        """FINISHED -> CLOSED. The dispatcher wrote the result (``scored``), the
+        final failure or the requeue, and closed the run's row (``collected``)."""
+        self._move((RunState.FINISHED,), RunState.CLOSED)
+
+    def drop(self) -> None:
+        """any -> CLOSED without writing: another daemon holds the run now, or
+        an admin's cancel closed it (the dispatcher wrote ``write_cancelled``)."""
+        self.state = RunState.CLOSED
+
+    # ---------------------------------------------------------------- checks
+
+    def check_due(self, now: float) -> bool:
+        return self.state in CHECKED_STATES and now >= self.check_at
+
+    def checked(self, now: float, interval: float) -> None:
+        self.check_at = now + interval
+
+    def wake(self) -> None:
+        """The worker said something changed: check at the next cycle."""
+        self.check_at = 0.0
