@@ -40,7 +40,8 @@ from .database import control, queries, reports
 from .database.engine import make_engine
 from .leaderboard import LeaderboardRefresher
 from .metrics import Metrics
-from .results import ResultsError, parse_training_output, read_fold_error
+from .results import ResultsError, read_fold_error
+from .trusted_scores import read_results
 from .retry import RetryPolicy
 from .sdnotify import SystemdNotifier
 from .workers import make_worker
@@ -164,6 +165,7 @@ class Dispatcher:
         return self._event
 
     def start(self) -> None:
+        self.worker.validate()  # e.g. the sandbox can start here; else exit 2 before any claim
         with self.engine.begin() as conn:
             self._event = queries.load_event(conn, self.config.ramp.event_name)
             queries.update_queue_positions(conn, self.event, full=True)
@@ -541,13 +543,18 @@ class Dispatcher:
         source = outcome.output_dir if outcome.output_dir and outcome.output_dir.is_dir() else kept
         if not source.is_dir():
             raise ResultsError(f"no training_output folder at {outcome.output_dir}")
-        results = parse_training_output(source, self.event.n_folds, self.event.score_names)
+        # The scores recomputed outside the sandbox when the worker has them.
+        results, note = read_results(
+            source, self.event.n_folds, self.event.score_names, outcome.trusted_scores
+        )
+        if note:
+            log.warning("%s: %s", run.label(), note)
         if source != kept:
             _replace_dir(source, kept)
         with self.engine.begin() as conn:
             written = queries.write_results(
                 conn, self.event, run.run_id, self.owner, run.submission_id, results,
-                outcome.max_ram_mb,
+                outcome.max_ram_mb, note=note,
             )
         if written:
             log.info("%s: scored", run.label())

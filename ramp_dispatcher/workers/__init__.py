@@ -23,7 +23,7 @@ def load_worker_config(worker_type: str, section: Section) -> Any:
     from ..config import ConfigError
 
     if worker_type == "conda":
-        from .conda import CondaConfig
+        from .conda import CondaConfig, sandbox_settings
 
         timeout = section.optional("timeout", float, "a number of seconds", 7200.0)
         memory = section.optional("memory_limit_mb", float, "a number of megabytes", None)
@@ -35,6 +35,7 @@ def load_worker_config(worker_type: str, section: Section) -> Any:
             conda_env=section.required("conda_env", str, "a string"),
             timeout=float(timeout),
             memory_limit_mb=memory,
+            **sandbox_settings(section),
         )
     if worker_type == "aws":
         return _load_aws(section)

@@ -71,6 +71,9 @@ class RunOutcome:
     output_dir: Path | None = None
     log_path: Path | None = None
     duration_s: float | None = None
+    #: scores recomputed outside the run's sandbox (workers/rescore.py's JSON);
+    #: when set, they replace what the run's own score files say
+    trusted_scores: Path | None = None
 
 
 class WorkerError(Exception):
@@ -84,6 +87,10 @@ class Worker(ABC):
     type_name: str
     #: the worker type's own config dataclass
     config: Any
+
+    def validate(self) -> None:
+        """Start-up check that the worker can run here (raise a UserError
+        naming the file and key if not). The default has nothing to check."""
 
     @abstractmethod
     def start(self, request: RunRequest, wake: Wake) -> Handle:
