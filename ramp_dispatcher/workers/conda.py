@@ -479,6 +479,7 @@ class CondaWorker(Worker):
             "started_at": None,
             "timeout": float(self.config.timeout),
             "memory_limit_mb": self.config.memory_limit_mb,
+            "sandbox": self.config.sandbox,
         }
 
     def _wait_and_wake(

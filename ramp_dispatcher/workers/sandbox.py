@@ -80,7 +80,7 @@ class Limits:
     max_open_files: int | None = 1024
     #: largest file a run may write, the log included (RLIMIT_FSIZE)
     max_file_size_mb: float | None = 1024.0
-    #: size of the private /tmp (a tmpfs, counted as the run's memory)
+    #: size of the private /tmp (a tmpfs: host memory, outside memory_limit_mb's sampling)
     tmp_size_mb: float | None = 512.0
     #: the training_output folder's size after the run; above it the run fails
     max_output_mb: float | None = 2048.0
