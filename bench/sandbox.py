@@ -159,9 +159,10 @@ def _rescore(tmp: Path, kit: Path, n_rows: int, n: int) -> list[Row]:
          "--ignore-warning"],
         check=True, capture_output=True,
     )  # fmt: skip
-    times = []
+    times, cpus = [], []
     for _ in range(n):
         settle()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         subprocess.run(
             [sys.executable, "-I", "-B", str(RESCORE_SCRIPT), "--kit-dir", str(kit), "--data-dir", str(kit),
@@ -169,6 +170,8 @@ def _rescore(tmp: Path, kit: Path, n_rows: int, n: int) -> list[Row]:
             check=True, capture_output=True,
         )  # fmt: skip
         times.append(time.perf_counter() - t0)
-    t = median(times)
-    say(f"  trusted scoring, {n_rows} rows, 3 folds: {t:.2f} s per run")
-    return [Row("sandbox", f"trusted scoring per run ({n_rows} rows)", f"{t:.2f} s")]
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    t, cpu = median(times), median(cpus)
+    say(f"  trusted scoring, {n_rows} rows, 3 folds: {t:.2f} s wall, {cpu:.2f} s CPU per run")
+    return [Row("sandbox", f"trusted scoring per run ({n_rows} rows): wall / CPU", f"{t:.2f} s / {cpu:.2f} s")]

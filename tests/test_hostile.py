@@ -150,11 +150,13 @@ def attacks(root: Path, port: int) -> dict[str, str]:
         attempt("environ", lambda: {{p: read(f"/proc/{{p}}/environ") for p in listing("/proc") if p.isdigit()}})
         attempt("own_environ", lambda: dict(_os.environ))
         attempt("list_submissions", lambda: listing({str(subs)!r}))
-        attempt("read_other", lambda: read({str(subs / 'submission_000000001' / 'estimator.py')!r}))
-        attempt("write_other", lambda: write({str(subs / 'submission_000000001' / 'estimator.py')!r}))
+        # the team's starting kit and the two honest submissions come first: ids 1-3
+        others = [f"submission_{{sid:09d}}" for sid in (1, 2, 3)]
+        attempt("read_other", lambda: [read({str(subs)!r} + f"/{{o}}/estimator.py") for o in others])
+        attempt("write_other", lambda: [write({str(subs)!r} + f"/{{o}}/estimator.py") for o in others])
         attempt("list_predictions", lambda: listing({str(preds)!r}))
-        attempt("read_other_predictions", lambda: read({str(preds / 'submission_000000001' / 'bagged_scores.csv')!r}))
-        attempt("write_other_predictions", lambda: write({str(preds / 'submission_000000001' / 'bagged_scores.csv')!r}))
+        attempt("read_other_predictions", lambda: [read({str(preds)!r} + f"/{{o}}/bagged_scores.csv") for o in others[1:]])
+        attempt("write_other_predictions", lambda: [write({str(preds)!r} + f"/{{o}}/bagged_scores.csv") for o in others[1:]])
         attempt("write_kit", lambda: write({str(kit / 'problem.py')!r}))
         attempt("write_data", lambda: write({str(data / 'data' / 'test.csv')!r}))
         attempt("list_logs", lambda: listing({str(logs)!r}))
@@ -343,6 +345,10 @@ def test_every_submission_ends_and_the_daemon_stays_up(arena: Arena) -> None:
     assert messages[s["victim"].id] == "" and messages[s["honest"].id] == ""
     # the daemon user ran the daemon and its runs (what root would pass proves little)
     assert os.stat(arena.events_dir / "logs").st_uid != 0
+    # the attacked submissions are the ones the snoop aimed at
+    assert {s["victim"].id, s["honest"].id} <= {1, 2, 3}
+    victim_preds = arena.events_dir / "predictions" / f"submission_{s['victim'].id:09d}"
+    assert (victim_preds / "bagged_scores.csv").is_file()
 
 
 def test_nothing_outside_the_runs_folders_changed(arena: Arena) -> None:
