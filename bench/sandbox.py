@@ -124,6 +124,7 @@ def _whole_run(tmp: Path, kit: Path, n: int) -> list[Row]:
     from ramp_dispatcher.workers.conda import CondaConfig, CondaWorker
 
     walls: dict[str, list[float]] = {"bwrap": [], "none": []}
+    cpus: dict[str, list[float]] = {"bwrap": [], "none": []}
     for i in range(n):
         for mode in ("none", "bwrap"):
             name = f"submission_{100 + len(walls['bwrap']) + len(walls['none']):09d}"
@@ -134,16 +135,25 @@ def _whole_run(tmp: Path, kit: Path, n: int) -> list[Row]:
                                  tmp / "runs" / "logs", tmp / "runs" / "predictions")  # fmt: skip
             worker = CondaWorker(CondaConfig(conda_env=sys.prefix, sandbox=mode, verify_scores=False))
             settle()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             handle = worker.start(request, lambda: None)
             while (outcome := worker.check(request, handle)) is None:
                 time.sleep(0.02)
             walls[mode].append(time.perf_counter() - t0)
+            worker.cleanup(request, handle)  # reaps the supervisor: its CPU is counted
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus[mode].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
             if outcome.failure is not None:
                 raise RuntimeError(f"{mode} run failed: {outcome.message}")
     none, boxed = median(walls["none"]), median(walls["bwrap"])
-    say(f"  whole run (iris, ramp-test): {none:.2f} s without, {boxed:.2f} s in the sandbox")
-    return [Row("sandbox", "whole run, sandbox: none / bwrap", f"{none:.2f} s / {boxed:.2f} s")]
+    none_cpu, boxed_cpu = median(cpus["none"]), median(cpus["bwrap"])
+    say(f"  whole run (iris, ramp-test): wall {none:.2f} s without, {boxed:.2f} s in the sandbox; "
+        f"CPU {none_cpu:.2f} / {boxed_cpu:.2f} s")  # fmt: skip
+    return [
+        Row("sandbox", "whole run wall, sandbox: none / bwrap", f"{none:.2f} s / {boxed:.2f} s"),
+        Row("sandbox", "whole run CPU, sandbox: none / bwrap", f"{none_cpu:.2f} s / {boxed_cpu:.2f} s"),
+    ]
 
 
 def _rescore(tmp: Path, kit: Path, n_rows: int, n: int) -> list[Row]:
