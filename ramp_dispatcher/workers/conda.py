@@ -26,7 +26,13 @@ from typing import Any, Mapping
 from .base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker, WorkerError
 from . import sandbox as sb
 from . import supervise
-from .post_run import PostRunCheck, post_run_path, read_post_run, run_post_run_checks
+from .post_run import (
+    PostRunCheck,
+    env_python,
+    post_run_path,
+    read_post_run,
+    run_post_run_checks,
+)
 from .sandbox import SandboxError
 
 log = logging.getLogger(__name__)
@@ -559,7 +565,7 @@ class CondaWorker(Worker):
         try:
             try:
                 prefix = prefix or self.env_prefix()
-                python = prefix / "bin" / "python"
+                python = env_python(prefix)
             except WorkerError as exc:
                 python = Path(f"(environment unavailable: {exc})")
             run_post_run_checks(

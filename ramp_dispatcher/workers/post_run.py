@@ -95,6 +95,23 @@ def sanitize_output(output_dir: Path) -> tuple[list[str], int]:
     return sorted(removed), total
 
 
+def env_python(prefix: Path) -> Path:
+    """The environment's interpreter: ``bin/python``, else the one named by
+    ``bin/ramp-test``'s ``#!`` line (an environment without a python link)."""
+    python = prefix / "bin" / "python"
+    if os.access(python, os.X_OK):
+        return python
+    try:
+        with open(prefix / "bin" / "ramp-test", "rb") as f:
+            first = f.readline(4096)
+        named = Path(first[2:].decode(errors="replace").split()[0]) if first.startswith(b"#!") else None
+    except (OSError, IndexError):
+        named = None
+    if named is not None and named.name.startswith("python") and os.access(named, os.X_OK):
+        return named
+    return python  # missing: the check reports it as the platform's failure
+
+
 def rescore_env() -> dict[str, str]:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
