@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .common import BACKENDS, QUIET_WAIT, Row, format_table, say
 
-NAMES = ("batch", "cpu", "latency", "scale", "soak", "leaderboards")
+NAMES = ("batch", "cpu", "latency", "scale", "soak", "leaderboards", "sandbox")
 
 
 def _machine() -> str:

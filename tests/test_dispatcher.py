@@ -188,7 +188,13 @@ def test_malformed_output_is_reported_not_fatal(empty_db_url: str, tmp_path: Pat
         },
         dispatcher_extra="max_attempts: 1",
     )
-    dep.event_path.write_text(dep.event_path.read_text().replace(f"conda_env: {sys.prefix}", f"conda_env: {env}"))
+    # The stand-in calls the real ramp-test of another prefix, which a sandbox
+    # would not show; and the parser's own checks are tested, not the rescoring
+    # (test_sandbox covers a damaged output in the sandbox).
+    dep.event_path.write_text(dep.event_path.read_text().replace(
+        f"conda_env: {sys.prefix}",
+        f"conda_env: {env}\n  sandbox: none\n  verify_scores: false",
+    ))
     dep.run_until_done()
     s = dep.summaries()
     assert s["good"].state == "scored"
@@ -220,6 +226,8 @@ def test_timeout_kills_the_whole_tree(empty_db_url: str, tmp_path: Path) -> None
         """
     # the limit leaves a loaded CI machine time for the good run (~3 s alone)
     dep = Deployment(tmp_path / "deploy", empty_db_url, {"hang": hog, "good": GOOD}, timeout=12)
+    # the supervisor's own tree stop, without the sandbox's PID namespace (test_sandbox: with it)
+    dep.set_worker(sandbox="none")
     started = time.monotonic()
     dep.run_until_done()
     assert time.monotonic() - started < 60

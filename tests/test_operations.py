@@ -26,7 +26,8 @@ EXE = Path(sys.prefix) / "bin" / "ramp-dispatcher"
 
 
 def test_service_notify_metrics_leaderboard_cancel_retry(empty_db_url: str, tmp_path: Path) -> None:
-    marker = tmp_path / "second-try"
+    # in the data folder: the sandbox shows the run that folder (read-only)
+    marker = tmp_path / "deploy" / "ramp-data" / "iris" / "second-try"
     # fails until the test creates the marker file: a retry then succeeds
     flaky = dedent(GOOD) + dedent(
         f"""

@@ -541,7 +541,8 @@ def test_environment_disappears(empty_db_url: str, harness, tmp_path: Path) -> N
     script.chmod(0o755)
 
     h = harness(empty_db_url, {"first": GOOD}, n_workers=1, dispatcher_extra="max_attempts: 3\nretry_delay: 0")
-    edit_event_config(h.dep.event_path, "worker", conda_env=str(env))
+    # (a stand-in env has no python of its own to score the predictions again with)
+    edit_event_config(h.dep.event_path, "worker", conda_env=str(env), verify_scores=False)
     edit_event_config(h.dep.event_path, "dispatcher", hunger_policy="sleep")
     d = h.daemon("d")
     h.wait_states(lambda s: s["first"] == "scored", 60, "first scored")

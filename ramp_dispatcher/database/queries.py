@@ -535,14 +535,17 @@ def write_results(
     submission_id: int,
     results: TrainingResults,
     max_ram_mb: float | None,
+    note: str = "",
 ) -> bool:
     """Store a successful run exactly where ramp-database's set_time, set_scores
-    and set_bagged_scores put it; the submission becomes ``scored``.
+    and set_bagged_scores put it; the submission becomes ``scored``. ``note``
+    (e.g. that the scores were recomputed) goes to the run's message.
 
     Statements are per table (executemany), not per value. Returns False when
     the run was already collected.
     """
-    if not _close_run(conn, run_id, owner, outcome="scored", max_ram_mb=_int(max_ram_mb)):
+    extra = {"message": note} if note else {}
+    if not _close_run(conn, run_id, owner, outcome="scored", max_ram_mb=_int(max_ram_mb), **extra):
         return False
     stmts = _result_stmts()
     fold_ids = conn.execute(stmts.fold_ids, {"submission_id": submission_id}).scalars().all()

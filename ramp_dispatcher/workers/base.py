@@ -72,6 +72,9 @@ class RunOutcome:
     output_dir: Path | None = None
     log_path: Path | None = None
     duration_s: float | None = None
+    #: scores recomputed outside the run's sandbox (workers/rescore.py's JSON);
+    #: when set, they replace what the run's own score files say
+    trusted_scores: Path | None = None
 
 
 class WorkerError(Exception):

@@ -9,6 +9,7 @@ a restarted daemon can pick up runs started by its predecessor.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,11 +19,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
-from ..configfile import InvalidSetting
+from ..configfile import ConfigError, InvalidSetting
+from . import sandbox as sb
 from . import supervise
 from .base import (
     FailureClass,
@@ -34,6 +36,14 @@ from .base import (
     WorkerConfigError,
     WorkerError,
 )
+from .post_run import (
+    PostRunCheck,
+    env_python,
+    post_run_path,
+    read_post_run,
+    run_post_run_checks,
+)
+from .sandbox import SandboxError
 
 if TYPE_CHECKING:
     from ..configfile import Section
@@ -55,6 +65,9 @@ CONDA_INFO_TIMEOUT_S = 60.0
 #: how long :meth:`CondaWorker.cleanup` waits for a stopping supervisor
 STOP_WAIT_S = 10.0
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+#: ``sandbox`` values; bubblewrap exists on Linux only
+SANDBOX_CHOICES = ("bwrap", "none")
+DEFAULT_SANDBOX = "bwrap" if sys.platform.startswith("linux") else "none"
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,18 @@ class CondaConfig:
     #: bound of a run's log: past it the supervisor keeps the head and the
     #: latest output, with a line saying how much was dropped
     max_log_mb: float = 5.0
+    #: ``bwrap``: ramp-test runs in a bubblewrap sandbox; ``none``: as the daemon's user
+    sandbox: str = DEFAULT_SANDBOX
+    #: the sandboxed run may use the network (it may not by default)
+    allow_network: bool = False
+    #: variables the run's environment gets beyond the sandbox's allow-list
+    run_env: Mapping[str, str] = field(default_factory=dict)
+    #: process count, open files, file size, /tmp and output size of one run
+    limits: sb.Limits = sb.DEFAULT_LIMITS
+    #: recompute the scores outside the sandbox from the saved predictions
+    verify_scores: bool = True
+    #: the event config file: never shown in the sandbox, named in errors
+    config_path: Path | None = None
 
     def __post_init__(self) -> None:
         # The one place these values are checked: from_section names the file.
@@ -87,6 +112,10 @@ class CondaConfig:
             )
         if not self.max_log_mb > 0:
             raise InvalidSetting("max_log_mb", f"must be positive, got {self.max_log_mb!r}")
+        if self.sandbox not in SANDBOX_CHOICES:
+            raise InvalidSetting(
+                "sandbox", f"must be one of {', '.join(SANDBOX_CHOICES)}, got {self.sandbox!r}"
+            )
 
     @classmethod
     def from_section(cls, section: Section) -> CondaConfig:
@@ -100,6 +129,7 @@ class CondaConfig:
                 timeout=float(timeout),
                 memory_limit_mb=None if memory is None else float(memory),
                 max_log_mb=float(max_log),
+                **sandbox_settings(section),
             )
         except InvalidSetting as exc:
             raise section.invalid(exc) from None
@@ -112,6 +142,43 @@ def from_section(section: Section) -> CondaConfig:
 
 def create_worker(config: CondaConfig, context: WorkerContext) -> CondaWorker:
     return CondaWorker(config)
+
+
+def sandbox_settings(section: Section) -> dict[str, Any]:
+    """The sandbox, limit and score-check keys of a conda ``worker`` section, as
+    CondaConfig keyword arguments."""
+    def where(key: str) -> str:
+        return f"{section.path}: key 'worker.{key}'"
+
+    choice = section.choice("sandbox", SANDBOX_CHOICES, DEFAULT_SANDBOX)
+    run_env = section.optional("run_env", lambda v: v, "a mapping", {})
+    if not isinstance(run_env, dict) or not all(
+        isinstance(k, str) and k and "=" not in k and isinstance(v, (str, int, float))
+        and not isinstance(v, bool)
+        for k, v in run_env.items()
+    ):
+        raise ConfigError(f"{where('run_env')} must be a mapping of variable names to strings")
+    limits: dict[str, Any] = {}
+    for key, kind, type_name in (
+        ("max_processes", int, "an integer"),
+        ("max_open_files", int, "an integer"),
+        ("max_file_size_mb", float, "a number of megabytes"),
+        ("tmp_size_mb", float, "a number of megabytes"),
+        ("max_output_mb", float, "a number of megabytes"),
+    ):
+        default = getattr(sb.DEFAULT_LIMITS, key)
+        value = section.optional(key, kind, type_name, default)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{where(key)} must be positive")
+        limits[key] = value
+    return {
+        "sandbox": choice,
+        "allow_network": section.optional("allow_network", bool, "true or false", False),
+        "run_env": {k: str(v) for k, v in run_env.items()},
+        "limits": sb.Limits(**limits),
+        "verify_scores": section.optional("verify_scores", bool, "true or false", True),
+        "config_path": Path(section.path),
+    }
 
 
 # ---------------------------------------------------------------- environments
@@ -269,6 +336,58 @@ class CondaWorker(Worker):
         self._env_cache: tuple[Path, float] | None = None  # prefix, expiry (monotonic)
         # Supervisors started by this daemon, so their exit status is reaped.
         self._procs: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
+        self._bwrap: str | None = None  # checked once: validate() or the first run
+        self._system_binds: tuple[tuple[str, str], ...] | None = None
+        # post-run checks in progress, and the wake callback of each run
+        self._post_runs: dict[tuple[int, int], threading.Thread] = {}
+        self._wakes: dict[tuple[int, int], Wake] = {}
+
+    # -- sandbox
+    def _where(self, key: str) -> str:
+        where = f"{self.config.config_path}: " if self.config.config_path else ""
+        return f"{where}key 'worker.{key}'"
+
+    def _check_sandbox(self) -> None:
+        """The configured sandbox can start here (else a :class:`SandboxError`
+        naming the file and key); ``sandbox: none`` is said loudly, since every
+        submission then runs as this daemon's user."""
+        if self.config.sandbox == "none":
+            log.warning(
+                "%s is 'none': submissions run WITHOUT a sandbox, as this daemon's user, "
+                "with its files, environment and network",
+                self._where("sandbox"),
+            )
+            return
+        try:
+            self._bwrap = sb.check_bwrap(sb.find_bwrap(), self.config.allow_network)
+        except SandboxError as exc:
+            raise SandboxError(f"{self._where('sandbox')}: {exc}") from None
+
+    def _sandbox_spec(self, request: RunRequest, prefix: Path) -> sb.SandboxSpec:
+        if self._bwrap is None:
+            try:
+                self._check_sandbox()
+            except SandboxError as exc:
+                raise WorkerError(str(exc)) from None
+        if self._system_binds is None:
+            self._system_binds = sb.system_binds()
+        hidden = [request.submissions_dir, request.predictions_dir, request.logs_dir]
+        if self.config.config_path is not None:
+            hidden.append(self.config.config_path)
+        return sb.SandboxSpec(
+            python_roots=sb.python_roots(prefix),
+            kit_dir=Path(os.path.abspath(request.kit_dir)),
+            data_dir=Path(os.path.abspath(request.data_dir)),
+            submission_dir=Path(os.path.abspath(request.submissions_dir / request.submission_name)),
+            output_dir=Path(os.path.abspath(request.output_dir)),
+            hidden=tuple(Path(os.path.abspath(p)) for p in hidden),
+            system=self._system_binds,
+            allow_network=self.config.allow_network,
+            run_env=dict(self.config.run_env),
+            n_threads=request.n_threads,
+            limits=self.config.limits,
+            bwrap=self._bwrap or "bwrap",
+        )
 
     # -- environment
     def env_prefix(self) -> Path:
@@ -287,12 +406,14 @@ class CondaWorker(Worker):
 
     # -- Worker interface
     def validate(self) -> None:
-        """The environment exists and has ``bin/ramp-test`` (``run`` checks it
-        before serving; the message, with conda's list, goes to the operator)."""
+        """The environment exists and has ``bin/ramp-test``, and the sandbox can
+        start (``run`` checks both before serving; the message, with conda's
+        list of environments, goes to the operator only)."""
         try:
             self.env_prefix()
         except WorkerError as exc:
             raise WorkerConfigError("conda_env", str(exc)) from None
+        self._check_sandbox()
 
     def start(self, request: RunRequest, wake: Wake) -> Handle:
         try:
@@ -309,7 +430,10 @@ class CondaWorker(Worker):
             log_path.parent.mkdir(parents=True, exist_ok=True)
             if output_dir.exists():  # left by an earlier attempt
                 shutil.rmtree(output_dir)
-            for stale in (status_path, status_path.with_name(status_path.name + ".tmp")):
+            for stale in (
+                status_path, status_path.with_name(status_path.name + ".tmp"),
+                post_run_path(request),
+            ):
                 stale.unlink(missing_ok=True)
         except OSError as exc:
             raise WorkerError(f"cannot prepare run folders: {exc}") from exc
@@ -324,14 +448,26 @@ class CondaWorker(Worker):
             "--save-output",
             "--ignore-warning",
         ]  # fmt: skip
-        setenv = {"PYTHONUNBUFFERED": "1"}
-        # The env's bin first, as `conda activate` would, for tools a kit calls.
-        setenv["PATH"] = os.pathsep.join(
-            [str(prefix / "bin")] + [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
-        )
-        if request.n_threads is not None:
-            for name in THREAD_VARIABLES:
-                setenv[name] = str(int(request.n_threads))
+        sandboxed = self.config.sandbox == "bwrap"
+        if sandboxed:
+            spec = self._sandbox_spec(request, prefix)
+            try:
+                # the one host folder the sandbox may write: it must exist to be bound
+                request.output_dir.mkdir(parents=True)
+            except OSError as exc:
+                raise WorkerError(f"cannot prepare run folders: {exc}") from exc
+            command = sb.bwrap_argv(spec, command)
+            setenv = sb.sandbox_env(spec, os.environ)
+        else:
+            setenv = {"PYTHONUNBUFFERED": "1"}
+            # The env's bin first, as `conda activate` would, for tools a kit calls.
+            setenv["PATH"] = os.pathsep.join(
+                [str(prefix / "bin")] + [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+            )
+            if request.n_threads is not None:
+                for name in THREAD_VARIABLES:
+                    setenv[name] = str(int(request.n_threads))
+            setenv.update(self.config.run_env)
         argv = [
             sys.executable, "-I", "-S", str(SUPERVISOR),
             "--log", str(log_path),
@@ -343,8 +479,11 @@ class CondaWorker(Worker):
         if self.config.memory_limit_mb is not None:
             argv += ["--memory-limit-mb", repr(float(self.config.memory_limit_mb))]
         argv += ["--max-log-mb", repr(float(self.config.max_log_mb))]
+        if sandboxed:
+            argv.append("--clear-env")  # the daemon's environment stays outside
         for name, value in setenv.items():
             argv += ["--setenv", f"{name}={value}"]
+        argv += sb.rlimit_args(self.config.limits)
         argv += ["--", *command]
 
         try:
@@ -377,9 +516,10 @@ class CondaWorker(Worker):
         key = (request.submission_id, request.attempt)
         with self._procs_lock:
             self._procs[key] = proc
+            self._wakes[key] = wake
         threading.Thread(
             target=self._wait_and_wake,
-            args=(key, proc, wake),
+            args=(key, proc, wake, request, prefix, status_path),
             name=f"conda-run-{request.submission_id}-{request.attempt}",
             daemon=True,
         ).start()
@@ -392,6 +532,7 @@ class CondaWorker(Worker):
             "started_at": started_at,
             "timeout": float(self.config.timeout),
             "memory_limit_mb": self.config.memory_limit_mb,
+            "sandbox": self.config.sandbox,
         }
 
     def recover(self, request: RunRequest) -> Handle | None:
@@ -413,15 +554,27 @@ class CondaWorker(Worker):
             "started_at": None,
             "timeout": float(self.config.timeout),
             "memory_limit_mb": self.config.memory_limit_mb,
+            "sandbox": self.config.sandbox,
         }
 
     def _wait_and_wake(
-        self, key: tuple[int, int], proc: subprocess.Popen[bytes], wake: Wake
+        self, key: tuple[int, int], proc: subprocess.Popen[bytes], wake: Wake,
+        request: RunRequest, prefix: Path, status_path: Path,
     ) -> None:
         proc.wait()  # also reaps the supervisor
         with self._procs_lock:
             if self._procs.get(key) is proc:
                 del self._procs[key]
+        status = _read_status(status_path) or {}
+        if status.get("reason") == "exited" and self._exit_code(status) == 0:
+            # Before the wake, so the check it triggers finds the outcome whole.
+            with self._procs_lock:
+                self._post_runs[key] = threading.current_thread()
+            try:
+                self._do_post_run(request, prefix)
+            finally:
+                with self._procs_lock:
+                    self._post_runs.pop(key, None)
         try:
             wake()
         except Exception:  # a broken callback must not go unnoticed
@@ -445,7 +598,91 @@ class CondaWorker(Worker):
                     "the run's supervisor process disappeared",
                     log_path=log_path,
                 )
+        if status.get("reason") == "exited" and self._exit_code(status) == 0:
+            post = self._post_run(request, handle)
+            if post is None:
+                return None  # the checks run in a thread; it wakes us
+            return self._checked_outcome(request, handle, status, log_path, post)
         return self._outcome(request, handle, status, log_path)
+
+    @staticmethod
+    def _exit_code(status: dict[str, Any]) -> int | None:
+        code = status.get("exit_code")
+        return code if isinstance(code, int) else None
+
+    def _post_run(self, request: RunRequest, handle: Handle) -> PostRunCheck | None:
+        """The post-run checks' result, or None while they run (started here once)."""
+        done = read_post_run(post_run_path(request))
+        if done is not None:
+            return done
+        key = (request.submission_id, request.attempt)
+        with self._procs_lock:
+            if key in self._post_runs:
+                return None
+            prefix = handle.get("env_prefix")
+            thread = threading.Thread(
+                target=self._run_post_run,
+                args=(key, request, Path(prefix) if prefix else None),
+                name=f"conda-check-{request.submission_id}-{request.attempt}",
+                daemon=True,
+            )
+            self._post_runs[key] = thread
+        thread.start()
+        return None
+
+    def _do_post_run(self, request: RunRequest, prefix: Path | None) -> None:
+        try:
+            try:
+                prefix = prefix or self.env_prefix()
+                python = env_python(prefix)
+            except WorkerError as exc:
+                python = Path(f"(environment unavailable: {exc})")
+            run_post_run_checks(
+                request, python, self.config.limits.max_output_mb, self.config.verify_scores
+            )
+        except Exception:
+            log.exception("conda worker: post-run checks of %s failed", request.submission_name)
+            try:  # recorded, so check() reports it instead of waiting forever
+                post_run_path(request).write_text(json.dumps(
+                    {"failure": "infrastructure", "message": "the post-run checks failed"}
+                ))
+            except OSError:
+                pass
+
+    def _run_post_run(self, key: tuple[int, int], request: RunRequest, prefix: Path | None) -> None:
+        """The checks of a run this daemon re-attached to (no waiter thread)."""
+        try:
+            self._do_post_run(request, prefix)
+        finally:
+            with self._procs_lock:
+                self._post_runs.pop(key, None)
+                wake = self._wakes.get(key)
+            if wake is not None:
+                try:
+                    wake()
+                except Exception:
+                    log.exception("conda worker: wake callback failed")
+
+    def _checked_outcome(
+        self, request: RunRequest, handle: Handle, status: dict[str, Any], log_path: Path,
+        post: PostRunCheck,
+    ) -> RunOutcome:
+        if post.removed:
+            log.warning(
+                "conda worker: %s: removed links or special files from its output: %s",
+                request.submission_name, ", ".join(post.removed[:10]),
+            )
+        outcome = self._outcome(request, handle, status, log_path)
+        if post.failure is not None:
+            return dataclasses.replace(
+                outcome,
+                failure=FailureClass(post.failure),
+                message=post.message,
+                output_dir=None,
+            )
+        if post.scores_path is not None:
+            return dataclasses.replace(outcome, trusted_scores=Path(post.scores_path))
+        return outcome
 
     def _outcome(
         self, request: RunRequest, handle: Handle, status: dict[str, Any], log_path: Path
@@ -453,6 +690,9 @@ class CondaWorker(Worker):
         reason = status.get("reason")
         exit_code = status.get("exit_code")
         sig = status.get("signal")
+        if handle.get("sandbox") == "bwrap" and isinstance(exit_code, int) and exit_code > 128:
+            # bwrap reports its command's death by signal N as exit code 128 + N
+            sig, exit_code = exit_code - 128, None
         if exit_code is None and isinstance(sig, int):
             exit_code = -sig  # subprocess's convention for "killed by signal"
         try:
@@ -520,6 +760,7 @@ class CondaWorker(Worker):
         start_time = handle.get("pid_start_time")
         with self._procs_lock:
             proc = self._procs.get((request.submission_id, request.attempt))
+            self._wakes.pop((request.submission_id, request.attempt), None)
         if _is_running(pid, start_time):
             # A cancel: the supervisor stops its tree on SIGTERM (<= ~5 s).
             try:

@@ -5,7 +5,14 @@ ramp_dispatcher.workers.supervise`` works as well)::
 
     python -I -S .../ramp_dispatcher/workers/supervise.py --log LOG --status STATUS \\
         --timeout SECONDS [--memory-limit-mb MB] [--max-log-mb MB] [--nice N] \\
-        [--cwd DIR] [--setenv NAME=VALUE ...] -- COMMAND [ARG ...]
+        [--cwd DIR] [--clear-env] [--setenv NAME=VALUE ...] [--rlimit NAME=VALUE ...] \\
+        -- COMMAND [ARG ...]
+
+With ``--clear-env`` the command gets the ``--setenv`` variables only, none of
+this process's (the sandboxed runs: the daemon's environment may hold
+secrets). Each ``--rlimit`` (``NPROC``, ``NOFILE``, ``FSIZE``, ...) is set in
+the command's process just before it starts, so the supervisor itself is not
+bound by it.
 
 The conda worker starts this program in its own session, so it outlives the
 daemon that started it; the daemon (or a restarted one) learns the result
@@ -274,6 +281,8 @@ class Supervisor:
         cwd: str | None = None,
         env: dict[str, str] | None = None,
         max_log_mb: float | None = None,
+        clear_env: bool = False,
+        rlimits: dict[int, int] | None = None,
     ):
         self.command = command
         self.log_path = log_path
@@ -282,6 +291,8 @@ class Supervisor:
         self.memory_limit_mb = memory_limit_mb
         self.cwd = cwd
         self.env = env or {}
+        self.clear_env = clear_env
+        self.rlimits = rlimits or {}
         self.stop_signal: int | None = None
         self.child: subprocess.Popen[bytes] | None = None
         self.child_status: int | None = None  # raw wait status once reaped
@@ -340,6 +351,15 @@ class Supervisor:
             os.fsync(f.fileno())
         # A reader sees either the old or the new file, never half of one.
         os.replace(tmp, self.status_path)
+
+    def _set_rlimits(self) -> None:
+        """In the child, before exec: lower soft and hard limits together, so
+        the command cannot raise them again."""
+        for which, value in self.rlimits.items():
+            soft, hard = resource.getrlimit(which)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            resource.setrlimit(which, (value, value))
 
     def on_signal(self, signum: int, _frame: object) -> None:
         if self.stop_signal is None:
@@ -427,7 +447,7 @@ class Supervisor:
             self.log_fd = os.open(
                 self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644
             )
-            env = dict(os.environ)
+            env = {} if self.clear_env else dict(os.environ)
             env.update(self.env)
             limit = None
             if self.max_log_mb is not None:
@@ -451,10 +471,11 @@ class Supervisor:
                     env=env,
                     close_fds=True,
                     process_group=0,  # its own group: one killpg stops it all
+                    preexec_fn=self._set_rlimits if self.rlimits else None,
                 )
             finally:
                 os.close(out_w)
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:  # the latter: a failed rlimit
             self.note(f"could not start ramp-test: {exc}")
             return self.finish("spawn_error", f"could not start {self.command[0]}: {exc}")
 
@@ -569,6 +590,19 @@ def _parse_setenv(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def _parse_rlimits(items: Sequence[str]) -> dict[int, int]:
+    limits = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        which = getattr(resource, f"RLIMIT_{name.upper()}", None)
+        if not sep or which is None or not value.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"--rlimit wants NAME=INTEGER with NAME one of NPROC, NOFILE, FSIZE, ...; got {item!r}"
+            )
+        limits[which] = int(value)
+    return limits
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="supervise.py",
@@ -584,6 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nice", type=int, default=5, help="niceness increment")
     parser.add_argument("--cwd", default=None, help="the command's working directory")
     parser.add_argument("--setenv", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--clear-env", action="store_true", help="pass on --setenv variables only")
+    parser.add_argument("--rlimit", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = list(args.command)
@@ -593,6 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("no command given")
     try:
         env = _parse_setenv(args.setenv)
+        rlimits = _parse_rlimits(args.rlimit)
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
 
@@ -605,6 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cwd=args.cwd,
         env=env,
         max_log_mb=args.max_log_mb,
+        clear_env=args.clear_env,
+        rlimits=rlimits,
     )
     # Installed before spawning so an early cancel is not lost.
     signal.signal(signal.SIGTERM, sup.on_signal)

@@ -1,0 +1,434 @@
+"""The bubblewrap sandbox of the conda worker: argv, environment, real runs.
+
+The argv tests need nothing; the runs need ``bwrap`` (./dev test installs
+it). Without it they skip, unless RAMP_DISPATCHER_REQUIRE_SANDBOX=1 (CI),
+where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from ramp_dispatcher.config import ConfigError, Section
+from ramp_dispatcher.results import parse_training_output
+from ramp_dispatcher.trusted_scores import read_results
+from ramp_dispatcher.workers import sandbox as sb
+from ramp_dispatcher.workers.base import FailureClass, RunRequest
+from ramp_dispatcher.workers.conda import CondaConfig, CondaWorker, sandbox_settings
+from ramp_dispatcher.workers.sandbox import SandboxError
+
+sys.path.insert(0, str(Path(__file__).parent))
+import kit  # noqa: E402
+from sandbox_attacks import denied, probe_classifier, probe_results  # noqa: E402
+
+VENV = Path(sys.prefix)
+
+
+def require_bwrap() -> None:
+    try:
+        sb.check_bwrap(sb.find_bwrap())
+    except SandboxError as exc:
+        if os.environ.get("RAMP_DISPATCHER_REQUIRE_SANDBOX") == "1":
+            pytest.fail(f"the sandbox cannot run here: {exc}")
+        pytest.skip(f"the sandbox cannot run here: {exc}")
+
+
+# ---------------------------------------------------------------- pure parts
+def spec(tmp_path: Path, **kw: object) -> sb.SandboxSpec:
+    subs = tmp_path / "subs"
+    values: dict[str, object] = dict(
+        python_roots=(Path("/opt/env"), Path("/opt/base")),
+        kit_dir=tmp_path / "kit",
+        data_dir=tmp_path / "data",
+        submission_dir=subs / "submission_000000001",
+        output_dir=subs / "submission_000000001" / "training_output",
+        hidden=(subs,),
+        system=(("/usr", "dir"), ("/bin", "usr/bin"), ("/etc/ld.so.cache", "file")),
+    )
+    values.update(kw)
+    return sb.SandboxSpec(**values)  # type: ignore[arg-type]
+
+
+def test_argv_isolates_by_default(tmp_path: Path) -> None:
+    argv = sb.bwrap_argv(spec(tmp_path), ["ramp-test", "--submission", "x"])
+    assert argv[0] == "bwrap" and argv[-3:] == ["ramp-test", "--submission", "x"]
+    for flag in ("--unshare-all", "--die-with-parent", "--new-session"):
+        assert flag in argv
+    assert "--share-net" not in argv
+    assert argv[argv.index("--cap-drop") + 1] == "ALL"
+    assert argv[argv.index("--proc") + 1] == "/proc" and argv[argv.index("--dev") + 1] == "/dev"
+    pairs = list(zip(argv, argv[1:], argv[2:]))
+    ro = {a for flag, a, b in pairs if flag == "--ro-bind" and a == b}
+    rw = [a for flag, a, b in pairs if flag == "--bind"]
+    out = str(tmp_path / "subs" / "submission_000000001" / "training_output")
+    assert rw == [out], "the run's output folder is the only writable host folder"
+    assert {"/opt/env", "/opt/base", str(tmp_path / "kit"), str(tmp_path / "data")} <= ro
+    assert str(tmp_path / "subs") not in ro, "other submissions are never bound"
+    assert "/etc" not in ro and not any(p.startswith("/home") or p == "/root" for p in ro)
+    # the private /tmp comes first (capped), the run's output last
+    assert argv.index("--tmpfs") < argv.index("--ro-bind")
+    assert argv[argv.index("--tmpfs") - 2 : argv.index("--tmpfs")] == ["--size", str(512 * 2**20)]
+    assert argv.index("--bind") > max(i for i, a in enumerate(argv) if a == "--ro-bind")
+    assert ["--symlink", "usr/bin", "/bin"] == argv[argv.index("--symlink") : argv.index("--symlink") + 3]
+
+
+def test_argv_network_and_hidden_folders_below_the_kit(tmp_path: Path) -> None:
+    kit_dir = tmp_path / "kit"
+    subs = kit_dir / "submissions-of-the-event"  # a deployment that nests them
+    (subs / "submission_000000001" / "training_output").mkdir(parents=True)
+    (kit_dir / "config.yml").write_text("secret")
+    argv = sb.bwrap_argv(
+        spec(
+            tmp_path, kit_dir=kit_dir, submission_dir=subs / "submission_000000001",
+            output_dir=subs / "submission_000000001" / "training_output",
+            hidden=(subs, kit_dir / "config.yml", tmp_path / "absent"), allow_network=True,
+        ),
+        ["true"],
+    )
+    assert "--share-net" in argv
+    text = " ".join(argv)
+    # covered by a read-only empty folder, then the own submission on top of it
+    assert f"--perms 0555 --tmpfs {subs} " in text
+    assert text.index(f"--tmpfs {subs} ") < text.index(f"--ro-bind {subs}/submission_000000001 ")
+    assert text.index(f"--ro-bind {subs}/submission_000000001 ") < text.index(f"--remount-ro {subs} ")
+    assert f"--ro-bind /dev/null {kit_dir / 'config.yml'}" in text
+    assert "absent" not in text
+
+
+def test_environment_is_an_allow_list(tmp_path: Path) -> None:
+    host = {
+        "PATH": "/secret/bin", "HOME": "/home/ramp", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "PGPASSWORD": "pw", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "64",
+    }  # fmt: skip
+    env = sb.sandbox_env(spec(tmp_path, n_threads=2, run_env={"KIT_MODE": "fast"}), host)
+    assert env == {
+        "PATH": "/opt/env/bin:/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/tmp", "TMPDIR": "/tmp", "PYTHONUNBUFFERED": "1",
+        "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+        "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2",
+        "KIT_MODE": "fast",
+    }  # fmt: skip
+
+
+def test_python_roots_follow_a_venv_to_its_base_interpreter() -> None:
+    roots = sb.python_roots(VENV)
+    assert roots[0] == VENV
+    base = Path(sys.base_prefix).resolve()
+    assert any(base == r or r in base.parents for r in roots), roots
+
+
+def test_rlimit_args() -> None:
+    args = sb.rlimit_args(sb.Limits(max_processes=64, max_open_files=None, max_file_size_mb=1))
+    assert args == ["--rlimit", "NPROC=64", "--rlimit", "FSIZE=1048576"]
+
+
+def test_config_keys(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    settings = sandbox_settings(Section(path, "worker", {
+        "sandbox": "none", "allow_network": True, "run_env": {"A": "1", "B": 2},
+        "max_processes": 32, "tmp_size_mb": 64, "verify_scores": False,
+    }))  # fmt: skip
+    assert settings["sandbox"] == "none" and settings["allow_network"] is True
+    assert settings["run_env"] == {"A": "1", "B": "2"} and settings["verify_scores"] is False
+    assert settings["limits"].max_processes == 32 and settings["limits"].tmp_size_mb == 64
+    assert settings["limits"].max_open_files == sb.DEFAULT_LIMITS.max_open_files
+    assert settings["config_path"] == path
+    defaults = sandbox_settings(Section(path, "worker", {}))
+    assert defaults["sandbox"] == "bwrap" and defaults["verify_scores"] is True
+    for bad, key in (
+        ({"sandbox": "docker"}, "worker.sandbox"),
+        ({"run_env": ["A=1"]}, "worker.run_env"),
+        ({"max_processes": 0}, "worker.max_processes"),
+        ({"allow_network": "yes"}, "worker.allow_network"),
+    ):
+        with pytest.raises(ConfigError, match=rf"{path}: key '{key}'"):
+            sandbox_settings(Section(path, "worker", bad))
+
+
+def test_missing_bwrap_is_a_start_up_error_naming_file_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sb, "find_bwrap", lambda: None)
+    cfg = tmp_path / "events" / "e" / "config.yml"
+    worker = CondaWorker(CondaConfig(conda_env=str(VENV), config_path=cfg))
+    with pytest.raises(SandboxError, match=rf"{cfg}: key 'worker.sandbox'.*bubblewrap \(bwrap\) is not installed"):
+        worker.validate()
+    # the explicit opt-out starts, and says so
+    CondaWorker(CondaConfig(conda_env=str(VENV), sandbox="none", config_path=cfg)).validate()
+    assert "WITHOUT a sandbox" in caplog.text and "key 'worker.sandbox'" in caplog.text
+
+
+# ---------------------------------------------------------------- real runs
+@pytest.fixture(scope="module")
+def iris_kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_bwrap()
+    return kit.make_iris_kit(tmp_path_factory.mktemp("sandbox_kit"))
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[int, list[bytes]]]:
+    """A TCP listener on 127.0.0.1 that records whatever reaches it."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    srv.settimeout(0.2)
+    got: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            got.append(conn.recv(100) or b"<connected>")
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv.getsockname()[1], got
+    stop.set()
+    t.join()
+    srv.close()
+
+
+_ids = iter(range(1, 10**6))
+
+
+def request_for(tmp_path: Path, kit_dir: Path, source: str, n_threads: int | None = None) -> RunRequest:
+    sid = next(_ids)
+    name = f"submission_{sid:09d}"
+    kit.add_submission_files(kit_dir, name, source, submissions_dir=tmp_path / "submissions")
+    return RunRequest(
+        submission_id=sid, submission_name=name, attempt=1, kit_dir=kit_dir, data_dir=kit_dir,
+        submissions_dir=tmp_path / "submissions", logs_dir=tmp_path / "logs",
+        predictions_dir=tmp_path / "predictions", n_threads=n_threads,
+    )  # fmt: skip
+
+
+def run(worker: CondaWorker, request: RunRequest, limit: float = 120.0):
+    handle = worker.start(request, lambda: None)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        outcome = worker.check(request, handle)
+        if outcome is not None:
+            return outcome, handle
+        time.sleep(0.1)
+    raise AssertionError(f"no outcome within {limit} s")
+
+
+def test_run_sees_only_what_it_needs(iris_kit: Path, tmp_path: Path, listener, monkeypatch) -> None:
+    port, got = listener
+    secret = tmp_path / "config.yml"
+    secret.write_text("sqlalchemy:\n  password: hunter2\n")
+    monkeypatch.setenv("RAMP_SECRET_TOKEN", "hunter2")
+    other = request_for(tmp_path, iris_kit, kit.GOOD)  # another team's submission
+    (tmp_path / "predictions" / other.submission_name).mkdir(parents=True)
+    probe = f"""
+        import socket, pathlib
+        me = _os.path.abspath(_os.path.join(_os.getcwd(), "."))
+        attempt("env", lambda: sorted(_os.environ))
+        attempt("home", lambda: _os.environ["HOME"])
+        attempt("threads", lambda: _os.environ["OMP_NUM_THREADS"])
+        attempt("read_secret", lambda: read({str(secret)!r}))
+        attempt("read_other", lambda: read({str(other.submissions_dir / other.submission_name / 'classifier.py')!r}))
+        attempt("list_submissions", lambda: listing({str(tmp_path / 'submissions')!r}))
+        attempt("list_predictions", lambda: listing({str(tmp_path / 'predictions')!r}))
+        attempt("read_kit", lambda: read({str(iris_kit / 'problem.py')!r}))
+        attempt("write_kit", lambda: write({str(iris_kit / 'problem.py')!r}))
+        attempt("write_tmp", lambda: write("/tmp/scratch"))
+        attempt("tcp", lambda: socket.create_connection(("127.0.0.1", {port}), timeout=3))
+        attempt("etc", lambda: listing("/etc"))
+        attempt("proc", lambda: [p for p in listing("/proc") if p.isdigit()])
+        attempt("root_home", lambda: listing("/root"))
+        report("look")
+    """
+    worker = CondaWorker(CondaConfig(conda_env=str(VENV), timeout=120, run_env={"KIT_MODE": "x"}))
+    request = request_for(tmp_path, iris_kit, probe_classifier(probe, kit.GOOD), n_threads=2)
+    outcome, _ = run(worker, request)
+    assert outcome.failure is None, (outcome, request.log_path.read_text()[-2000:])
+    r = probe_results(request.log_path.read_text(), "look")
+    # PWD comes from bwrap's --chdir, KMP_* from scikit-learn's own import
+    env = {v for v in eval(r["env"].removeprefix("ok: ")) if v != "PWD" and not v.startswith("KMP_")}
+    assert env <= {"PATH", "HOME", "TMPDIR", "PYTHONUNBUFFERED", "LANG", "LC_ALL", "LC_CTYPE",
+                   "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "KIT_MODE"}, env
+    assert "KIT_MODE" in env and r["home"] == "ok: '/tmp'" and r["threads"] == "ok: '2'"
+    for name in ("read_secret", "read_other", "list_predictions", "write_kit", "tcp"):
+        assert denied(r, name), (name, r[name])
+    # a home folder shows only the way to an interpreter that lives there (pyenv)
+    via = sorted({p.parts[2] for p in sb.python_roots(VENV) if p.parts[1:2] == ("root",)})
+    assert denied(r, "root_home") or r["root_home"] == f"ok: {via!r}", r["root_home"]
+    assert r["list_submissions"] == f"ok: [{request.submission_name!r}]"
+    assert r["read_kit"].startswith("ok: b'import os") and r["write_tmp"] == "ok: 'written'"
+    etc = eval(r["etc"].removeprefix("ok: "))
+    assert "passwd" not in etc and "shadow" not in etc and "ssh" not in etc, etc
+    assert len(eval(r["proc"].removeprefix("ok: "))) < 10, "a private PID namespace"
+    assert got == [], "nothing reached the host's listener"
+    assert "hunter2" not in request.log_path.read_text()
+    worker.cleanup(request, {})
+
+
+def test_tree_stopped_at_timeout_inside_the_sandbox(iris_kit: Path, tmp_path: Path) -> None:
+    marker = f"ramp-sandbox-test-{os.getpid()}-{time.monotonic_ns()}"
+    probe = f"""
+        import importlib, time
+        sp = importlib.import_module("sub" + "process")
+        # escapes the run's process group, as a daemonising helper would
+        getattr(sp, "Po" + "pen")(["sh", "-c", "sleep 300; : {marker}"], start_new_session=True)
+        time.sleep(300)
+    """
+    worker = CondaWorker(CondaConfig(conda_env=str(VENV), timeout=8))
+    request = request_for(tmp_path, iris_kit, probe_classifier(probe, kit.GOOD))
+    outcome, handle = run(worker, request, limit=60)
+    assert outcome.failure is FailureClass.TIMEOUT, outcome
+    assert outcome.message == "Training stopped: the time limit of 8 s was reached."
+
+    def leftovers() -> list[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    deadline = time.monotonic() + 10
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not leftovers()
+    worker.cleanup(request, handle)
+
+
+def test_limits_file_size_and_tmp(iris_kit: Path, tmp_path: Path) -> None:
+    """(The process count is tested in test_hostile, as a non-root user: the
+    kernel never applies RLIMIT_NPROC to root.)"""
+    probe = """
+        attempt("big_file", lambda: write("/tmp/big", b"x" * (3 * 2**20)))
+        def fill():
+            for i in range(40):
+                write(f"/tmp/part{i}", b"x" * (2**20))
+        attempt("fill_tmp", fill)
+        report("limits")
+    """
+    limits = sb.Limits(max_file_size_mb=2, tmp_size_mb=16)
+    worker = CondaWorker(CondaConfig(conda_env=str(VENV), timeout=120, limits=limits))
+    request = request_for(tmp_path, iris_kit, probe_classifier(probe, kit.GOOD))
+    outcome, _ = run(worker, request)
+    r = probe_results(request.log_path.read_text(), "limits")
+    assert r["big_file"].startswith("denied: OSError: [Errno 27] File too large"), r
+    assert r["fill_tmp"].startswith("denied: OSError: [Errno 28] No space left on device"), r
+    assert outcome.failure is None, outcome  # the submission caught both; it still trains
+
+
+def test_forged_scores_are_replaced_by_recomputed_ones(iris_kit: Path, tmp_path: Path) -> None:
+    """The submission patches rampwf's accuracy to 1.0 and its fold-0 scores.csv;
+    the scores stored are computed outside the sandbox from its predictions."""
+    probe = """
+        import rampwf.score_types.accuracy as acc
+        acc.Accuracy.__call__ = lambda self, y_true, y_pred: 1.0
+        import rampwf.score_types.negative_log_likelihood as nll
+        nll.NegativeLogLikelihood.__call__ = lambda self, y_true, y_pred: 0.0
+    """
+    weak = kit.GOOD.replace("LogisticRegression(max_iter=500)", "LogisticRegression(max_iter=1, C=1e-4)")
+    worker = CondaWorker(CondaConfig(conda_env=str(VENV), timeout=120))
+    request = request_for(tmp_path, iris_kit, probe_classifier(probe, weak))
+    outcome, _ = run(worker, request)
+    assert outcome.failure is None and outcome.trusted_scores is not None, outcome
+    reported = parse_training_output(request.output_dir, 2, kit.SCORE_NAMES)
+    assert reported.bagged.last["acc"]["test"] == 1.0  # what the run claims
+    results, note = read_results(request.output_dir, 2, kit.SCORE_NAMES, outcome.trusted_scores)
+    assert results.bagged.last["acc"]["test"] < 0.9
+    assert results.folds[0].scores["nll"]["valid"] > 0.5
+    assert results.folds[1].train_time == reported.folds[1].train_time  # times: the run's own
+    assert note.startswith("scores recomputed outside the sandbox differ from what the run reported")
+    assert "bagged test acc: reported 1, recomputed" in note
+
+
+def test_honest_run_is_unchanged_by_rescoring(iris_kit: Path, tmp_path: Path) -> None:
+    worker = CondaWorker(CondaConfig(conda_env=str(VENV), timeout=120))
+    request = request_for(tmp_path, iris_kit, kit.GOOD)
+    outcome, _ = run(worker, request)
+    assert outcome.trusted_scores is not None
+    reported = parse_training_output(request.output_dir, 2, kit.SCORE_NAMES)
+    results, note = read_results(request.output_dir, 2, kit.SCORE_NAMES, outcome.trusted_scores)
+    assert note == "" and results == reported
+
+
+def test_links_and_fifos_in_the_output_are_removed(iris_kit: Path, tmp_path: Path) -> None:
+    probe = f"""
+        import sys
+        out = [a for a in sys.argv if a.endswith("submissions")][0]
+        me = [a for a in sys.argv if a.startswith("submission_")][0]
+        fold = _os.path.join(out, me, "training_output", "fold_0")
+        _os.makedirs(fold, exist_ok=True)
+        link = _os.path.join(fold, "error.txt")
+        fifo = _os.path.join(out, me, "training_output", "bagged_scores.csv.x")
+        # (ramp-test imports the submission once per fold)
+        attempt("link", lambda: _os.path.lexists(link) or _os.symlink({str(tmp_path / 'host-secret')!r}, link))
+        attempt("fifo", lambda: _os.path.lexists(fifo) or _os.mkfifo(fifo))
+        report("plant")
+    """
+    (tmp_path / "host-secret").write_text("hunter2")
+    worker = CondaWorker(CondaConfig(conda_env=str(VENV), timeout=120))
+    request = request_for(tmp_path, iris_kit, probe_classifier(probe, kit.GOOD))
+    outcome, _ = run(worker, request)
+    r = probe_results(request.log_path.read_text(), "plant")
+    assert r["link"].startswith("ok") and r["fifo"].startswith("ok"), r
+    assert outcome.failure is None, outcome
+    assert not (request.output_dir / "fold_0" / "error.txt").is_symlink()
+    assert not (request.output_dir / "bagged_scores.csv.x").exists()
+    assert (tmp_path / "host-secret").read_text() == "hunter2"
+
+
+def _output(folder: Path, acc: float, scores_csv: bool = True) -> None:
+    for i in range(2):
+        d = folder / f"fold_{i}"
+        d.mkdir(parents=True)
+        for step in ("train", "valid", "test"):
+            (d / f"{step}_time").write_text("0.5")
+        if scores_csv:
+            (d / "scores.csv").write_text(f"step,acc\ntrain,{acc}\nvalid,{acc}\ntest,{acc}\n")
+    (folder / "bagged_scores.csv").write_text(
+        f"step,n_bag,acc\nvalid,0,{acc}\nvalid,1,{acc}\ntest,0,{acc}\ntest,1,{acc}\n"
+    )
+
+
+def _trusted(path: Path, acc: float) -> Path:
+    fold = {step: {"acc": acc} for step in ("train", "valid", "test")}
+    path.write_text(json.dumps(
+        {"folds": [fold, fold], "bagged": {"valid": {"acc": [acc, acc]}, "test": {"acc": [acc, acc]}}}
+    ))
+    return path
+
+
+def test_read_results_prefers_the_recomputed_scores(tmp_path: Path) -> None:
+    _output(tmp_path / "same", 0.5)
+    results, note = read_results(tmp_path / "same", 2, ["acc"], _trusted(tmp_path / "a.json", 0.5))
+    assert note == "" and results == parse_training_output(tmp_path / "same", 2, ["acc"])
+
+    _output(tmp_path / "forged", 1.0)
+    results, note = read_results(tmp_path / "forged", 2, ["acc"], _trusted(tmp_path / "b.json", 0.25))
+    assert results.bagged.last["acc"] == {"valid": 0.25, "test": 0.25}
+    assert all(f.scores["acc"]["test"] == 0.25 and f.train_time == 0.5 for f in results.folds)
+    assert note.startswith("scores recomputed outside the sandbox differ")
+    assert "bagged valid acc: reported 1, recomputed 0.25" in note and "more" in note
+
+    # the run deleted its score files: the recomputed scores still count
+    _output(tmp_path / "deleted", 1.0, scores_csv=False)
+    results, note = read_results(tmp_path / "deleted", 2, ["acc"], _trusted(tmp_path / "c.json", 0.25))
+    assert results.folds[1].scores["acc"]["valid"] == 0.25
+    assert "the run's own score files are unusable (fold_0/scores.csv: is missing)" in note
+
+    # without recomputed scores the run's files are what there is
+    results, note = read_results(tmp_path / "forged", 2, ["acc"], None)
+    assert note == "" and results.bagged.last["acc"]["test"] == 1.0
