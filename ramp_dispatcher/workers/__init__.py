@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 # ramp_dispatcher.workers.supervise` does) must not pay for SQLAlchemy and
 # YAML, about 0.4 s of CPU. The conda worker runs the supervisor as a script.
 
-WORKER_TYPES = ("conda", "aws")
+WORKER_TYPES = ("conda", "aws", "dask")
 
 
 def load_worker_config(worker_type: str, section: Section) -> Any:
@@ -38,6 +38,10 @@ def load_worker_config(worker_type: str, section: Section) -> Any:
         )
     if worker_type == "aws":
         return _load_aws(section)
+    if worker_type == "dask":
+        from .dask import DaskConfig
+
+        return DaskConfig.from_section(section)
     known = ", ".join(WORKER_TYPES)
     raise ConfigError(
         f"{section.path}: key 'worker.worker_type': unknown worker type {worker_type!r} "
@@ -145,4 +149,8 @@ def make_worker(
         if not event_name:
             raise ValueError("make_worker: the aws worker needs event_name (it tags its instances)")
         return AWSWorker(config, event_name, daemon_id=daemon_id)
+    if worker_type == "dask":
+        from .dask import DaskWorker
+
+        return DaskWorker(config, event_name=event_name)
     raise ValueError(f"unknown worker type {worker_type!r}")
