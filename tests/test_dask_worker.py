@@ -41,7 +41,9 @@ from faults import (  # noqa: E402
     edit_event_config,
     gated_source,
     install_write_audit,
+    proc_state,
     run_rows,
+    start_time,
     wait_for,
 )
 
@@ -395,9 +397,11 @@ def test_cancel_stops_ramp_test_on_the_dask_worker(tmp_path: Path, dask_cluster:
         sid = wait_for(lambda: dep.summaries()["stuck"].state == "training" and dep.summaries()["stuck"].id,
                        60, "the run to start")  # fmt: skip
         pid = wait_for(lambda: dask_cluster.ramp_tests(sub_name(sid)), 60, "ramp-test on a Dask worker")[0]
+        born = start_time(pid)
+        wait_for(lambda: gate.count("stuck") == 1, 60, "ramp-test to be in the submission's code")
         assert cli_main(["cancel", str(sid), "--config", str(dep.server_path)]) == 0
-        wait_for(lambda: not dask_cluster.ramp_tests(sub_name(sid)), 30, "ramp-test to be stopped")
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        wait_for(lambda: start_time(pid) != born or proc_state(pid) == "Z", 30, "ramp-test to be stopped")
+        assert not dask_cluster.ramp_tests(sub_name(sid))
         wait_for(lambda: dep.summaries()["fine"].state == "scored", 120, "the next run, in the freed slot")
     finally:
         d.stopped.set()
