@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .common import BACKENDS, QUIET_WAIT, Row, format_table, say
 
-NAMES = ("batch", "latency", "scale", "soak")
+NAMES = ("batch", "latency", "scale", "soak", "dask")
 
 
 def _machine() -> str:
