@@ -195,6 +195,21 @@ def test_config_keys_are_read_and_checked(tmp_path: Path, caplog: pytest.LogCapt
         assert str(path) in str(err.value) and message in str(err.value), (worker, str(err.value))
 
 
+def test_example_config_is_valid(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "deploy" / "dask-event-config.yml"
+    tls = make_tls_files(tmp_path / "tls")
+    text = example.read_text()
+    for old, new in (("/etc/ramp-dask/ca.pem", tls.ca), ("/etc/ramp-dask/daemon.pem", tls.client_cert),
+                     ("/etc/ramp-dask/daemon-key.pem", tls.client_key)):  # fmt: skip
+        assert old in text
+        text = text.replace(old, str(new))
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    config = load_event_config(path, server_config_for_url(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    assert config.worker_type == "dask" and config.worker.uses_tls
+    assert config.worker.dask_scheduler == "tls://ramp-scheduler.example.org:8786"
+
+
 def test_no_tls_warns_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         make_worker("dask", DaskConfig("tcp://127.0.0.1:1"), event_name="e").close()
