@@ -554,5 +554,103 @@ def test_raises_is_a_participant_failure_with_the_traceback(tmp_path: Path, dask
         worker.close()
 
 
+def _direct_request(tmp_path: Path, sid: int, source: str, kit: Path | None = None) -> RunRequest:
+    kit = kit or make_iris_kit(tmp_path / "kit")
+    subs = tmp_path / "subs"
+    (subs / sub_name(sid)).mkdir(parents=True)
+    (subs / sub_name(sid) / "classifier.py").write_text(source)
+    return RunRequest(sid, sub_name(sid), 1, kit, kit, subs, tmp_path / "logs", tmp_path / "pred", 1)
+
+
+def test_the_loop_never_waits_for_an_unreachable_cluster(tmp_path: Path) -> None:
+    """start and check return at once while the scheduler does not answer;
+    the run waits (holding its slot), it is not failed."""
+    port = dask_fixtures.free_port()
+    request = _direct_request(tmp_path, 1, KIT_GOOD)
+    worker = DaskWorker(DaskConfig(f"tcp://127.0.0.1:{port}", connect_timeout=10), event_name="away")
+    try:
+        t0 = time.monotonic()
+        handle = worker.start(request, lambda: None)
+        checks = [worker.check(request, handle) for _ in range(5)]
+        elapsed = time.monotonic() - t0
+        assert checks == [None] * 5
+        assert elapsed < 1.0  # one connection attempt alone may take 10 s
+        time.sleep(2.0)
+        assert worker.check(request, handle) is None  # still waiting for the cluster
+        assert handle["key"].startswith("ramp-run-away-") and handle["key"].endswith("-1-1")
+    finally:
+        worker.close()
+
+
+def test_timeout_is_enforced_on_the_dask_worker(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    from kit import slow_source
+
+    request = _direct_request(tmp_path, 8, slow_source(120))
+    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=4), event_name="limits")
+    try:
+        handle = worker.start(request, lambda: None)
+        outcome = wait_for(lambda: worker.check(request, handle), 90, "the timed-out run")
+        assert outcome.failure is not None and outcome.failure.value == "timeout", outcome
+        assert outcome.message == "Training stopped: the time limit of 4 s was reached."
+        assert "the time limit of 4 s was reached" in request.log_path.read_text()
+        worker.cleanup(request, handle)
+    finally:
+        worker.close()
+    assert not dask_cluster.ramp_tests(sub_name(8))
+
+
+def test_reaper_stops_runs_no_daemon_owns(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    from distributed import Client
+    from kit import slow_source
+
+    kit = make_iris_kit(tmp_path / "kit")
+    lost = _direct_request(tmp_path, 21, slow_source(120), kit)
+    kept = RunRequest(22, sub_name(22), 1, kit, kit, lost.submissions_dir, lost.logs_dir, lost.predictions_dir, 1)
+    (kept.submissions_dir / sub_name(22)).mkdir()
+    (kept.submissions_dir / sub_name(22) / "classifier.py").write_text(KIT_GOOD)
+    first = DaskWorker(DaskConfig(dask_cluster.address, timeout=300), event_name="reap")
+    lost_handle = first.start(lost, lambda: None)
+    wait_for(lambda: dask_cluster.ramp_tests(sub_name(21)), 60, "the run to start")
+    first.close()  # its daemon died before recording the run anywhere
+    second = DaskWorker(DaskConfig(dask_cluster.address, timeout=300), event_name="reap")
+    try:
+        handle = second.start(kept, lambda: None)
+        assert wait_for(lambda: second.check(kept, handle), 120, "the kept run").failure is None
+        with Client(dask_cluster.address, set_as_default=False) as client:
+            assert {lost_handle["key"], handle["key"]} <= set(client.list_datasets())
+            second.reap({(22, 1)})  # the database knows only run 22
+            wait_for(lambda: not dask_cluster.ramp_tests(sub_name(21)), 30, "the orphan to be stopped")
+            wait_for(lambda: lost_handle["key"] not in client.list_datasets(), 30, "the orphan released")
+            assert handle["key"] in client.list_datasets()  # until its cleanup
+            second.cleanup(kept, handle)
+            wait_for(lambda: handle["key"] not in client.list_datasets(), 30, "the run released")
+    finally:
+        second.close()
+
+
+def test_shared_filesystem_runs_in_place(tmp_path: Path) -> None:
+    """Dask workers that see the deployment: nothing copied, ramp-test writes
+    the output and the log straight into the deployment's folders."""
+    c = DaskCluster(hidden=[])
+    try:
+        c.start_scheduler()
+        c.start_worker("s1")
+        request = _direct_request(tmp_path, 3, KIT_GOOD)
+        worker = DaskWorker(DaskConfig(c.address, shared_filesystem=True, timeout=120), event_name="shared")
+        try:
+            handle = worker.start(request, lambda: None)
+            outcome = wait_for(lambda: worker.check(request, handle), 120, "the run")
+            assert outcome.failure is None, outcome
+            assert (request.output_dir / "fold_1" / "y_pred_test.npz").is_file()
+            log = request.log_path.read_text()
+            assert "Bagged scores" in log or "bagged" in log.lower()
+            assert (request.log_path.parent / "run-1.json").is_file()  # the supervisor's status
+            assert c.cache_trees("s1") == []  # no copy of the kit or the data
+        finally:
+            worker.close()
+    finally:
+        c.close()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-x", "-q"]))
