@@ -188,6 +188,17 @@ def run_submission(spec: dict[str, Any], submission: bytes | None) -> dict[str, 
     run_dir = root / "runs" / key
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
+    try:
+        return _run(worker, spec, submission, root, run_dir, base)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run(
+    worker: Any, spec: dict[str, Any], submission: bytes | None, root: Path, run_dir: Path,
+    base: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    key = spec["key"]
     supervisor = root / f"supervise-{spec['supervisor_digest']}.py"
     if not supervisor.exists():
         tmp = root / f".supervise-{os.getpid()}-{threading.get_ident()}.py"
@@ -268,10 +279,6 @@ def run_submission(spec: dict[str, Any], submission: bytes | None) -> dict[str, 
         output = submissions / name / "training_output"
         if output.is_dir():
             result["output"] = pack_tree(output)
-        shutil.rmtree(run_dir, ignore_errors=True)
-    else:
-        (run_dir / "supervisor.json").unlink(missing_ok=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
 

@@ -247,6 +247,17 @@ class DaskWorker(Worker):
             return
         self._jobs.submit(lambda: self._reap(prefix, set(active)))
 
+    def reconfigure(self, config: DaskConfig) -> None:
+        """A reload applies to runs started from now on; another scheduler or
+        other TLS files mean a new connection (runs the new scheduler does
+        not know are then reported as platform failures and retried)."""
+        old, self.config = self.config, config
+        link = ("dask_scheduler", "tls_ca_file", "tls_client_cert", "tls_client_key")
+        if any(getattr(old, k) != getattr(config, k) for k in link):
+            client, self._client = self._client, None
+            if client is not None:
+                threading.Thread(target=lambda: client.close(timeout=5), daemon=True).start()
+
     def close(self) -> None:
         # Runs go on (published on the scheduler) for the next daemon.
         self._closed.set()
