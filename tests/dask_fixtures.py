@@ -176,33 +176,39 @@ class DaskCluster:
         self.scheduler = None
 
     def start_worker(self, name: str) -> None:
-        """``dask worker`` in a mount namespace where the hidden folders are empty."""
-        dask_argv = [
-            str(DASK_EXE), "worker", self.address, "--name", name, "--nthreads", "1",
-            "--resources", "ramp=1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
-            "--local-directory", str(self.dir / name / "scratch"), "--death-timeout", "60",
-            *self._tls_args(),
-        ]  # fmt: skip
-        mounts = "".join(
-            f"mount -t tmpfs -o size=1m,mode=0755 none {shlex.quote(str(h))} || exit 97\n"
-            for h in self.hidden
-        )
-        script = mounts + "exec " + " ".join(shlex.quote(a) for a in dask_argv)
-        log_path = self.dir / f"{name}.log"
-        with open(log_path, "ab") as log:
-            # unshare execs sh, which execs the worker: one pid throughout
-            self.workers[name] = subprocess.Popen(
-                ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self._env(name),
+        self.start_workers([name])
+
+    def start_workers(self, names: list[str]) -> None:
+        """``dask worker`` processes, each in a mount namespace where the
+        hidden folders are empty; started together, then waited for."""
+        counts = {}
+        for name in names:
+            dask_argv = [
+                str(DASK_EXE), "worker", self.address, "--name", name, "--nthreads", "1",
+                "--resources", "ramp=1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
+                "--local-directory", str(self.dir / name / "scratch"), "--death-timeout", "60",
+                *self._tls_args(),
+            ]  # fmt: skip
+            mounts = "".join(
+                f"mount -t tmpfs -o size=1m,mode=0755 none {shlex.quote(str(h))} || exit 97\n"
+                for h in self.hidden
+            )
+            script = mounts + "exec " + " ".join(shlex.quote(a) for a in dask_argv)
+            counts[name] = self.log(name).count("Registered to")
+            with open(self.dir / f"{name}.log", "ab") as log:
+                # unshare execs sh, which execs the worker: one pid throughout
+                self.workers[name] = subprocess.Popen(
+                    ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=self._env(name),
+                )  # fmt: skip
+        for name in names:
+            wait_for(
+                lambda: self.log(name).count("Registered to") > counts[name] or self._dead(name),
+                60, f"Dask worker {name} to register",
             )  # fmt: skip
-        count = self.log(name).count("Registered to")
-        wait_for(
-            lambda: self.log(name).count("Registered to") > count or self._dead(name),
-            60, f"Dask worker {name} to register",
-        )  # fmt: skip
-        if self._dead(name):
-            raise RuntimeError(f"Dask worker {name} exited:\n{self.log(name)[-3000:]}")
+            if self._dead(name):
+                raise RuntimeError(f"Dask worker {name} exited:\n{self.log(name)[-3000:]}")
 
     def _dead(self, name: str) -> bool:
         return self.workers[name].poll() is not None
@@ -226,6 +232,7 @@ class DaskCluster:
         """Scheduler and workers up (a test may have killed some)."""
         if self.scheduler is None or self.scheduler.poll() is not None:
             self.start_scheduler()
+        missing = []
         for name in names:
             proc = self.workers.get(name)
             if proc is not None and proc.poll() is None:
@@ -234,7 +241,9 @@ class DaskCluster:
                 except OSError:
                     pass
             if proc is None or proc.poll() is not None:
-                self.start_worker(name)
+                missing.append(name)
+        if missing:
+            self.start_workers(missing)
 
     def cache_trees(self, name: str) -> list[str]:
         """Digests of the kit/data trees in a Dask worker's cache."""

@@ -68,8 +68,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskCluster]:
     c = DaskCluster(hidden)
     try:
         c.start_scheduler()
-        c.start_worker("w1")
-        c.start_worker("w2")
+        c.start_workers(["w1", "w2"])
         yield c
     finally:
         c.close()
@@ -324,7 +323,7 @@ def test_rampboard_event_runs_on_the_cluster(
 def test_kit_and_data_go_once_and_are_refreshed_on_change(
     tmp_path: Path, dask_cluster: DaskCluster
 ) -> None:
-    dep = dask_deployment(tmp_path / "deploy", dask_cluster, {f"g{i}": GOOD_EST for i in range(3)})
+    dep = dask_deployment(tmp_path / "deploy", dask_cluster, {f"g{i}": GOOD_EST for i in range(2)})
     before = {w: set(dask_cluster.cache_trees(w)) for w in ("w1", "w2")}
     dep.run_until_done(180)
     assert {s.state for n, s in dep.summaries().items() if n != "starting_kit"} == {"scored"}
@@ -337,8 +336,7 @@ def test_kit_and_data_go_once_and_are_refreshed_on_change(
                  if (dask_cluster.dir / w / "cache" / "trees" / t).exists()} for w in ("w1", "w2")}  # fmt: skip
 
     # unchanged: later runs reuse the copies (same folders, nothing new)
-    for i in range(2):
-        add_submission(dep, f"again{i}", GOOD_EST)
+    add_submission(dep, "again", GOOD_EST)
     dep.run_until_done(180)
     for w in ("w1", "w2"):
         for t, ino in cache[w].items():
@@ -430,7 +428,7 @@ def test_cancel_stops_ramp_test_on_the_dask_worker(tmp_path: Path, dask_cluster:
 def _fault_setup(tmp_path: Path, cluster: DaskCluster) -> tuple[Deployment, Gate, Daemon, int]:
     gate = Gate(cluster)
     dep = dask_deployment(tmp_path / "deploy", cluster, {"slow": gate.source("slow")}, n_workers=1,
-                          dispatcher_extra="retry_delay: 0")  # fmt: skip
+                          dispatcher_extra="retry_delay: 0", connect_timeout=3)  # fmt: skip
     daemon = Daemon(dep, uuid.uuid4().hex, tmp_path / "daemon.log")
     sid = wait_for(lambda: dep.summaries()["slow"].state == "training" and dep.summaries()["slow"].id,
                    60, "the run to start")  # fmt: skip
