@@ -147,7 +147,7 @@ def test_event_required_keys(server, tmp_path: Path, section: str, key: str) -> 
         ("dispatcher", "hunger_policy", "nap", "'dispatcher.hunger_policy' must be one of None, 'sleep', 'exit'"),
         ("dispatcher", "time_between_collection", -1, "'dispatcher.time_between_collection' must be positive"),
         ("worker", "timeout", "long", "'worker.timeout' must be a number of seconds"),
-        ("worker", "worker_type", "dask", "unknown worker type 'dask'"),
+        ("worker", "worker_type", "kubernetes", "unknown worker type 'kubernetes'"),
     ],
 )
 def test_event_ill_typed_keys(server, tmp_path: Path, section, key, value, expected) -> None:
