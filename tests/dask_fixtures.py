@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,10 +299,3 @@ def _descends_from(pid: int, ancestor: int) -> bool:
         if pid <= 1:
             return False
     return False
-
-
-def wait_gone(pids_of, timeout: float, what: str) -> None:
-    wait_for(lambda: not pids_of(), timeout, what)
-
-
-__all__ = ["DaskCluster", "TlsFiles", "make_tls_files", "unavailable", "free_port", "wait_gone", "time"]
