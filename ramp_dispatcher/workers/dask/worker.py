@@ -179,7 +179,7 @@ class DaskWorker(Worker):
                             self.config.dask_scheduler, exc,
                         )
                     self._closed.wait(delay)
-                    delay = min(delay * 2, 10.0)
+                    delay = min(delay * 2, 5.0)
                     continue
                 log.info("dask worker: connected to %s", self.config.dask_scheduler)
                 self._client = client
