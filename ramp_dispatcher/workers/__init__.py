@@ -152,5 +152,5 @@ def make_worker(
     if worker_type == "dask":
         from .dask import DaskWorker
 
-        return DaskWorker(config, event_name=event_name)
+        return DaskWorker(config, event_name=event_name, daemon_id=daemon_id)
     raise ValueError(f"unknown worker type {worker_type!r}")

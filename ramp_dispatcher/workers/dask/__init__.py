@@ -6,6 +6,8 @@
 - :mod:`.cache`: the content-addressed kit/data copies on the Dask workers.
 
 Importing this package does not import ``distributed`` (an optional extra).
+For the worker registry: ``TYPE_NAME``, ``Config.from_section(section)`` and
+``Worker(config, event_name=..., daemon_id=...)``.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ if TYPE_CHECKING:
 TYPE_NAME = "dask"
 Config = DaskConfig
 
-__all__ = ["TYPE_NAME", "Config", "DaskConfig", "DaskWorker"]
+__all__ = ["TYPE_NAME", "Config", "DaskConfig", "DaskWorker", "Worker"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "DaskWorker":
+    if name in ("DaskWorker", "Worker"):
         from .worker import DaskWorker
 
         return DaskWorker

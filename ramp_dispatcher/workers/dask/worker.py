@@ -100,7 +100,9 @@ class DaskWorker(Worker):
 
     type_name = "dask"
 
-    def __init__(self, config: DaskConfig, event_name: str | None = None) -> None:
+    def __init__(
+        self, config: DaskConfig, event_name: str | None = None, daemon_id: str | None = None
+    ) -> None:
         import cloudpickle
 
         # Shipped by value: the Dask workers need no ramp_dispatcher.
@@ -108,6 +110,7 @@ class DaskWorker(Worker):
         cloudpickle.register_pickle_by_value(cache)
         self.config = config
         self.event_name = event_name or "event"
+        self.daemon_id = daemon_id  # runs are named by event and deployment, not by daemon
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._client: Any = None
