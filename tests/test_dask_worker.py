@@ -209,6 +209,37 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     assert config.worker.dask_scheduler == "tls://ramp-scheduler.example.org:8786"
 
 
+def test_supervisor_status_is_read_as_the_conda_worker_reads_it(tmp_path: Path) -> None:
+    from ramp_dispatcher.workers.dask.worker import outcome_from_status
+
+    cfg = DaskConfig("tcp://h:1", timeout=60, memory_limit_mb=300)
+    log, out = tmp_path / "log", tmp_path / "training_output"
+    times = {"started_at": 100.0, "finished_at": 112.5, "max_ram_mb": 151.2}
+
+    def read(**status: Any):
+        return outcome_from_status({**times, **status}, log, out, cfg, "on h (tcp://w:1)")
+
+    ok = read(reason="exited", exit_code=0)
+    assert (ok.failure, ok.output_dir, ok.max_ram_mb, ok.duration_s, ok.log_path) == (None, out, 151.2, 12.5, log)
+    failed = read(reason="exited", exit_code=1)
+    assert (failed.failure.value, failed.message) == ("participant", "ramp-test exited with code 1")
+    killed = read(reason="exited", exit_code=None, signal=9)
+    assert killed.failure.value == "participant" and killed.exit_code == -9
+    assert "SIGKILL" in killed.message and "lack of memory" in killed.message
+    slow = read(reason="timeout", message="the time limit of 60 s was reached")
+    assert (slow.failure.value, slow.message) == ("timeout", "Training stopped: the time limit of 60 s was reached.")
+    big = read(reason="memory", message="the memory limit of 300 MB was exceeded (412 MB in use)")
+    assert big.failure.value == "memory" and big.message.startswith("Training stopped: the memory limit of 300 MB")
+    for status, words in [
+        ({"reason": "worker_lost", "message": "the Dask worker tcp://w:2 running it was lost"}, "tcp://w:2"),
+        ({"reason": "killed", "message": "the supervisor received signal 15"}, "signal 15"),
+        ({"reason": "spawn_error", "message": "no such file"}, "could not start ramp-test on h"),
+        ({"reason": "??"}, "unknown run status"),
+    ]:
+        got = read(**status)
+        assert got.failure.value == "infrastructure" and words in got.message, got
+
+
 def test_no_tls_warns_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         make_worker("dask", DaskConfig("tcp://127.0.0.1:1"), event_name="e").close()

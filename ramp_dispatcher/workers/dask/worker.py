@@ -509,18 +509,16 @@ def outcome_from_status(
             hint = " (possibly by the system for lack of memory)" if sig == signal.SIGKILL else ""
             return RunOutcome(FailureClass.PARTICIPANT, f"ramp-test was killed by {name}{hint}", **common)
         return RunOutcome(FailureClass.PARTICIPANT, f"ramp-test exited with code {exit_code}", **common)
+    # The supervisor's own words name the limit the run had (a reload may
+    # have changed the config since).
     if reason == "timeout":
-        return RunOutcome(
-            FailureClass.TIMEOUT,
-            f"Training stopped: the time limit of {cfg.timeout:g} s was reached.",
-            **common,
-        )
+        said = status.get("message") or f"the time limit of {cfg.timeout:g} s was reached"
+        return RunOutcome(FailureClass.TIMEOUT, f"Training stopped: {said}.", **common)
     if reason == "memory":
-        return RunOutcome(
-            FailureClass.MEMORY,
-            f"Training stopped: the memory limit of {float(cfg.memory_limit_mb or 0):g} MB was exceeded.",
-            **common,
+        said = status.get("message") or (
+            f"the memory limit of {float(cfg.memory_limit_mb or 0):g} MB was exceeded"
         )
+        return RunOutcome(FailureClass.MEMORY, f"Training stopped: {said}.", **common)
     if reason == "worker_lost":
         return _infra(str(status.get("message") or "the Dask worker running it was lost"), **common)
     if reason == "spawn_error":
