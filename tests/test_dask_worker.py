@@ -628,6 +628,23 @@ def test_timeout_is_enforced_on_the_dask_worker(tmp_path: Path, dask_cluster: Da
     assert not dask_cluster.ramp_tests(sub_name(8))
 
 
+def test_memory_limit_is_enforced_on_the_dask_worker(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    from kit import MEMORY_HOG
+
+    request = _direct_request(tmp_path, 9, MEMORY_HOG)
+    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=120, memory_limit_mb=400), event_name="limits")
+    try:
+        handle = worker.start(request, lambda: None)
+        outcome = wait_for(lambda: worker.check(request, handle), 90, "the memory-hungry run")
+        assert outcome.failure is not None and outcome.failure.value == "memory", outcome
+        assert outcome.message.startswith("Training stopped: the memory limit of 400 MB was exceeded")
+        assert outcome.max_ram_mb is not None and outcome.max_ram_mb > 400
+        worker.cleanup(request, handle)
+    finally:
+        worker.close()
+    assert not dask_cluster.ramp_tests(sub_name(9))
+
+
 def test_reaper_stops_runs_no_daemon_owns(tmp_path: Path, dask_cluster: DaskCluster) -> None:
     from distributed import Client
     from kit import slow_source
