@@ -123,13 +123,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the supervisor before exec: SIGTERM when the Dask worker dies (the
-    task's thread waits for it, so that thread lives as long as the run)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # the worker died before the prctl
-        os._exit(1)
+def _die_with_parent(parent: int) -> Any:
+    """A preexec_fn for the supervisor: SIGTERM when the Dask worker dies (the
+    task's thread waits for it, so that thread lives as long as the run).
+
+    prctl is looked up here, in the worker: the forked child of a threaded
+    process must not dlopen (another thread may have held the loader's lock).
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the worker died before the prctl
+            os._exit(1)
+
+    return in_child
 
 
 def _still_wanted(worker: Any, key: str) -> bool:
@@ -245,7 +253,7 @@ def _run(
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, close_fds=True,
-            start_new_session=True, preexec_fn=lambda: _die_with_parent(parent),
+            start_new_session=True, preexec_fn=_die_with_parent(parent),
         )  # fmt: skip
     finally:
         os.close(log_fd)
