@@ -163,7 +163,7 @@ def test_event_required_keys(server, tmp_path: Path, section: str, key: str) -> 
         ("worker", "timeout", 0, "'worker.timeout' must be positive, got 0.0"),
         ("worker", "memory_limit_mb", -5, "'worker.memory_limit_mb' must be positive, got -5.0"),
         ("worker", "conda_env", " ", "'worker.conda_env' must be a non-empty string"),
-        ("worker", "worker_type", "dask", "unknown worker type 'dask'"),
+        ("worker", "worker_type", "kubernetes", "unknown worker type 'kubernetes'"),
     ],
 )
 def test_event_ill_typed_keys(server, tmp_path: Path, section, key, value, expected) -> None:

@@ -60,6 +60,7 @@ class WorkerType:
 WORKER_TYPES: dict[str, WorkerType] = {
     "conda": WorkerType("conda", "ramp_dispatcher.workers.conda"),
     "aws": WorkerType("aws", "ramp_dispatcher.workers.aws", extra="aws"),
+    "dask": WorkerType("dask", "ramp_dispatcher.workers.dask", extra="dask"),
 }
 
 

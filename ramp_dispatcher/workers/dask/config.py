@@ -1,0 +1,122 @@
+"""The ``worker`` section of an event's config for ``worker_type: dask``.
+
+Key names follow ramp-engine 0.10.1's Dask worker where it had one
+(``dask_scheduler``, ``conda_env``, ``timeout``); the rest are ours.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ...configfile import Section
+
+#: the Dask worker resource one run holds (``dask worker --resources ramp=1``)
+RESOURCE = "ramp"
+_ADDRESS = re.compile(r"^(tcp|tls)://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-_]+):([0-9]{1,5})$")
+
+
+@dataclass(frozen=True)
+class DaskConfig:
+    """How to reach the Dask scheduler and how runs go on its workers."""
+
+    #: ``tcp://host:port`` or ``tls://host:port`` of the scheduler
+    dask_scheduler: str
+    #: ramp-test's environment on the Dask workers: a prefix path or a conda
+    #: environment name; None means the Dask worker's own Python environment
+    conda_env: str | None = None
+    #: wall-clock limit of one run, seconds (enforced on the Dask worker)
+    timeout: float = 7200.0
+    #: limit on the summed RSS of the run's process tree, MB
+    memory_limit_mb: float | None = None
+    #: niceness increment of ramp-test on the Dask worker
+    niceness: int = 5
+    #: kit, data and submissions are at the same paths on every Dask worker:
+    #: nothing is copied, ramp-test writes straight into the deployment
+    shared_filesystem: bool = False
+    #: the kit/data cache and the run folders on the Dask workers; None: the
+    #: worker's $RAMP_DISPATCHER_CACHE, else <tmp>/ramp-dispatcher-cache-<uid>
+    cache_dir: str | None = None
+    #: TLS with client certificates (distributed.security.Security)
+    tls_ca_file: Path | None = None
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
+    #: seconds one connection attempt to the scheduler may take
+    connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not _ADDRESS.match(self.dask_scheduler):
+            raise ValueError(
+                "dask_scheduler", f"must be tcp://host:port or tls://host:port, got {self.dask_scheduler!r}"
+            )
+        if not self.timeout > 0:
+            raise ValueError("timeout", f"must be positive, got {self.timeout!r}")
+        if self.memory_limit_mb is not None and not self.memory_limit_mb > 0:
+            raise ValueError("memory_limit_mb", f"must be positive, got {self.memory_limit_mb!r}")
+        if not self.connect_timeout > 0:
+            raise ValueError("connect_timeout", f"must be positive, got {self.connect_timeout!r}")
+        tls = (self.tls_ca_file, self.tls_client_cert, self.tls_client_key)
+        if any(tls) and not all(tls):
+            raise ValueError(
+                "tls_ca_file", "tls_ca_file, tls_client_cert and tls_client_key go together"
+            )
+        if all(tls) and not self.dask_scheduler.startswith("tls://"):
+            raise ValueError("dask_scheduler", "must start with tls:// when TLS files are given")
+        if self.dask_scheduler.startswith("tls://") and not all(tls):
+            raise ValueError(
+                "tls_ca_file", "a tls:// scheduler needs tls_ca_file, tls_client_cert and tls_client_key"
+            )
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls_ca_file is not None
+
+    @classmethod
+    def from_section(cls, section: Section) -> DaskConfig:
+        """Read and check the section; errors name the file and the key."""
+        from ...configfile import ConfigError
+
+        if importlib.util.find_spec("distributed") is None:
+            raise ConfigError(
+                f"{section.where('worker_type')}: the dask worker needs the 'dask' extra "
+                "(pip install 'ramp-dispatcher[dask]')"
+            )
+        base = section.path.parent  # relative TLS files: next to the event config
+
+        def local_file(key: str) -> Path | None:
+            value = section.optional(key, str, "a path", None)
+            if value is None:
+                return None
+            path = Path(os.path.expanduser(value))
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                raise ConfigError(f"{section.where(key)}: no such file {str(path)!r}")
+            return path
+
+        memory = section.optional("memory_limit_mb", float, "a number of megabytes", None)
+        try:
+            return cls(
+                dask_scheduler=section.required("dask_scheduler", str, "a string"),
+                conda_env=section.optional("conda_env", str, "a string", None),
+                timeout=float(section.optional("timeout", float, "a number of seconds", 7200.0)),
+                memory_limit_mb=None if memory is None else float(memory),
+                niceness=section.optional("niceness", int, "an integer", 5),
+                shared_filesystem=section.optional(
+                    "shared_filesystem", bool, "true or false", False
+                ),
+                cache_dir=section.optional("cache_dir", str, "a path on the Dask workers", None),
+                tls_ca_file=local_file("tls_ca_file"),
+                tls_client_cert=local_file("tls_client_cert"),
+                tls_client_key=local_file("tls_client_key"),
+                connect_timeout=float(
+                    section.optional("connect_timeout", float, "a number of seconds", 10.0)
+                ),
+            )
+        except ValueError as exc:
+            key, message = exc.args if len(exc.args) == 2 else ("dask_scheduler", str(exc))
+            raise ConfigError(f"{section.where(key)} {message}") from None

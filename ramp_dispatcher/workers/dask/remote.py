@@ -1,0 +1,335 @@
+"""What runs on the Dask worker: one submission, through the run supervisor.
+
+:func:`run_submission` is the task the daemon submits; :func:`stop_run` is
+sent with ``Client.run`` to the Dask worker running a task to stop it (it
+runs beside the task, not in the worker's single slot). Both are shipped to
+the Dask workers by value (cloudpickle), with the supervisor's source as
+text, so a Dask worker needs Python, ``distributed`` and ramp-test's
+environment, but no ramp_dispatcher. Hence standard library only here, plus
+``distributed`` imported inside the functions.
+
+The spec (a plain dict: it crosses to another Python) and the result are
+described in :func:`run_submission`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .cache import TREE_PREFIX, install_tree, pack_tree, unpack
+
+#: scheduler metadata namespace: ``[NS, key, "started"]`` records the first
+#: execution of a run, so that a re-execution (Dask re-runs the tasks of a
+#: lost worker) reports the loss instead of training the submission again
+NS = "ramp-dispatcher"
+PR_SET_PDEATHSIG = 1
+#: seconds between two looks at whether the task is still wanted
+WATCH_INTERVAL_S = 0.5
+#: seconds a stopped supervisor gets before its session is killed
+STOP_GRACE_S = 10.0
+#: task states in which the worker still wants the task's result
+_WANTED = frozenset({"executing", "long-running", "resumed"})
+
+
+def cache_root(configured: str | None) -> Path:
+    """The worker's cache: the config's cache_dir, $RAMP_DISPATCHER_CACHE, or <tmp>."""
+    value = configured or os.environ.get("RAMP_DISPATCHER_CACHE")
+    if value:
+        return Path(os.path.expanduser(value))
+    return Path(tempfile.gettempdir()) / f"ramp-dispatcher-cache-{os.getuid()}"
+
+
+def _scheduler_call(worker: Any, name: str, **kwargs: Any) -> Any:
+    """A scheduler RPC from a task thread, with the worker's own connection
+    (and TLS credentials): no client needed on the Dask worker."""
+    from distributed.utils import sync
+
+    return sync(worker.loop, getattr(worker.scheduler, name), **kwargs)
+
+
+def _fetch_tree(worker: Any, digest: str) -> bytes:
+    from distributed.protocol.serialize import Serialized, deserialize
+
+    records = _scheduler_call(worker, "publish_get", names=[TREE_PREFIX + digest])
+    record = records[0] if records else None
+    if not record:
+        raise RuntimeError(f"the kit/data tree {digest} is not published on the scheduler")
+    data = record["data"]
+    if isinstance(data, Serialized):
+        data = deserialize(data.header, data.frames)
+    if isinstance(data, tuple) and len(data) == 1:  # publish_dataset(*args)
+        data = data[0]
+    if not isinstance(data, (bytes, bytearray)):
+        raise RuntimeError(f"the kit/data tree {digest} is published as {type(data).__name__}")
+    return bytes(data)
+
+
+def _ramp_test(conda_env: str | None) -> Path:
+    if not conda_env:
+        prefix = Path(sys.executable).parent.parent
+    elif "/" in conda_env:
+        prefix = Path(os.path.expanduser(conda_env))
+    else:
+        conda = os.environ.get("CONDA_EXE") or shutil.which("conda")
+        if not conda:
+            raise RuntimeError(f"conda environment {conda_env!r}: no conda on this Dask worker")
+        out = subprocess.run(
+            [conda, "info", "--envs", "--json"], capture_output=True, timeout=60, check=True
+        )
+        info = json.loads(out.stdout)
+        root = info.get("root_prefix")
+        names = {("base" if p == root else os.path.basename(p)): p for p in reversed(info["envs"])}
+        if conda_env not in names:
+            raise RuntimeError(f"conda environment {conda_env!r} not found on this Dask worker")
+        prefix = Path(names[conda_env])
+    exe = prefix / "bin" / "ramp-test"
+    if not os.access(exe, os.X_OK):
+        raise RuntimeError(f"{exe} is not an executable on this Dask worker")
+    return exe
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+        return int(data[data.rfind(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _die_with_parent(parent: int) -> Any:
+    """A preexec_fn for the supervisor: SIGTERM when the Dask worker dies (the
+    task's thread waits for it, so that thread lives as long as the run).
+
+    prctl is looked up here, in the worker: the forked child of a threaded
+    process must not dlopen (another thread may have held the loader's lock).
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the worker died before the prctl
+            os._exit(1)
+
+    return in_child
+
+
+def _still_wanted(worker: Any, key: str) -> bool:
+    try:
+        ts = worker.state.tasks.get(key)
+    except Exception:  # the worker is closing
+        return False
+    return ts is not None and ts.state in _WANTED
+
+
+def _tail(path: Path, limit: int) -> tuple[bytes, int]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - limit))
+            return f.read(), size
+    except OSError:
+        return b"", 0
+
+
+def run_submission(spec: dict[str, Any], submission: bytes | None) -> dict[str, Any]:
+    """Run one submission on this Dask worker; return what the daemon needs.
+
+    ``spec`` keys: key, submission_name, cache_dir, conda_env, timeout,
+    memory_limit_mb, niceness, env (name -> value), supervisor_source,
+    supervisor_digest, log_tail_bytes, shared; without a shared filesystem
+    kit_digest and data_digest (trees published on the scheduler), with one
+    kit_dir, data_dir, submissions_dir, log_path and status_path.
+    ``submission`` is the packed submission folder (None when shared).
+
+    Returns ``{"status": <the supervisor's final status>, "worker", "host",
+    "log_tail", "log_size", "output" (packed training_output or None),
+    "fetched" (trees fetched for this run)}``. A re-execution after the loss
+    of the worker that started the run returns a status with reason
+    ``worker_lost`` and runs nothing.
+    """
+    from distributed import get_worker
+
+    worker = get_worker()
+    key = spec["key"]
+    started = [NS, key, "started"]
+    previous = _scheduler_call(worker, "get_metadata", keys=started, default=None)
+    base = {"worker": worker.address, "host": socket.gethostname(), "fetched": [],
+            "log_tail": None, "log_size": 0, "output": None}  # fmt: skip
+    if previous is not None:
+        return dict(base, status={
+            "reason": "worker_lost",
+            "message": f"the Dask worker {previous.get('worker')} running it was lost",
+        })  # fmt: skip
+    _scheduler_call(
+        worker, "set_metadata", keys=started,
+        value={"worker": worker.address, "host": base["host"], "pid": os.getpid(), "at": time.time()},
+    )  # fmt: skip
+
+    root = cache_root(spec.get("cache_dir"))
+    run_dir = root / "runs" / key
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    try:
+        return _run(worker, spec, submission, root, run_dir, base)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run(
+    worker: Any, spec: dict[str, Any], submission: bytes | None, root: Path, run_dir: Path,
+    base: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    key = spec["key"]
+    supervisor = root / f"supervise-{spec['supervisor_digest']}.py"
+    if not supervisor.exists():
+        tmp = root / f".supervise-{os.getpid()}-{threading.get_ident()}.py"
+        tmp.write_text(spec["supervisor_source"])
+        os.replace(tmp, supervisor)
+
+    name = spec["submission_name"]
+    if spec["shared"]:
+        kit, data = spec["kit_dir"], spec["data_dir"]
+        submissions = Path(spec["submissions_dir"])
+        log_path, status_path = Path(spec["log_path"]), Path(spec["status_path"])
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(submissions / name / "training_output", ignore_errors=True)
+    else:
+        kit_path, kit_new = install_tree(root, spec["kit_digest"], lambda: _fetch_tree(worker, spec["kit_digest"]))
+        data_path, data_new = install_tree(root, spec["data_digest"], lambda: _fetch_tree(worker, spec["data_digest"]))
+        base["fetched"] = [d for d, new in ((spec["kit_digest"], kit_new), (spec["data_digest"], data_new)) if new]
+        kit, data = str(kit_path), str(data_path)
+        submissions = run_dir / "submissions"
+        unpack(submission or b"", submissions / name)
+        log_path, status_path = run_dir / "log", run_dir / "status.json"
+
+    ramp_test = _ramp_test(spec.get("conda_env"))
+    env = dict(spec.get("env") or {})
+    env["PATH"] = os.pathsep.join([str(ramp_test.parent), os.environ.get("PATH", "")])
+    argv = [
+        sys.executable, "-I", "-S", str(supervisor),
+        "--log", str(log_path), "--status", str(status_path),
+        "--timeout", repr(float(spec["timeout"])), "--nice", str(int(spec["niceness"])),
+        "--cwd", kit,
+    ]  # fmt: skip
+    if spec.get("memory_limit_mb") is not None:
+        argv += ["--memory-limit-mb", repr(float(spec["memory_limit_mb"]))]
+    for var, value in env.items():
+        argv += ["--setenv", f"{var}={value}"]
+    argv += [
+        "--", str(ramp_test), "--submission", name, "--ramp-kit-dir", kit,
+        "--ramp-data-dir", data, "--ramp-submission-dir", str(submissions),
+        "--save-output", "--ignore-warning",
+    ]  # fmt: skip
+    status_path.unlink(missing_ok=True)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    parent = os.getpid()
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, close_fds=True,
+            start_new_session=True, preexec_fn=_die_with_parent(parent),
+        )  # fmt: skip
+    finally:
+        os.close(log_fd)
+    _write_json(
+        run_dir / "supervisor.json",
+        {"pid": proc.pid, "start_time": _start_time(proc.pid), "status": str(status_path)},
+    )
+
+    stopping_since: float | None = None
+    while True:
+        try:
+            proc.wait(timeout=WATCH_INTERVAL_S)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if stopping_since is None and not _still_wanted(worker, key):
+            # released (cancelled, or its client gone before publishing it)
+            stopping_since = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+        elif stopping_since is not None and time.monotonic() - stopping_since > STOP_GRACE_S:
+            _kill_session(run_dir, status_path)
+
+    status = _read_json(status_path) or {
+        "reason": "killed",
+        "message": f"the supervisor exited with code {proc.returncode} without a status",
+    }
+    result = dict(base, status=status)
+    if not spec["shared"]:
+        tail, size = _tail(log_path, int(spec["log_tail_bytes"]))
+        result["log_tail"], result["log_size"] = tail, size
+        output = submissions / name / "training_output"
+        if output.is_dir():
+            result["output"] = pack_tree(output)
+    return result
+
+
+def _kill_session(run_dir: Path, status_path: Path) -> None:
+    """SIGKILL the supervisor's session and ramp-test's group, if still theirs."""
+    record = _read_json(run_dir / "supervisor.json") or {}
+    status = _read_json(status_path) or {}
+    for pid, start in ((record.get("pid"), record.get("start_time")),
+                       (status.get("child_pid"), status.get("child_start_time"))):  # fmt: skip
+        if isinstance(pid, int) and pid > 1 and (start is None or _start_time(pid) == start):
+            try:
+                os.killpg(pid, signal.SIGKILL)  # both lead their own group
+            except OSError:
+                pass
+
+
+def stop_run(cache_dir: str | None, key: str) -> str:
+    """Stop the run ``key`` on this Dask worker (sent with ``Client.run``).
+
+    SIGTERM to the supervisor, which stops ramp-test's whole tree and writes
+    its status; a thread kills what is left after :data:`STOP_GRACE_S`.
+    Returns at once: it runs on the worker's event loop.
+    """
+    run_dir = cache_root(cache_dir) / "runs" / key
+    record = _read_json(run_dir / "supervisor.json")
+    if record is None:
+        return "not running here"
+    pid, start = record.get("pid"), record.get("start_time")
+    if not isinstance(pid, int) or _start_time(pid) is None or (start is not None and _start_time(pid) != start):
+        return "already stopped"
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        return "already stopped"
+    status_path = Path(record.get("status") or run_dir / "status.json")
+
+    def escalate() -> None:
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline:
+            if _start_time(pid) != start:
+                return
+            time.sleep(0.2)
+        _kill_session(run_dir, status_path)
+
+    threading.Thread(target=escalate, name=f"stop-{key}", daemon=True).start()
+    return f"stopping supervisor {pid}"

@@ -1,0 +1,532 @@
+"""``worker_type: dask``: runs go to the Dask workers of an existing scheduler.
+
+The daemon's side. Nothing here waits on the cluster in the daemon's loop:
+:meth:`DaskWorker.start` returns the run's handle (its task key) at once and a
+background job connects, publishes the kit and data trees, and submits;
+:meth:`DaskWorker.check` reads the future's state and hands a finished run
+to a background job that fetches the result and lays it out locally exactly
+as the conda worker leaves it (``training_output`` in the submission's
+folder, the log at ``<logs_dir>/<submission>/log``).
+
+Each task is published on the scheduler under its key, so it outlives the
+daemon: a restarted daemon finds it with ``get_dataset`` and collects it.
+Each run holds one ``ramp`` worker resource, so a Dask worker started with
+``--resources ramp=1`` never runs two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker, WorkerError
+from . import cache, remote
+from .config import RESOURCE, DaskConfig
+
+log = logging.getLogger(__name__)
+
+#: the log's last bytes that come back from the Dask worker
+LOG_TAIL_BYTES = 256 * 1024
+#: background jobs (connect, submit, fetch, release) run on this many threads
+N_JOBS = 4
+#: seconds a finished run's result may take to come back
+RESULT_TIMEOUT_S = 600.0
+#: re-attachments of one run after lost links before it counts as lost
+MAX_ATTACH = 5
+#: seconds between two "cluster unreachable" warnings
+WARN_EVERY_S = 60.0
+
+
+@dataclass
+class _Run:
+    """The daemon-side state of one run (one task key)."""
+
+    key: str
+    request: RunRequest
+    wake: Wake | None = None
+    future: Any = None
+    outcome: RunOutcome | None = None
+    busy: bool = False  # a background job is working on it
+    released: bool = False
+    attaches: int = 0
+
+
+def run_key(event_name: str, request: RunRequest) -> str:
+    """The task key of one attempt: stable, so a restarted daemon can find it.
+
+    The deployment (its submissions folder) is part of it: two deployments
+    with the same event name may share a scheduler.
+    """
+    where = hashlib.sha256(str(Path(os.path.abspath(request.submissions_dir))).encode()).hexdigest()[:8]
+    return f"ramp-run-{event_name}-{where}-{request.submission_id}-{request.attempt}"
+
+
+class _Jobs:
+    """Daemon threads taking jobs from a queue: a stuck cluster call never
+    holds up the daemon's exit (a ThreadPoolExecutor would be joined)."""
+
+    def __init__(self, n: int) -> None:
+        self._queue: queue.Queue[Callable[[], None]] = queue.Queue()
+        for i in range(n):
+            threading.Thread(target=self._loop, name=f"dask-worker-{i}", daemon=True).start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._queue.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                job()
+            except Exception:
+                log.exception("dask worker: background job failed")
+
+
+def _infra(message: str, **kw: Any) -> RunOutcome:
+    return RunOutcome(FailureClass.INFRASTRUCTURE, message, **kw)
+
+
+class DaskWorker(Worker):
+    """Runs submissions on a Dask cluster; one instance per daemon."""
+
+    type_name = "dask"
+
+    def __init__(
+        self, config: DaskConfig, event_name: str | None = None, daemon_id: str | None = None
+    ) -> None:
+        import cloudpickle
+
+        # Shipped by value: the Dask workers need no ramp_dispatcher.
+        cloudpickle.register_pickle_by_value(remote)
+        cloudpickle.register_pickle_by_value(cache)
+        self.config = config
+        self.event_name = event_name or "event"
+        self.daemon_id = daemon_id  # runs are named by event and deployment, not by daemon
+        self._lock = threading.Lock()
+        self._runs: dict[str, _Run] = {}
+        self._client: Any = None
+        self._client_lock = threading.Lock()  # held while (re)connecting
+        self._closed = threading.Event()
+        self._jobs = _Jobs(N_JOBS)
+        self._digests = cache.TreeDigests()
+        self._trees: dict[Path, str] = {}  # folder -> digest we published
+        self._trees_lock = threading.Lock()
+        self._run_prefix: str | None = None  # this deployment's keys, for reap
+        from .. import supervise
+
+        source = Path(supervise.__file__).read_text()
+        self._supervisor = (source, hashlib.sha256(source.encode()).hexdigest()[:16])
+        if not config.uses_tls:
+            log.warning(
+                "dask worker: %s is not TLS: submissions and results travel unencrypted, and "
+                "whoever reaches the scheduler can run code on the Dask workers; set "
+                "tls_ca_file, tls_client_cert and tls_client_key",
+                config.dask_scheduler,
+            )
+
+    # ------------------------------------------------------------ connection
+    def _security(self) -> Any:
+        if not self.config.uses_tls:
+            return None
+        from distributed.security import Security
+
+        return Security(
+            tls_ca_file=str(self.config.tls_ca_file),
+            tls_client_cert=str(self.config.tls_client_cert),
+            tls_client_key=str(self.config.tls_client_key),
+            require_encryption=True,
+        )
+
+    def client(self) -> Any:
+        """The connected client; waits (on a background thread) while the
+        cluster is unreachable. Raises WorkerError once the worker is closed."""
+        with self._client_lock:
+            current = self._client
+            if current is not None:
+                deadline = time.monotonic() + self.config.connect_timeout
+                while current.status == "connecting" and time.monotonic() < deadline:
+                    time.sleep(0.1)  # it is reconnecting by itself
+                if current.status == "running":
+                    return current
+                self._client = None
+                try:
+                    current.close(timeout=2)
+                except Exception:
+                    pass
+            from distributed import Client
+
+            delay, last_warning = 0.5, 0.0
+            while not self._closed.is_set():
+                try:
+                    client = Client(
+                        self.config.dask_scheduler,
+                        security=self._security(),
+                        timeout=self.config.connect_timeout,
+                        set_as_default=False,
+                        name=f"ramp-dispatcher-{self.event_name}",
+                    )
+                except Exception as exc:  # OSError, TimeoutError, TLS errors
+                    if time.monotonic() - last_warning > WARN_EVERY_S:
+                        last_warning = time.monotonic()
+                        log.warning(
+                            "dask worker: cannot reach the scheduler %s (%s); runs wait",
+                            self.config.dask_scheduler, exc,
+                        )
+                    self._closed.wait(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                log.info("dask worker: connected to %s", self.config.dask_scheduler)
+                self._client = client
+                return client
+            raise WorkerError("the dask worker is closed")
+
+    # ------------------------------------------------------------ Worker API
+    def start(self, request: RunRequest, wake: Wake) -> Handle:
+        key = run_key(self.event_name, request)
+        self._run_prefix = key.rsplit("-", 2)[0] + "-"
+        run = _Run(key, request, wake, busy=True)
+        with self._lock:
+            self._runs[key] = run
+        self._jobs.submit(lambda: self._launch(run))
+        return {
+            "key": key,
+            "scheduler": self.config.dask_scheduler,
+            "shared_filesystem": self.config.shared_filesystem,
+            "timeout": float(self.config.timeout),
+            "memory_limit_mb": self.config.memory_limit_mb,
+            "started_at": time.time(),
+        }
+
+    def recover(self, request: RunRequest) -> Handle | None:
+        # The key is deterministic: check() finds the task, or learns that
+        # the scheduler never got it (then an infrastructure failure).
+        return {"key": run_key(self.event_name, request), "recovered": True}
+
+    def check(self, request: RunRequest, handle: Handle) -> RunOutcome | None:
+        key = handle.get("key") if isinstance(handle, dict) else None
+        if not isinstance(key, str):
+            return _infra(f"invalid dask run handle: {handle!r}")
+        with self._lock:
+            run = self._runs.get(key)
+            if run is None:  # a run of an earlier daemon: find it on the scheduler
+                run = self._runs[key] = _Run(key, request, busy=True)
+                self._run_prefix = key.rsplit("-", 2)[0] + "-"
+                self._jobs.submit(lambda: self._attach(run))
+                return None
+            if run.outcome is not None:
+                return run.outcome
+            if not run.busy and run.future is not None and run.future.done():
+                run.busy = True
+                self._jobs.submit(lambda: self._collect(run))
+        return None
+
+    def cleanup(self, request: RunRequest, handle: Handle) -> None:
+        key = handle.get("key") if isinstance(handle, dict) else None
+        key = key if isinstance(key, str) else run_key(self.event_name, request)
+        with self._lock:
+            run = self._runs.pop(key, None)
+            if run is not None:
+                run.released = True
+        finished = run is not None and run.future is not None and run.future.done()
+        try:
+            if request.output_dir.exists():  # a cancelled run's partial output
+                shutil.rmtree(request.output_dir)
+        except OSError as exc:
+            log.warning("dask worker: cannot remove %s: %s", request.output_dir, exc)
+        self._jobs.submit(lambda: self._release(key, stop=not finished))
+
+    def reap(self, active: set[tuple[int, int]]) -> None:
+        prefix = self._run_prefix
+        if prefix is None:
+            return
+        self._jobs.submit(lambda: self._reap(prefix, set(active)))
+
+    def reconfigure(self, config: DaskConfig) -> None:
+        """A reload applies to runs started from now on; another scheduler or
+        other TLS files mean a new connection (runs the new scheduler does
+        not know are then reported as platform failures and retried)."""
+        old, self.config = self.config, config
+        link = ("dask_scheduler", "tls_ca_file", "tls_client_cert", "tls_client_key")
+        if any(getattr(old, k) != getattr(config, k) for k in link):
+            client, self._client = self._client, None
+            if client is not None:
+                threading.Thread(target=lambda: client.close(timeout=5), daemon=True).start()
+
+    def close(self) -> None:
+        # Runs go on (published on the scheduler) for the next daemon.
+        self._closed.set()
+        client, self._client = self._client, None
+        if client is not None:
+            threading.Thread(target=lambda: client.close(timeout=5), daemon=True).start()
+
+    # ------------------------------------------------------------ background jobs
+    def _wake(self, run: _Run) -> None:
+        if run.wake is not None:
+            try:
+                run.wake()
+            except Exception:
+                log.exception("dask worker: wake callback failed")
+
+    def _watch(self, run: _Run, future: Any) -> None:
+        run.future = future
+        future.add_done_callback(lambda _f: self._wake(run))
+
+    def _finish(self, run: _Run, outcome: RunOutcome) -> None:
+        with self._lock:
+            run.outcome = outcome
+            run.busy = False
+        self._wake(run)
+
+    def _launch(self, run: _Run) -> None:
+        try:
+            client = self.client()
+            spec, submission = self._spec(client, run)
+            if run.released:
+                return
+            future = client.submit(
+                remote.run_submission, spec, submission, key=run.key,
+                resources={RESOURCE: 1}, pure=False, retries=0,
+            )  # fmt: skip
+            # The named reference keeps the task alive without this client.
+            client.publish_dataset(future, name=run.key, override=True)
+        except Exception as exc:
+            if not self._closed.is_set():
+                log.warning("dask worker: %s not submitted: %s", run.key, exc)
+            self._finish(run, _infra(f"could not submit the run to the Dask cluster: {exc}"))
+            return
+        with self._lock:
+            self._watch(run, future)
+            run.busy = False
+        if run.released:  # cancelled while we submitted
+            self._release(run.key, stop=True)
+
+    def _spec(self, client: Any, run: _Run) -> tuple[dict[str, Any], bytes | None]:
+        request, cfg = run.request, self.config
+        from ..conda import THREAD_VARIABLES
+
+        env = {"PYTHONUNBUFFERED": "1"}
+        if request.n_threads is not None:
+            env.update({name: str(int(request.n_threads)) for name in THREAD_VARIABLES})
+        source, digest = self._supervisor
+        spec: dict[str, Any] = {
+            "key": run.key,
+            "submission_name": request.submission_name,
+            "cache_dir": cfg.cache_dir,
+            "conda_env": cfg.conda_env,
+            "timeout": float(cfg.timeout),
+            "memory_limit_mb": cfg.memory_limit_mb,
+            "niceness": int(cfg.niceness),
+            "env": env,
+            "supervisor_source": source,
+            "supervisor_digest": digest,
+            "log_tail_bytes": LOG_TAIL_BYTES,
+            "shared": cfg.shared_filesystem,
+        }
+        folder = request.submissions_dir / request.submission_name
+        if cfg.shared_filesystem:
+            spec.update(
+                kit_dir=os.path.abspath(request.kit_dir),
+                data_dir=os.path.abspath(request.data_dir),
+                submissions_dir=os.path.abspath(request.submissions_dir),
+                log_path=os.path.abspath(request.log_path),
+                status_path=os.path.abspath(request.log_path.parent / f"run-{request.attempt}.json"),
+            )
+            return spec, None
+        spec["kit_digest"] = self._publish_tree(client, Path(request.kit_dir))
+        spec["data_digest"] = self._publish_tree(client, Path(request.data_dir))
+        return spec, cache.pack_tree(folder)
+
+    def _publish_tree(self, client: Any, folder: Path) -> str:
+        """Publish the folder's contents on the scheduler once per digest."""
+        with self._trees_lock:
+            digest = self._digests.digest(folder)
+            name = cache.TREE_PREFIX + digest
+            if name not in client.list_datasets():  # new, changed, or a restarted scheduler
+                client.publish_dataset(cache.pack_tree(folder), name=name, override=True)
+                log.info("dask worker: published %s as %s", folder, name)
+            old = self._trees.get(folder)
+            self._trees[folder] = digest
+            if old is not None and old != digest and old not in self._trees.values():
+                try:
+                    client.unpublish_dataset(cache.TREE_PREFIX + old)
+                except KeyError:
+                    pass
+            return digest
+
+    def _attach(self, run: _Run) -> None:
+        """Find the run's task on the scheduler (a restart, or a lost link)."""
+        run.attaches += 1
+        try:
+            client = self.client()
+            future = client.get_dataset(run.key)
+        except KeyError:
+            self._finish(run, _infra(
+                "the Dask scheduler does not know this run (the scheduler restarted, "
+                "or the run was never submitted)"
+            ))  # fmt: skip
+            return
+        except Exception as exc:
+            if self._closed.is_set():
+                return
+            self._finish(run, _infra(f"cannot find the run on the Dask cluster: {exc}"))
+            return
+        with self._lock:
+            self._watch(run, future)
+            run.busy = False
+        if future.done():
+            self._wake(run)
+
+    def _collect(self, run: _Run) -> None:
+        future = run.future
+        try:
+            status = future.status
+            if status == "finished":
+                result = future.result(timeout=RESULT_TIMEOUT_S)
+                self._finish(run, self._outcome(run, result))
+                return
+            if status == "error":
+                exc = future.exception(timeout=RESULT_TIMEOUT_S)
+                what = type(exc).__name__
+                if what == "KilledWorker":
+                    message = "the Dask workers running it kept dying"
+                else:
+                    message = f"the run failed on the Dask cluster: {what}: {exc}"
+                self._finish(run, _infra(message))
+                return
+        except Exception as exc:  # the result was lost on the way
+            log.warning("dask worker: %s: result not fetched (%s); looking again", run.key, exc)
+        # cancelled or lost: our link to the scheduler broke; the task may
+        # still be running, held by its published name
+        if run.attaches >= MAX_ATTACH:
+            self._finish(run, _infra("lost track of the run on the Dask cluster"))
+            return
+        self._attach(run)
+
+    def _release(self, key: str, stop: bool) -> None:
+        """Forget the task on the scheduler; stop its ramp-test if it runs."""
+        try:
+            client = self.client()
+            if stop:
+                record = client.get_metadata([remote.NS, key, "started"], default=None)
+                if record and record.get("worker"):
+                    try:
+                        said = client.run(
+                            remote.stop_run, self.config.cache_dir, key,
+                            workers=[record["worker"]], nanny=False,
+                        )  # fmt: skip
+                        log.info("dask worker: %s: %s", key, said)
+                    except Exception as exc:  # the worker is gone: its run too
+                        log.info("dask worker: %s: stop not delivered (%s)", key, exc)
+            try:
+                client.unpublish_dataset(key)
+            except KeyError:
+                pass
+            from distributed import Future
+
+            client.cancel([Future(key, client)], force=True)
+        except WorkerError:
+            pass  # closing: the next daemon's reaper releases it
+        except Exception as exc:
+            log.warning("dask worker: could not release %s: %s", key, exc)
+
+    def _reap(self, prefix: str, active: set[tuple[int, int]]) -> None:
+        """Release published runs of this deployment that no daemon owns."""
+        try:
+            names = self.client().list_datasets()
+        except Exception:
+            return
+        with self._lock:
+            ours = set(self._runs)
+        for name in names:
+            if not name.startswith(prefix) or name in ours:
+                continue
+            try:
+                sid, attempt = (int(x) for x in name[len(prefix):].split("-"))
+            except ValueError:
+                continue
+            if (sid, attempt) not in active:
+                log.warning("dask worker: releasing %s, which no daemon owns", name)
+                self._release(name, stop=True)
+
+    # ------------------------------------------------------------ outcome
+    def _outcome(self, run: _Run, result: dict[str, Any]) -> RunOutcome:
+        request, cfg = run.request, self.config
+        status = result.get("status") or {}
+        where = f"on {result.get('host')} ({result.get('worker')})"
+        log_path = request.log_path
+        if not cfg.shared_filesystem:
+            tail = result.get("log_tail") or b""
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "wb") as f:
+                size = int(result.get("log_size") or 0)
+                if size > len(tail):
+                    f.write(f"[ramp-dispatcher] the log's last {len(tail)} of {size} bytes\n".encode())
+                f.write(tail)
+            if request.output_dir.exists():
+                shutil.rmtree(request.output_dir)
+            if result.get("output"):
+                cache.unpack(result["output"], request.output_dir)
+        return outcome_from_status(status, log_path, request.output_dir, cfg, where)
+
+
+def outcome_from_status(
+    status: dict[str, Any], log_path: Path, output_dir: Path, cfg: DaskConfig, where: str = ""
+) -> RunOutcome:
+    """The supervisor's final status (supervise.py) as a RunOutcome; the same
+    reading as the conda worker's, plus ``worker_lost``."""
+    reason = status.get("reason")
+    exit_code, sig = status.get("exit_code"), status.get("signal")
+    if exit_code is None and isinstance(sig, int):
+        exit_code = -sig
+    try:
+        duration: float | None = float(status["finished_at"]) - float(status["started_at"])
+    except (KeyError, TypeError, ValueError):
+        duration = None
+    max_ram = status.get("max_ram_mb")
+    common: dict[str, Any] = {
+        "exit_code": exit_code,
+        "max_ram_mb": float(max_ram) if isinstance(max_ram, (int, float)) else None,
+        "log_path": log_path,
+        "duration_s": duration,
+    }
+    if reason == "exited":
+        if exit_code == 0:
+            return RunOutcome(None, "", output_dir=output_dir, **common)
+        if isinstance(sig, int):
+            try:
+                name = f"{signal.Signals(sig).name} (signal {sig})"
+            except ValueError:
+                name = f"signal {sig}"
+            hint = " (possibly by the system for lack of memory)" if sig == signal.SIGKILL else ""
+            return RunOutcome(FailureClass.PARTICIPANT, f"ramp-test was killed by {name}{hint}", **common)
+        return RunOutcome(FailureClass.PARTICIPANT, f"ramp-test exited with code {exit_code}", **common)
+    # The supervisor's own words name the limit the run had (a reload may
+    # have changed the config since).
+    if reason == "timeout":
+        said = status.get("message") or f"the time limit of {cfg.timeout:g} s was reached"
+        return RunOutcome(FailureClass.TIMEOUT, f"Training stopped: {said}.", **common)
+    if reason == "memory":
+        said = status.get("message") or (
+            f"the memory limit of {float(cfg.memory_limit_mb or 0):g} MB was exceeded"
+        )
+        return RunOutcome(FailureClass.MEMORY, f"Training stopped: {said}.", **common)
+    if reason == "worker_lost":
+        return _infra(str(status.get("message") or "the Dask worker running it was lost"), **common)
+    if reason == "spawn_error":
+        return _infra(f"could not start ramp-test {where}: {status.get('message', '')}", **common)
+    if reason == "killed":
+        return _infra(
+            f"the run was stopped before it finished {where} "
+            f"({status.get('message') or 'its supervisor was signalled'})",
+            **common,
+        )
+    return _infra(f"unknown run status {reason!r} {where}", **common)

@@ -1,0 +1,702 @@
+"""``worker_type: dask`` on a real Dask cluster (issue 14).
+
+Real parts: a ``dask scheduler`` and two ``dask worker --nthreads 1
+--resources ramp=1`` processes on 127.0.0.1 (see ``dask_fixtures``), each in
+its own mount namespace where the deployments' folders and this package are
+hidden; the real daemon (in this process, or ``ramp-dispatcher run`` in a
+subprocess for kill -9); real ``ramp-test`` on the iris kit; results read
+back through ramp-database 0.10.1. No fake anywhere.
+
+Runs that must be "in progress" are gated (``faults.gated_source``) on a
+file in the cluster's folder, which the Dask workers can see.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+pytest.importorskip("distributed")
+
+from sqlalchemy import create_engine  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+import dask_fixtures  # noqa: E402
+from dask_fixtures import DaskCluster, TlsFiles, make_tls_files  # noqa: E402
+from deployment import Deployment, run_in_thread  # noqa: E402
+from kit import GOOD as KIT_GOOD, RAISES as KIT_RAISES, make_iris_kit  # noqa: E402
+from faults import (  # noqa: E402
+    Daemon,
+    add_submission,
+    assert_scored_once,
+    edit_event_config,
+    gated_source,
+    install_write_audit,
+    proc_state,
+    run_rows,
+    start_time,
+    wait_for,
+)
+
+from ramp_dispatcher.cli import main as cli_main  # noqa: E402
+from ramp_dispatcher.config import ConfigError, load_event_config, server_config_for_url  # noqa: E402
+from ramp_dispatcher.database import migrate  # noqa: E402
+from ramp_dispatcher.database.engine import make_engine, normalise_url  # noqa: E402
+from ramp_dispatcher.dispatcher import Dispatcher  # noqa: E402
+from ramp_dispatcher.workers import make_worker  # noqa: E402
+from ramp_dispatcher.workers.base import RunRequest  # noqa: E402
+from ramp_dispatcher.workers.dask import DaskConfig  # noqa: E402
+from ramp_dispatcher.workers.dask.worker import DaskWorker  # noqa: E402
+
+_problem = dask_fixtures.unavailable()
+pytestmark = pytest.mark.skipif(_problem is not None, reason=_problem or "")
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskCluster]:
+    hidden = [tmp_path_factory.getbasetemp(), dask_fixtures.PACKAGE_DIR]
+    c = DaskCluster(hidden)
+    try:
+        c.start_scheduler()
+        c.start_workers(["w1", "w2"])
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def dask_cluster(cluster: DaskCluster) -> Iterator[DaskCluster]:
+    """The module's cluster, made whole again before and after each test."""
+    cluster.ensure()
+    yield cluster
+    cluster.ensure()
+    wait_for(lambda: not cluster.ramp_tests(), 30, "no ramp-test left on the Dask workers")
+
+
+class Gate:
+    """Gated submissions whose gate and counters the Dask workers can see."""
+
+    def __init__(self, cluster: DaskCluster):
+        self.root = cluster.dir / "gates" / uuid.uuid4().hex
+        self.file = self.root / "open"
+        self.counters = self.root / "runs"
+
+    def source(self, name: str) -> str:
+        return gated_source(self.file, self.counters / name)
+
+    def open(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.file.touch()
+
+    def count(self, name: str) -> int:
+        folder = self.counters / name
+        return len(list(folder.iterdir())) if folder.is_dir() else 0
+
+
+def dask_deployment(
+    root: Path, cluster: DaskCluster, sources: dict[str, str], n_workers: int = 2,
+    dispatcher_extra: str = "", **worker: Any,
+) -> Deployment:  # fmt: skip
+    dep = Deployment(root, f"sqlite:///{root.parent / (root.name + '.sqlite')}", sources,
+                     n_workers=n_workers, dispatcher_extra=dispatcher_extra)  # fmt: skip
+    edit_event_config(
+        dep.event_path, "worker", worker_type="dask", conda_env=None,
+        dask_scheduler=cluster.address, **worker,
+    )  # fmt: skip
+    install_write_audit(dep.engine)
+    return dep
+
+
+def sub_name(sid: int) -> str:
+    return f"submission_{sid:09d}"
+
+
+def attempts(dep: Deployment, sid: int) -> list[tuple]:
+    return [(r.attempt, r.outcome, r.failure_class) for r in run_rows(dep.engine, sid)]
+
+
+# --------------------------------------------------------------------------- config
+def _event_yaml(worker: str) -> str:
+    return textwrap.dedent(
+        """\
+        ramp:
+          problem_name: iris
+          event_name: iris_dask
+          event_title: Iris
+          event_is_public: true
+        worker:
+          worker_type: dask
+        """
+    ) + textwrap.indent(textwrap.dedent(worker), "  ")
+
+
+def test_config_keys_are_read_and_checked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = server_config_for_url(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    path = tmp_path / "config.yml"
+    tls = make_tls_files(tmp_path / "tls")
+
+    def load(worker: str):
+        path.write_text(_event_yaml(worker))
+        return load_event_config(path, server)
+
+    with caplog.at_level(logging.WARNING):
+        cfg = load(
+            f"""\
+            dask_scheduler: tls://10.0.0.5:8786
+            conda_env: /opt/envs/ramp
+            timeout: 60
+            memory_limit_mb: 500
+            shared_filesystem: true
+            cache_dir: /scratch/ramp
+            tls_ca_file: tls/ca.pem
+            tls_client_cert: {tls.client_cert}
+            tls_client_key: {tls.client_key}
+            colour: blue
+            """
+        )
+    w = cfg.worker
+    assert isinstance(w, DaskConfig) and cfg.worker_type == "dask"
+    assert (w.dask_scheduler, w.conda_env, w.timeout, w.memory_limit_mb) == (
+        "tls://10.0.0.5:8786", "/opt/envs/ramp", 60.0, 500.0)
+    assert w.shared_filesystem is True and w.cache_dir == "/scratch/ramp"
+    assert w.tls_ca_file == tmp_path / "tls" / "ca.pem"  # relative to the event config
+    assert f"{path}: unknown key 'worker.colour'" in caplog.text
+
+    defaults = load("dask_scheduler: tcp://127.0.0.1:8786\n").worker
+    assert (defaults.timeout, defaults.conda_env, defaults.shared_filesystem) == (7200.0, None, False)
+    assert not defaults.uses_tls
+
+    for worker, message in [
+        ("timeout: 5\n", "key 'worker.dask_scheduler' is required"),
+        ("dask_scheduler: 127.0.0.1:8786\n", "key 'worker.dask_scheduler' must be tcp://host:port"),
+        ("dask_scheduler: tcp://h:1\ntimeout: 0\n", "key 'worker.timeout' must be positive"),
+        ("dask_scheduler: tcp://h:1\ntimeout: soon\n", "key 'worker.timeout' must be a number"),
+        ("dask_scheduler: tcp://h:1\nmemory_limit_mb: -1\n", "key 'worker.memory_limit_mb' must be positive"),
+        ("dask_scheduler: tls://h:1\n", "key 'worker.tls_ca_file' a tls:// scheduler needs"),
+        (f"dask_scheduler: tcp://h:1\ntls_ca_file: {tls.ca}\n", "go together"),
+        (f"dask_scheduler: tcp://h:1\ntls_ca_file: {tls.ca}\ntls_client_cert: {tls.client_cert}\n"
+         f"tls_client_key: {tls.client_key}\n", "key 'worker.dask_scheduler' must start with tls://"),
+        ("dask_scheduler: tls://h:1\ntls_ca_file: nowhere.pem\n", "key 'worker.tls_ca_file': no such file"),
+        ("dask_scheduler: tcp://h:1\nshared_filesystem: maybe\n", "must be true or false"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load(worker)
+        assert str(path) in str(err.value) and message in str(err.value), (worker, str(err.value))
+
+
+def test_example_config_is_valid(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "deploy" / "dask-event-config.yml"
+    tls = make_tls_files(tmp_path / "tls")
+    text = example.read_text()
+    for old, new in (("/etc/ramp-dask/ca.pem", tls.ca), ("/etc/ramp-dask/daemon.pem", tls.client_cert),
+                     ("/etc/ramp-dask/daemon-key.pem", tls.client_key)):  # fmt: skip
+        assert old in text
+        text = text.replace(old, str(new))
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    config = load_event_config(path, server_config_for_url(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    assert config.worker_type == "dask" and config.worker.uses_tls
+    assert config.worker.dask_scheduler == "tls://ramp-scheduler.example.org:8786"
+
+
+def test_supervisor_status_is_read_as_the_conda_worker_reads_it(tmp_path: Path) -> None:
+    from ramp_dispatcher.workers.dask.worker import outcome_from_status
+
+    cfg = DaskConfig("tcp://h:1", timeout=60, memory_limit_mb=300)
+    log, out = tmp_path / "log", tmp_path / "training_output"
+    times = {"started_at": 100.0, "finished_at": 112.5, "max_ram_mb": 151.2}
+
+    def read(**status: Any):
+        return outcome_from_status({**times, **status}, log, out, cfg, "on h (tcp://w:1)")
+
+    ok = read(reason="exited", exit_code=0)
+    assert (ok.failure, ok.output_dir, ok.max_ram_mb, ok.duration_s, ok.log_path) == (None, out, 151.2, 12.5, log)
+    failed = read(reason="exited", exit_code=1)
+    assert (failed.failure.value, failed.message) == ("participant", "ramp-test exited with code 1")
+    killed = read(reason="exited", exit_code=None, signal=9)
+    assert killed.failure.value == "participant" and killed.exit_code == -9
+    assert "SIGKILL" in killed.message and "lack of memory" in killed.message
+    slow = read(reason="timeout", message="the time limit of 60 s was reached")
+    assert (slow.failure.value, slow.message) == ("timeout", "Training stopped: the time limit of 60 s was reached.")
+    big = read(reason="memory", message="the memory limit of 300 MB was exceeded (412 MB in use)")
+    assert big.failure.value == "memory" and big.message.startswith("Training stopped: the memory limit of 300 MB")
+    for status, words in [
+        ({"reason": "worker_lost", "message": "the Dask worker tcp://w:2 running it was lost"}, "tcp://w:2"),
+        ({"reason": "killed", "message": "the supervisor received signal 15"}, "signal 15"),
+        ({"reason": "spawn_error", "message": "no such file"}, "could not start ramp-test on h"),
+        ({"reason": "??"}, "unknown run status"),
+    ]:
+        got = read(**status)
+        assert got.failure.value == "infrastructure" and words in got.message, got
+
+
+def test_no_tls_warns_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        make_worker("dask", DaskConfig("tcp://127.0.0.1:1"), event_name="e").close()
+    assert "tcp://127.0.0.1:1 is not TLS" in caplog.text
+    tls = make_tls_files(tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        make_worker("dask", DaskConfig("tls://127.0.0.1:1", tls_ca_file=tls.ca,
+                    tls_client_cert=tls.client_cert, tls_client_key=tls.client_key),
+                    event_name="e").close()  # fmt: skip
+    assert "not TLS" not in caplog.text
+
+
+# --------------------------------------------------------------------------- the whole path
+def _rampboard_configs(tmp_path: Path, board: dict, cluster: DaskCluster) -> tuple[Path, Path]:
+    from deployment import sqlalchemy_section
+
+    server = tmp_path / "config.yml"
+    server.write_text(f"sqlalchemy:\n  {sqlalchemy_section(board['url'])}\n")
+    event = tmp_path / "events" / board["event"] / "config.yml"
+    event.parent.mkdir(parents=True, exist_ok=True)
+    event.write_text(textwrap.dedent(f"""\
+        ramp:
+          problem_name: {board['problem']}
+          event_name: {board['event']}
+          event_title: Iris test event
+          event_is_public: true
+          kit_dir: {board['kit_dir']}
+          data_dir: {board['data_dir']}
+          submissions_dir: {board['submissions_dir']}
+          sandbox_dir: {board['sandbox']}
+        worker:
+          worker_type: dask
+          dask_scheduler: {cluster.address}
+          timeout: 120
+        dispatcher:
+          n_workers: 2
+          n_threads: 1
+          hunger_policy: exit
+          poll_interval: 1
+        """))
+    return server, event
+
+
+def test_rampboard_event_runs_on_the_cluster(
+    empty_db_url: str, tmp_path: Path, dask_cluster: DaskCluster
+) -> None:
+    """A ramp-board database, runs on Dask workers that cannot see the
+    deployment, results read back through ramp-database 0.10.1."""
+    import csv
+
+    from ramp_database.tools.submission import (
+        get_scores,
+        get_submission_error_msg,
+        get_submission_max_ram,
+        get_submission_state,
+        get_time,
+    )
+    from rampboard import build_rampboard_db
+
+    from ramp_dispatcher.config import load_server_config
+
+    board = build_rampboard_db(empty_db_url, tmp_path)
+    engine = make_engine(empty_db_url)
+    migrate.upgrade(engine)
+    server_path, event_path = _rampboard_configs(tmp_path, board, dask_cluster)
+    config = load_event_config(event_path, load_server_config(server_path))
+
+    # what the Dask workers see: neither the deployment nor this package
+    from distributed import Client
+
+    with Client(dask_cluster.address, set_as_default=False) as client:
+        seen = client.run(os.path.exists, str(board["kit_dir"] / "problem.py"))
+        package = client.run(os.path.exists, str(dask_fixtures.PACKAGE_DIR / "workers" / "supervise.py"))
+    assert len(seen) == 2 and not any(seen.values()), seen
+    assert not any(package.values()), package
+    assert (board["kit_dir"] / "problem.py").exists()
+
+    d = Dispatcher.for_event(engine, config)
+    d.start()
+    try:
+        assert d.stopped.wait(180), "the daemon did not finish"
+    finally:
+        d.stop()
+
+    good, broken = board["submissions"][("alice", "logreg")], board["submissions"][("bob", "broken")]
+    raw = create_engine(normalise_url(empty_db_url))
+    with Session(raw) as session:
+        assert get_submission_state(session, good) == "scored"
+        scores, times = get_scores(session, good), get_time(session, good)
+        assert get_submission_max_ram(session, good) > 10  # MB, measured on the Dask worker
+        assert get_submission_state(session, broken) == "training_error"
+        assert "ValueError: deliberate failure in fit" in get_submission_error_msg(session, broken)
+    raw.dispose()
+    # predictions laid out exactly as the conda worker leaves them
+    out = config.ramp.predictions_dir / sub_name(good)
+    for fold in range(2):
+        for f in ("scores.csv", "y_pred_train.npz", "y_pred_test.npz", "train_time"):
+            assert (out / f"fold_{fold}" / f).is_file()
+        with open(out / f"fold_{fold}" / "scores.csv") as f:
+            rows = {r["step"]: r for r in csv.DictReader(f)}
+        assert scores.loc[(fold, "valid"), "acc"] == pytest.approx(float(rows["valid"]["acc"]))
+        assert times.loc[fold, "train"] == pytest.approx(float((out / f"fold_{fold}" / "train_time").read_text()))
+    assert (out / "bagged_scores.csv").is_file()
+    assert "ValueError" in (config.ramp.logs_dir / sub_name(broken) / "log").read_text()
+    # the kit (which is also the data folder here) went to the Dask workers as one tree
+    trees = {t for w in ("w1", "w2") for t in dask_cluster.cache_trees(w)}
+    assert len(trees) >= 1
+    engine.dispose()
+
+
+def test_kit_and_data_go_once_and_are_refreshed_on_change(
+    tmp_path: Path, dask_cluster: DaskCluster
+) -> None:
+    dep = dask_deployment(tmp_path / "deploy", dask_cluster, {f"g{i}": GOOD_EST for i in range(2)})
+    before = {w: set(dask_cluster.cache_trees(w)) for w in ("w1", "w2")}
+    dep.run_until_done(180)
+    assert {s.state for n, s in dep.summaries().items() if n != "starting_kit"} == {"scored"}
+    after = {w: set(dask_cluster.cache_trees(w)) - before[w] for w in ("w1", "w2")}
+    # kit and data (two folders here) arrived on each Dask worker that ran something, once
+    assert all(len(new) in (0, 2) for new in after.values()), after
+    first = set().union(*after.values())
+    assert len(first) == 2
+    cache = {w: {t: (dask_cluster.dir / w / "cache" / "trees" / t).stat().st_ino for t in first
+                 if (dask_cluster.dir / w / "cache" / "trees" / t).exists()} for w in ("w1", "w2")}  # fmt: skip
+
+    # unchanged: later runs reuse the copies (same folders, nothing new)
+    add_submission(dep, "again", GOOD_EST)
+    dep.run_until_done(180)
+    for w in ("w1", "w2"):
+        for t, ino in cache[w].items():
+            assert (dask_cluster.dir / w / "cache" / "trees" / t).stat().st_ino == ino
+    assert {t for w in ("w1", "w2") for t in dask_cluster.cache_trees(w)} - before["w1"] - before["w2"] == first
+
+    # the data changes: a new copy goes out and the runs use it
+    config = dep.event_config()
+    train = config.ramp.data_dir / "data" / "train.csv"
+    train.write_text(train.read_text() + train.read_text().splitlines()[1] + "\n")
+    add_submission(dep, "after_change", GOOD_EST)
+    dep.run_until_done(180)
+    assert dep.summaries()["after_change"].state == "scored"
+    now = {t for w in ("w1", "w2") for t in dask_cluster.cache_trees(w)} - before["w1"] - before["w2"]
+    assert len(now - first) == 1  # the new data tree; the kit's is reused
+
+
+GOOD_EST = """\
+from sklearn.linear_model import LogisticRegression
+
+
+def get_estimator():
+    return LogisticRegression(max_iter=500)
+"""
+
+
+# --------------------------------------------------------------------------- slots, re-attach, cancel
+def test_one_run_per_slot_and_reattach_after_kill9(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    gate = Gate(dask_cluster)
+    names = ["a", "b", "c"]
+    dep = dask_deployment(tmp_path / "deploy", dask_cluster, {n: gate.source(n) for n in names},
+                          n_workers=3)  # fmt: skip
+    marker = uuid.uuid4().hex
+    first = Daemon(dep, marker, tmp_path / "daemon-a.log")
+    try:
+        wait_for(lambda: all(dep.summaries()[n].state == "training" for n in names), 60, "3 runs claimed")
+        sids = {n: dep.summaries()[n].id for n in names}
+        # three runs claimed, but each single-slot Dask worker runs one at a time
+        wait_for(lambda: len(dask_cluster.ramp_tests()) == 2, 60, "two ramp-tests on the cluster")
+        time.sleep(1.0)
+        running = [n for n in names if dask_cluster.ramp_tests(sub_name(sids[n]))]
+        assert len(running) == 2
+        assert {dask_cluster.runner_of(sub_name(sids[n])) for n in running} == {"w1", "w2"}
+        pids = sorted(dask_cluster.ramp_tests())
+
+        first.kill9()
+        time.sleep(0.5)
+        assert sorted(dask_cluster.ramp_tests()) == pids  # the runs live on without the daemon
+        second = Daemon(dep, marker, tmp_path / "daemon-b.log")
+        second.wait_log("re-attached (was running)", 30, count=3)
+        assert sorted(dask_cluster.ramp_tests()) == pids  # nothing restarted
+        gate.open()
+        assert second.wait_exit(120) == 0
+        assert "Traceback" not in second.log()
+    finally:
+        for d in (first,):
+            d.stop_hard()
+    for n in names:
+        assert attempts(dep, sids[n]) == [(1, "scored", None)]  # collected, not retrained
+        assert gate.count(n) == 1
+        assert_scored_once(dep.engine, sids[n])
+
+
+def test_cancel_stops_ramp_test_on_the_dask_worker(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    gate = Gate(dask_cluster)
+    dep = dask_deployment(tmp_path / "deploy", dask_cluster, {"stuck": gate.source("stuck"), "fine": GOOD_EST},
+                          n_workers=1)  # fmt: skip
+    d = dep.dispatcher()
+    run_in_thread(d)
+    try:
+        sid = wait_for(lambda: dep.summaries()["stuck"].state == "training" and dep.summaries()["stuck"].id,
+                       60, "the run to start")  # fmt: skip
+        pid = wait_for(lambda: dask_cluster.ramp_tests(sub_name(sid)), 60, "ramp-test on a Dask worker")[0]
+        born = start_time(pid)
+        wait_for(lambda: gate.count("stuck") == 1, 60, "ramp-test to be in the submission's code")
+        assert cli_main(["cancel", str(sid), "--config", str(dep.server_path)]) == 0
+        wait_for(lambda: start_time(pid) != born or proc_state(pid) == "Z", 30, "ramp-test to be stopped")
+        assert not dask_cluster.ramp_tests(sub_name(sid))
+        wait_for(lambda: dep.summaries()["fine"].state == "scored", 120, "the next run, in the freed slot")
+    finally:
+        d.stopped.set()
+        d.stop()
+    assert dep.summaries()["stuck"].state == "checking_error"
+    assert attempts(dep, sid) == [(1, "checking_error", "cancelled")]
+    assert gate.count("stuck") == 1
+
+
+# --------------------------------------------------------------------------- faults
+def _fault_setup(tmp_path: Path, cluster: DaskCluster) -> tuple[Deployment, Gate, Daemon, int]:
+    gate = Gate(cluster)
+    dep = dask_deployment(tmp_path / "deploy", cluster, {"slow": gate.source("slow")}, n_workers=1,
+                          dispatcher_extra="retry_delay: 0", connect_timeout=3)  # fmt: skip
+    daemon = Daemon(dep, uuid.uuid4().hex, tmp_path / "daemon.log")
+    sid = wait_for(lambda: dep.summaries()["slow"].state == "training" and dep.summaries()["slow"].id,
+                   60, "the run to start")  # fmt: skip
+    wait_for(lambda: cluster.runner_of(sub_name(sid)), 60, "ramp-test on a Dask worker")
+    return dep, gate, daemon, sid
+
+
+def test_dask_worker_killed_mid_run(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    dep, gate, daemon, sid = _fault_setup(tmp_path, dask_cluster)
+    try:
+        victim = dask_cluster.runner_of(sub_name(sid))
+        doomed = dask_cluster.ramp_tests(sub_name(sid))
+        dask_cluster.kill_worker(victim, signal.SIGKILL)
+        # its run dies with it (the supervisor's parent-death signal)
+        wait_for(lambda: not set(doomed) & set(dask_cluster.ramp_tests()), 30, "the lost run to stop")
+        daemon.wait_log("infrastructure failure", 60)
+        gate.open()
+        assert daemon.wait_exit(120) == 0
+    finally:
+        daemon.stop_hard()
+    assert attempts(dep, sid) == [(1, "retry", "infrastructure"), (2, "scored", None)]
+    assert "was lost" in daemon.log()
+    assert_scored_once(dep.engine, sid)
+
+
+def test_scheduler_stopped_and_restarted(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    dep, gate, daemon, sid = _fault_setup(tmp_path, dask_cluster)
+    try:
+        dask_cluster.stop_scheduler(signal.SIGKILL)
+        # the Dask workers leave with their scheduler, and their runs with them
+        wait_for(lambda: not dask_cluster.ramp_tests(), 60, "the runs to stop")
+        time.sleep(3.0)
+        assert daemon.alive() and dep.summaries()["slow"].state == "training"  # held, not failed
+        dask_cluster.ensure()
+        daemon.wait_log("does not know this run", 60)
+        gate.open()
+        assert daemon.wait_exit(120) == 0
+    finally:
+        daemon.stop_hard()
+    assert attempts(dep, sid) == [(1, "retry", "infrastructure"), (2, "scored", None)]
+    assert_scored_once(dep.engine, sid)
+
+
+def test_dask_worker_paused_with_sigstop(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    dep, gate, daemon, sid = _fault_setup(tmp_path, dask_cluster)
+    victim = dask_cluster.runner_of(sub_name(sid))
+    try:
+        os.kill(dask_cluster.worker_pid(victim), signal.SIGSTOP)
+        # the scheduler drops the silent worker (worker-ttl) and the daemon is told
+        daemon.wait_log("infrastructure failure", 90)
+        gate.open()  # the paused worker's ramp-test may finish too: never collected
+        wait_for(lambda: dep.summaries()["slow"].state == "scored", 120, "the retry to be scored")
+        os.kill(dask_cluster.worker_pid(victim), signal.SIGCONT)
+        assert daemon.wait_exit(60) == 0
+        time.sleep(2.0)  # whatever the resumed worker says now is ignored
+    finally:
+        daemon.stop_hard()
+    assert attempts(dep, sid) == [(1, "retry", "infrastructure"), (2, "scored", None)]
+    assert_scored_once(dep.engine, sid)
+
+
+# --------------------------------------------------------------------------- TLS
+def test_tls_with_client_certificates(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path / "tls")
+    c = DaskCluster([tmp_path_factory.getbasetemp(), dask_fixtures.PACKAGE_DIR], tls=tls)
+    # the certificates live in the hidden folder: give the cluster its own copies
+    own = c.dir / "tls"
+    own.mkdir()
+    for name in ("ca.pem", "cluster.pem", "cluster-key.pem"):
+        (own / name).write_bytes((tls.ca.parent / name).read_bytes())
+    c.tls = TlsFiles(own / "ca.pem", own / "cluster.pem", own / "cluster-key.pem", tls.client_cert, tls.client_key)
+    try:
+        c.start_scheduler()
+        c.start_worker("t1")
+        from distributed import Client
+        from distributed.security import Security
+
+        # without a client certificate the scheduler refuses the connection
+        with pytest.raises(Exception):
+            Client(c.address, security=Security(tls_ca_file=str(tls.ca), require_encryption=True),
+                   timeout=3, set_as_default=False)  # fmt: skip
+
+        kit = make_iris_kit(tmp_path / "kit")
+        subs = tmp_path / "subs"
+        (subs / sub_name(1)).mkdir(parents=True)
+        (subs / sub_name(1) / "classifier.py").write_text(KIT_GOOD)
+        request = RunRequest(1, sub_name(1), 1, kit, kit, subs, tmp_path / "logs", tmp_path / "pred", 1)
+        worker = DaskWorker(DaskConfig(c.address, tls_ca_file=tls.ca, tls_client_cert=tls.client_cert,
+                                       tls_client_key=tls.client_key, timeout=120), event_name="tls")  # fmt: skip
+        try:
+            handle = worker.start(request, lambda: None)
+            outcome = wait_for(lambda: worker.check(request, handle), 120, "the TLS run")
+            assert outcome.failure is None, outcome
+            assert (request.output_dir / "fold_0" / "y_pred_test.npz").is_file()
+            assert outcome.max_ram_mb and outcome.max_ram_mb > 10
+            worker.cleanup(request, handle)
+        finally:
+            worker.close()
+    finally:
+        c.close()
+
+
+def test_raises_is_a_participant_failure_with_the_traceback(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    """A direct run through the worker API: the log tail comes back, the
+    output folder of a failed run is where the conda worker would leave it."""
+    kit = make_iris_kit(tmp_path / "kit")
+    subs = tmp_path / "subs"
+    (subs / sub_name(7)).mkdir(parents=True)
+    (subs / sub_name(7) / "classifier.py").write_text(KIT_RAISES)
+    request = RunRequest(7, sub_name(7), 1, kit, kit, subs, tmp_path / "logs", tmp_path / "pred", 1)
+    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=120), event_name="direct")
+    try:
+        handle = worker.start(request, lambda: None)
+        outcome = wait_for(lambda: worker.check(request, handle), 120, "the run")
+        assert outcome.failure is not None and outcome.failure.value == "participant"
+        assert outcome.message == "ramp-test exited with code 1"
+        assert "deliberate failure in fit" in request.log_path.read_text()
+        assert (request.output_dir / "fold_0" / "error.txt").is_file()
+        worker.cleanup(request, handle)
+    finally:
+        worker.close()
+
+
+def _direct_request(tmp_path: Path, sid: int, source: str, kit: Path | None = None) -> RunRequest:
+    kit = kit or make_iris_kit(tmp_path / "kit")
+    subs = tmp_path / "subs"
+    (subs / sub_name(sid)).mkdir(parents=True)
+    (subs / sub_name(sid) / "classifier.py").write_text(source)
+    return RunRequest(sid, sub_name(sid), 1, kit, kit, subs, tmp_path / "logs", tmp_path / "pred", 1)
+
+
+def test_the_loop_never_waits_for_an_unreachable_cluster(tmp_path: Path) -> None:
+    """start and check return at once while the scheduler does not answer;
+    the run waits (holding its slot), it is not failed."""
+    port = dask_fixtures.free_port()
+    request = _direct_request(tmp_path, 1, KIT_GOOD)
+    worker = DaskWorker(DaskConfig(f"tcp://127.0.0.1:{port}", connect_timeout=10), event_name="away")
+    try:
+        t0 = time.monotonic()
+        handle = worker.start(request, lambda: None)
+        checks = [worker.check(request, handle) for _ in range(5)]
+        elapsed = time.monotonic() - t0
+        assert checks == [None] * 5
+        assert elapsed < 1.0  # one connection attempt alone may take 10 s
+        time.sleep(2.0)
+        assert worker.check(request, handle) is None  # still waiting for the cluster
+        assert handle["key"].startswith("ramp-run-away-") and handle["key"].endswith("-1-1")
+    finally:
+        worker.close()
+
+
+def test_timeout_is_enforced_on_the_dask_worker(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    from kit import slow_source
+
+    request = _direct_request(tmp_path, 8, slow_source(120))
+    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=4), event_name="limits")
+    try:
+        handle = worker.start(request, lambda: None)
+        outcome = wait_for(lambda: worker.check(request, handle), 90, "the timed-out run")
+        assert outcome.failure is not None and outcome.failure.value == "timeout", outcome
+        assert outcome.message == "Training stopped: the time limit of 4 s was reached."
+        assert "the time limit of 4 s was reached" in request.log_path.read_text()
+        worker.cleanup(request, handle)
+    finally:
+        worker.close()
+    assert not dask_cluster.ramp_tests(sub_name(8))
+
+
+def test_memory_limit_is_enforced_on_the_dask_worker(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    from kit import MEMORY_HOG
+
+    request = _direct_request(tmp_path, 9, MEMORY_HOG)
+    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=120, memory_limit_mb=400), event_name="limits")
+    try:
+        handle = worker.start(request, lambda: None)
+        outcome = wait_for(lambda: worker.check(request, handle), 90, "the memory-hungry run")
+        assert outcome.failure is not None and outcome.failure.value == "memory", outcome
+        assert outcome.message.startswith("Training stopped: the memory limit of 400 MB was exceeded")
+        assert outcome.max_ram_mb is not None and outcome.max_ram_mb > 400
+        worker.cleanup(request, handle)
+    finally:
+        worker.close()
+    assert not dask_cluster.ramp_tests(sub_name(9))
+
+
+def test_reaper_stops_runs_no_daemon_owns(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    from distributed import Client
+    from kit import slow_source
+
+    kit = make_iris_kit(tmp_path / "kit")
+    lost = _direct_request(tmp_path, 21, slow_source(120), kit)
+    kept = RunRequest(22, sub_name(22), 1, kit, kit, lost.submissions_dir, lost.logs_dir, lost.predictions_dir, 1)
+    (kept.submissions_dir / sub_name(22)).mkdir()
+    (kept.submissions_dir / sub_name(22) / "classifier.py").write_text(KIT_GOOD)
+    first = DaskWorker(DaskConfig(dask_cluster.address, timeout=300), event_name="reap")
+    lost_handle = first.start(lost, lambda: None)
+    wait_for(lambda: dask_cluster.ramp_tests(sub_name(21)), 60, "the run to start")
+    first.close()  # its daemon died before recording the run anywhere
+    second = DaskWorker(DaskConfig(dask_cluster.address, timeout=300), event_name="reap")
+    try:
+        handle = second.start(kept, lambda: None)
+        assert wait_for(lambda: second.check(kept, handle), 120, "the kept run").failure is None
+        with Client(dask_cluster.address, set_as_default=False) as client:
+            assert {lost_handle["key"], handle["key"]} <= set(client.list_datasets())
+            second.reap({(22, 1)})  # the database knows only run 22
+            wait_for(lambda: not dask_cluster.ramp_tests(sub_name(21)), 30, "the orphan to be stopped")
+            wait_for(lambda: lost_handle["key"] not in client.list_datasets(), 30, "the orphan released")
+            assert handle["key"] in client.list_datasets()  # until its cleanup
+            second.cleanup(kept, handle)
+            wait_for(lambda: handle["key"] not in client.list_datasets(), 30, "the run released")
+    finally:
+        second.close()
+
+
+def test_shared_filesystem_runs_in_place(tmp_path: Path) -> None:
+    """Dask workers that see the deployment: nothing copied, ramp-test writes
+    the output and the log straight into the deployment's folders."""
+    c = DaskCluster(hidden=[])
+    try:
+        c.start_scheduler()
+        c.start_worker("s1")
+        request = _direct_request(tmp_path, 3, KIT_GOOD)
+        worker = DaskWorker(DaskConfig(c.address, shared_filesystem=True, timeout=120), event_name="shared")
+        try:
+            handle = worker.start(request, lambda: None)
+            outcome = wait_for(lambda: worker.check(request, handle), 120, "the run")
+            assert outcome.failure is None, outcome
+            assert (request.output_dir / "fold_1" / "y_pred_test.npz").is_file()
+            log = request.log_path.read_text()
+            assert "Bagged scores" in log or "bagged" in log.lower()
+            assert (request.log_path.parent / "run-1.json").is_file()  # the supervisor's status
+            assert c.cache_trees("s1") == []  # no copy of the kit or the data
+        finally:
+            worker.close()
+    finally:
+        c.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-x", "-q"]))
