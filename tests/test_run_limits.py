@@ -64,9 +64,10 @@ def _daemon_peak_rss_mb(dep: Deployment, log: Path) -> float:
     try:
         # wait4: the kernel's own high-water mark of the daemon, after it exited
         _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        if proc.poll() is None and proc.returncode is None:
-            proc.kill()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     proc.returncode = os.waitstatus_to_exitcode(status)
     assert proc.returncode == 0, log.read_text()[-3000:]
     return usage.ru_maxrss / 1024

@@ -20,9 +20,9 @@ from the status file only. Standard library only, with no import from this
 package: it must start fast, without site-packages.
 
 The command's output reaches the log through a pipe that this program reads,
-so the log is bounded (``--max-log-mb``): the first quarter of the room is
-written as it comes, the rest holds the latest output, and a marker line
-says how much was dropped in between. Memory is counted as the tree's unique
+so the log is bounded (``--max-log-mb``): the head (a quarter of the room,
+more when the room passes 21 MiB) is written as it comes, the rest holds the
+latest output, and a marker line says how much was dropped in between. Memory is counted as the tree's unique
 memory (PSS, :func:`tree_memory_kib`).
 
 The status file is JSON, always replaced atomically. Right after the command
@@ -66,6 +66,10 @@ TAIL_FLUSH_INTERVAL_S = 2.0
 DRAIN_TIMEOUT_S = 2.0
 #: longest stretch spent moving output before the limits are checked again
 DRAIN_SLICE_S = 0.2
+#: most of a bounded log's latest output held in memory (the rest is head)
+TAIL_MEMORY_MAX = 16 << 20
+#: bytes of a bounded log kept for the marker line
+MARKER_ROOM = 256
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, spelled out for Python < 3.10
 
 
@@ -167,8 +171,9 @@ class LogCapture:
     """Writes the command's output to the log, keeping at most ``limit`` bytes.
 
     Until the output passes ``limit`` it is written as it comes. Past it, the
-    file keeps the first quarter of the room (how the run started), a marker
-    line saying how much was dropped, and the latest output, which is kept in
+    file keeps the head (how the run started: a quarter of the room, more when
+    the room is large), a marker line saying how much was dropped, and the
+    latest output (the rest, at most TAIL_MEMORY_MAX), which is kept in
     memory in whole chunks and rewritten after the marker now and then (and
     at the end), so the file stays readable and bounded throughout.
     ``limit`` None keeps everything.
@@ -178,9 +183,12 @@ class LogCapture:
         self.fd = fd
         self.limit = limit
         self.limit_text = limit_text
-        self.head_room = 0 if limit is None else limit // 4
-        # the marker line takes about 150 bytes: keep room for it
-        self.tail_room = 0 if limit is None else max(limit - self.head_room - 256, 0)
+        # The tail is held in memory while output is dropped: three quarters
+        # of the room, at most TAIL_MEMORY_MAX; the head (on disk) gets the
+        # rest, less room for the marker line (about 150 bytes).
+        room = 0 if limit is None else max(limit - MARKER_ROOM, 0)
+        self.tail_room = min(room - room // 4, TAIL_MEMORY_MAX)
+        self.head_room = room - self.tail_room
         self.total = 0  # bytes of output received
         self.head_end: int | None = None  # file offset where the head ends
         self.tail: collections.deque[bytes] = collections.deque()
