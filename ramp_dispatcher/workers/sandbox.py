@@ -80,7 +80,7 @@ class Limits:
     max_processes: int | None = 512
     #: open files per process (RLIMIT_NOFILE)
     max_open_files: int | None = 1024
-    #: largest file a run may write, the log included (RLIMIT_FSIZE)
+    #: largest file a run may write (RLIMIT_FSIZE; the supervisor bounds the log)
     max_file_size_mb: float | None = 1024.0
     #: size of the private /tmp (a tmpfs: host memory, outside memory_limit_mb's sampling)
     tmp_size_mb: float | None = 512.0
