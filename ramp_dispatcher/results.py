@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .messages import read_log_tail
+
 __all__ = [
     "BaggedScores",
     "FoldResult",
@@ -317,8 +319,9 @@ def read_fold_error(output_dir: Path) -> str | None:
     """Content of the lowest-numbered ``fold_<i>/error.txt``, else None.
 
     rampwf stops at the first failing fold, so there is normally one at most.
-    An unreadable file counts as absent: this runs while reporting a failure,
-    which must not fail in turn.
+    Only its end is read (the participant controls its size; the exception
+    line is last). An unreadable file counts as absent: this runs while
+    reporting a failure, which must not fail in turn.
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -328,8 +331,8 @@ def read_fold_error(output_dir: Path) -> str | None:
         if not path.is_file():
             continue
         try:
-            # Tracebacks may quote the participant's non-UTF-8 bytes.
-            return path.read_bytes().decode("utf-8", errors="replace").removeprefix("\ufeff")
+            # Tracebacks may quote the participant's non-UTF-8 bytes: decoded leniently.
+            return read_log_tail(path).removeprefix("\ufeff")
         except OSError:
             continue
     return None

@@ -538,6 +538,18 @@ def test_read_fold_error_takes_the_lowest_fold_numerically(tmp_path: Path) -> No
     assert read_fold_error(out) == "bad byte \ufffd\n"
 
 
+def test_read_fold_error_reads_only_the_end_of_a_huge_error(tmp_path: Path) -> None:
+    """A participant's exception message can be any size: the daemon reads the
+    end of error.txt (where the exception line is), never the whole file."""
+    out = make_output(tmp_path)
+    (out / "fold_0" / "error.txt").write_text(
+        "Traceback\nValueError: " + "x" * (20 * 1024 * 1024) + "\nValueError: the last line\n"
+    )
+    error = read_fold_error(out)
+    assert error is not None and error.endswith("ValueError: the last line\n")
+    assert len(error) <= 256 * 1024
+
+
 def test_read_fold_error_without_folder(tmp_path: Path) -> None:
     assert read_fold_error(tmp_path / "missing") is None
 
