@@ -6,9 +6,10 @@ one status command per check -> download -> terminate. Every exit path goes
 through :meth:`_Run._finish`, which terminates the instance; only the
 worker's ``close`` leaves it running for the next daemon to re-attach.
 
-About 600 lines: one class whose steps share one thread's state (instance,
-connection, trusted keys, outcome); the protocol, SSH and EC2 calls it drives
-live in their own modules.
+About 700 lines, over the usual 600: one class whose steps share one
+thread's state (instance, connection, trusted keys, deadline, outcome), read
+best top to bottom; the protocol, SSH and EC2 calls it drives live in their
+own modules.
 """
 
 from __future__ import annotations

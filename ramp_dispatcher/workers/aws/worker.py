@@ -2,8 +2,9 @@
 
 Each of its methods returns at once: a run's work happens in its own thread
 (:mod:`.run`), and the reaper's in another (:mod:`.reaper`). The worker holds
-what runs share: the EC2 client, the AMI found last, the private key, and the
-runs in progress by (submission id, attempt).
+what new runs start with (:class:`RunSettings`: config, keys, EC2 client, AMI
+found last; a SIGHUP replaces it), each run's deadline check, and the runs in
+progress by (submission id, attempt).
 """
 
 from __future__ import annotations
