@@ -21,7 +21,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faults import MARKER_VAR, kill_marked, marked_pids, ramp_test_pids, wait_for
+from helpers import free_port
 
 DASK_EXE = Path(sys.prefix) / "bin" / "dask"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "ramp_dispatcher"
@@ -47,12 +47,6 @@ def unavailable() -> str | None:
     if probe.returncode != 0:
         return f"cannot make a private mount namespace here: {probe.stderr.strip()}"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

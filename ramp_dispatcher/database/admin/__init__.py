@@ -31,8 +31,9 @@ ramp-workflow (through the kit's ``problem.py``) is imported lazily, in ``kit`` 
 The package, one module per job: ``lookup`` (the error type, rows by name),
 ``kit`` (the kit's ``problem.py``, the workflow and file-type registry),
 ``events`` (problems and events: add, delete, deploy), ``users``, ``teams``
-(sign-up), ``submissions`` (add, resubmit, files) and ``leaderboard_html``
-(the "new submissions" HTML). The public names are re-exported here.
+(sign-up) and ``submissions`` (add, resubmit, files). The "new submissions"
+HTML comes from :mod:`ramp_dispatcher.leaderboards.update`. The public names
+are re-exported here.
 """
 
 from .events import EVENT_DEFAULTS, add_event, add_problem, deploy_event

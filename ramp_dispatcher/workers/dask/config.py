@@ -32,7 +32,7 @@ class DaskConfig:
     conda_env: str | None = None
     #: wall-clock limit of one run, seconds (enforced on the Dask worker)
     timeout: float = 7200.0
-    #: limit on the summed RSS of the run's process tree, MB
+    #: limit on the run's process tree's unique memory (summed PSS), MB
     memory_limit_mb: float | None = None
     #: niceness increment of ramp-test on the Dask worker
     niceness: int = 5
