@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ...configfile import ConfigError, InvalidSetting
+
 if TYPE_CHECKING:
     from ...configfile import Section
 
@@ -36,6 +38,8 @@ class DaskConfig:
     memory_limit_mb: float | None = None
     #: niceness increment of ramp-test on the Dask worker
     niceness: int = 5
+    #: bound of a run's log (as the conda worker's): head and latest output kept
+    max_log_mb: float = 5.0
     #: kit, data and submissions are at the same paths on every Dask worker:
     #: nothing is copied, ramp-test writes straight into the deployment
     shared_filesystem: bool = False
@@ -51,24 +55,26 @@ class DaskConfig:
 
     def __post_init__(self) -> None:
         if not _ADDRESS.match(self.dask_scheduler):
-            raise ValueError(
+            raise InvalidSetting(
                 "dask_scheduler", f"must be tcp://host:port or tls://host:port, got {self.dask_scheduler!r}"
             )
         if not self.timeout > 0:
-            raise ValueError("timeout", f"must be positive, got {self.timeout!r}")
+            raise InvalidSetting("timeout", f"must be positive, got {self.timeout!r}")
         if self.memory_limit_mb is not None and not self.memory_limit_mb > 0:
-            raise ValueError("memory_limit_mb", f"must be positive, got {self.memory_limit_mb!r}")
+            raise InvalidSetting("memory_limit_mb", f"must be positive, got {self.memory_limit_mb!r}")
+        if not self.max_log_mb > 0:
+            raise InvalidSetting("max_log_mb", f"must be positive, got {self.max_log_mb!r}")
         if not self.connect_timeout > 0:
-            raise ValueError("connect_timeout", f"must be positive, got {self.connect_timeout!r}")
+            raise InvalidSetting("connect_timeout", f"must be positive, got {self.connect_timeout!r}")
         tls = (self.tls_ca_file, self.tls_client_cert, self.tls_client_key)
         if any(tls) and not all(tls):
-            raise ValueError(
+            raise InvalidSetting(
                 "tls_ca_file", "tls_ca_file, tls_client_cert and tls_client_key go together"
             )
         if all(tls) and not self.dask_scheduler.startswith("tls://"):
-            raise ValueError("dask_scheduler", "must start with tls:// when TLS files are given")
+            raise InvalidSetting("dask_scheduler", "must start with tls:// when TLS files are given")
         if self.dask_scheduler.startswith("tls://") and not all(tls):
-            raise ValueError(
+            raise InvalidSetting(
                 "tls_ca_file", "a tls:// scheduler needs tls_ca_file, tls_client_cert and tls_client_key"
             )
 
@@ -79,8 +85,6 @@ class DaskConfig:
     @classmethod
     def from_section(cls, section: Section) -> DaskConfig:
         """Read and check the section; errors name the file and the key."""
-        from ...configfile import ConfigError
-
         if importlib.util.find_spec("distributed") is None:
             raise ConfigError(
                 f"{section.where('worker_type')}: the dask worker needs the 'dask' extra "
@@ -106,6 +110,9 @@ class DaskConfig:
                 timeout=float(section.optional("timeout", float, "a number of seconds", 7200.0)),
                 memory_limit_mb=None if memory is None else float(memory),
                 niceness=section.optional("niceness", int, "an integer", 5),
+                max_log_mb=float(
+                    section.optional("max_log_mb", float, "a number of megabytes", 5.0)
+                ),
                 shared_filesystem=section.optional(
                     "shared_filesystem", bool, "true or false", False
                 ),
@@ -117,6 +124,5 @@ class DaskConfig:
                     section.optional("connect_timeout", float, "a number of seconds", 10.0)
                 ),
             )
-        except ValueError as exc:
-            key, message = exc.args if len(exc.args) == 2 else ("dask_scheduler", str(exc))
-            raise ConfigError(f"{section.where(key)} {message}") from None
+        except InvalidSetting as exc:
+            raise section.invalid(exc) from None

@@ -162,7 +162,7 @@ def run_submission(spec: dict[str, Any], submission: bytes | None) -> dict[str, 
     """Run one submission on this Dask worker; return what the daemon needs.
 
     ``spec`` keys: key, submission_name, cache_dir, conda_env, timeout,
-    memory_limit_mb, niceness, env (name -> value), supervisor_source,
+    memory_limit_mb, niceness, max_log_mb, env (name -> value), supervisor_source,
     supervisor_digest, log_tail_bytes, shared; without a shared filesystem
     kit_digest and data_digest (trees published on the scheduler), with one
     kit_dir, data_dir, submissions_dir, log_path and status_path.
@@ -240,6 +240,8 @@ def _run(
     ]  # fmt: skip
     if spec.get("memory_limit_mb") is not None:
         argv += ["--memory-limit-mb", repr(float(spec["memory_limit_mb"]))]
+    if spec.get("max_log_mb") is not None:
+        argv += ["--max-log-mb", repr(float(spec["max_log_mb"]))]
     for var, value in env.items():
         argv += ["--setenv", f"{var}={value}"]
     argv += [

@@ -325,6 +325,7 @@ class DaskWorker(Worker):
             "timeout": float(cfg.timeout),
             "memory_limit_mb": cfg.memory_limit_mb,
             "niceness": int(cfg.niceness),
+            "max_log_mb": float(cfg.max_log_mb),
             "env": env,
             "supervisor_source": source,
             "supervisor_digest": digest,
