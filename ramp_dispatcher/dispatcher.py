@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 MIN_LEASE = dt.timedelta(seconds=60)
 #: how often unfinished runs' external resources are checked for orphans
 REAP_INTERVAL_S = 300.0
+#: how often a run whose worker reports its end (``Worker.reports_end``) is
+#: checked anyway, in case a wake-up was lost
+WAKE_SAFETY_NET_S = 30.0
 #: how often the one-line summary is sent to systemd (STATUS=)
 STATUS_INTERVAL_S = 30.0
 #: exceptions that mean "the database is away", not "our bug"
@@ -86,6 +89,7 @@ class Dispatcher:
         self.stopped = threading.Event()
         self._last_reap = -REAP_INTERVAL_S  # the first claim cycle reaps
         self._last_status = -STATUS_INTERVAL_S
+        self._last_housekeeping = -float("inf")  # the first claim cycle does it
         self._loop: JobLoop | None = None
         self._listener = None
         self._event: queries.EventInfo | None = None
@@ -227,6 +231,29 @@ class Dispatcher:
     # ------------------------------------------------------------------ claim
 
     def claim_cycle(self) -> None:
+        """Housekeeping (about once per poll interval), then claim and launch.
+
+        A cycle woken by news (a freed slot, NOTIFY) only claims; leases are
+        renewed, orphans adopted and cancels looked up on the poll's rhythm,
+        which keeps each well inside the lease and a cancel within a poll.
+        """
+        now = time.monotonic()
+        if now - self._last_housekeeping < 0.9 * self.config.dispatcher.poll_interval:
+            with self.engine.begin() as conn:
+                claims = self._claim(conn)
+        else:
+            self._last_housekeeping = now
+            claims = self._housekeeping_and_claim()
+        for claim in claims:
+            self._launch(claim)
+        self.metrics.set_running(len(self.active))
+        self._reap()
+        if not self.active and not claims:
+            self._on_hunger()
+
+    def _housekeeping_and_claim(self) -> list[queries.Claim]:
+        """Renew leases, cancel what an admin cancelled, drop what another daemon
+        took over, adopt orphans; then claim."""
         claims: list[queries.Claim] = []
         with self.engine.begin() as conn:
             ours = queries.heartbeat(conn, self.owner, self.active, self.lease)
@@ -251,12 +278,7 @@ class Dispatcher:
                 self._reattach(row)
             with self.engine.begin() as conn:
                 claims = self._claim(conn)
-        for claim in claims:
-            self._launch(claim)
-        self.metrics.set_running(len(self.active))
-        self._reap()
-        if not self.active and not claims:
-            self._on_hunger()
+        return claims
 
     def _claim(self, conn: Connection) -> list[queries.Claim]:
         """Claim as many waiting submissions as there are free slots; refresh the queue."""
@@ -422,10 +444,8 @@ class Dispatcher:
             now = time.monotonic()
             if run.check_due(now):
                 self._check(run, now, tbc)
-            if run.state is RunState.ENDED:
-                self._record_end(run)
-            if run.state is RunState.FINISHED:
-                self._close(run)
+            if run.state in (RunState.ENDED, RunState.FINISHED):
+                self._finish(run)
             if run.state is RunState.CLOSED:
                 self.active.pop(run.run_id, None)
                 freed = True
@@ -434,9 +454,17 @@ class Dispatcher:
             self.wake("claim")
 
     def _check(self, run: ActiveRun, now: float, interval: float) -> None:
-        """STARTED/RUNNING -> ENDED when the worker reports an outcome. Writes nothing."""
-        run.checked(now, interval)
+        """STARTED/RUNNING -> ENDED when the worker reports an outcome. Writes nothing.
+
+        A run whose worker wakes the loop when it ends is checked then, and on
+        the timer only as a safety net. The next check is set before this one:
+        a wake-up from now on asks for another; one that came earlier found
+        the run ended already.
+        """
         try:
+            if self.worker.reports_end(run.request):
+                interval = max(interval, WAKE_SAFETY_NET_S)
+            run.checked(now, interval)
             outcome = self.worker.check(run.request, run.handle or {})
         except Exception as exc:
             log.exception("%s: status check failed", run.label())
@@ -444,61 +472,26 @@ class Dispatcher:
         if outcome is not None:
             run.end(outcome)
 
-    def _record_end(self, run: ActiveRun) -> None:
-        """ENDED -> FINISHED: the run's row says ``finished``, with the outcome's
-        class and message (the submission ``tested`` on success).
+    def _finish(self, run: ActiveRun) -> None:
+        """ENDED -> FINISHED -> CLOSED, one commit each; then free what the run held.
 
-        Raises on database errors, keeping the run for the next cycle. A row
-        already finished (a re-attached run) is ours to go on with; a row
-        another daemon took over, or already collected, is dropped untouched:
-        its files may already belong to a newer attempt.
+        The end is committed before the results are written, so that a crash or
+        a failing write in between leaves the run ``finished`` with its outcome's
+        class. Raises on database errors, keeping the run in its state for the
+        next cycle: every step is safe to repeat. A run another daemon took
+        over, or already collected, is dropped without touching anything on
+        disk: its files may already belong to a newer attempt.
         """
-        outcome = run.outcome
-        assert outcome is not None
+        if run.state is RunState.ENDED:
+            with self.engine.begin() as conn:
+                held = self._record_end(conn, run)
+            if not held:
+                self._drop(run)
+                return
+            run.finished()
         with self.engine.begin() as conn:
-            marked = queries.mark_finished(
-                conn,
-                run.run_id,
-                self.owner,
-                None if outcome.failure is None else outcome.failure.value,
-                outcome.message,
-                succeeded=outcome.failure is None,
-            )
-            ours = marked or queries.run_is_ours(conn, run.run_id, self.owner)
-        if not ours:
-            self._drop(run)
-            return
-        if outcome.duration_s is not None:
-            self.metrics.observe_duration(outcome.duration_s)
-        run.finished()
-
-    def _close(self, run: ActiveRun) -> None:
-        """FINISHED -> CLOSED: write the results (``scored``), the final failure,
-        or the requeue of an infrastructure failure; then free what the run held.
-
-        Raises on database errors, keeping the run FINISHED for the next
-        cycle; every step is safe to repeat.
-        """
-        outcome = run.outcome
-        assert outcome is not None
-        if outcome.failure is None:
-            try:
-                done = self._store_results(run, outcome)
-            except ResultsError as exc:
-                # ramp-test said it succeeded but its output is unusable: not the
-                # participant's doing, so it is ours to retry.
-                run.replace_outcome(RunOutcome(
-                    FailureClass.INFRASTRUCTURE,
-                    f"unusable output: {exc}",
-                    exit_code=outcome.exit_code,
-                    max_ram_mb=outcome.max_ram_mb,
-                    log_path=outcome.log_path,
-                ))  # fmt: skip
-                assert run.outcome is not None
-                done = self._store_failure(run, run.outcome)
-        else:
-            done = self._store_failure(run, outcome)
-        if not done:
+            written = self._close(conn, run)
+        if not written:
             self._drop(run)
             return
         run.closed()
@@ -507,13 +500,53 @@ class Dispatcher:
         except Exception:
             log.exception("%s: cleanup failed", run.label())
 
-    def _finish(self, run: ActiveRun) -> None:
-        """ENDED -> CLOSED in one go: what collect does for an ended run."""
-        self._record_end(run)
-        if run.state is RunState.FINISHED:
-            self._close(run)
+    def _record_end(self, conn: Connection, run: ActiveRun) -> bool:
+        """ENDED -> FINISHED: the run's row says ``finished``, with the outcome's
+        class and message (the submission ``tested`` on success). False if the
+        run is not ours any more. A row already finished (a re-attached run)
+        is ours to go on with."""
+        outcome = run.outcome
+        assert outcome is not None
+        marked = queries.mark_finished(
+            conn,
+            run.run_id,
+            self.owner,
+            None if outcome.failure is None else outcome.failure.value,
+            outcome.message,
+            succeeded=outcome.failure is None,
+        )
+        if not (marked or queries.run_is_ours(conn, run.run_id, self.owner)):
+            return False
+        if outcome.duration_s is not None:
+            self.metrics.observe_duration(outcome.duration_s)
+        return True
 
-    def _store_results(self, run: ActiveRun, outcome: RunOutcome) -> bool:
+    def _close(self, conn: Connection, run: ActiveRun) -> bool:
+        """FINISHED -> CLOSED: write the results (``scored``), the final failure,
+        or the requeue of an infrastructure failure, and close the run's row
+        (``collected``). False if it was not ours to write. What is said about
+        the outcome (log line, metrics, leaderboard) is said just before the
+        commit: a failed commit says it again at the next try."""
+        outcome = run.outcome
+        assert outcome is not None
+        if outcome.failure is not None:
+            return self._store_failure(conn, run, outcome)
+        try:
+            return self._store_results(conn, run, outcome)
+        except ResultsError as exc:
+            # ramp-test said it succeeded but its output is unusable: not the
+            # participant's doing, so it is ours to retry.
+            unusable = RunOutcome(
+                FailureClass.INFRASTRUCTURE,
+                f"unusable output: {exc}",
+                exit_code=outcome.exit_code,
+                max_ram_mb=outcome.max_ram_mb,
+                log_path=outcome.log_path,
+            )
+            run.replace_outcome(unusable)
+            return self._store_failure(conn, run, unusable)
+
+    def _store_results(self, conn: Connection, run: ActiveRun, outcome: RunOutcome) -> bool:
         request = run.request
         kept = request.predictions_dir / request.submission_name
         # A previous try may have moved the output already and then lost the database.
@@ -523,31 +556,28 @@ class Dispatcher:
         results = parse_training_output(source, self.event.n_folds, self.event.score_names)
         if source != kept:
             _replace_dir(source, kept)
-        with self.engine.begin() as conn:
-            written = queries.write_results(
-                conn, self.event, run.run_id, self.owner, run.submission_id, results,
-                outcome.max_ram_mb,
-            )
+        written = queries.write_results(
+            conn, self.event, run.run_id, self.owner, run.submission_id, results,
+            outcome.max_ram_mb,
+        )
         if written:
             log.info("%s: scored", run.label())
             self.metrics.outcome("scored")
             self.leaderboard.request()
         return written
 
-    def _store_failure(self, run: ActiveRun, outcome: RunOutcome) -> bool:
+    def _store_failure(self, conn: Connection, run: ActiveRun, outcome: RunOutcome) -> bool:
         failure = outcome.failure
         assert failure is not None
-        with self.engine.connect() as conn:
-            # an admin retry starts a fresh budget of infrastructure retries
-            run.budget_attempt = control.attempt_in_budget(conn, run.submission_id, run.attempt)
+        # an admin retry starts a fresh budget of infrastructure retries
+        run.budget_attempt = control.attempt_in_budget(conn, run.submission_id, run.attempt)
         if self.policy.should_retry(failure, run.budget_attempt):
             delay = self.policy.delay_s(run.budget_attempt)
             retry_after = queries.utcnow() + dt.timedelta(seconds=delay)
-            with self.engine.begin() as conn:
-                done = queries.requeue(
-                    conn, run.run_id, self.owner, run.submission_id, failure.value,
-                    outcome.message, retry_after,
-                )
+            done = queries.requeue(
+                conn, run.run_id, self.owner, run.submission_id, failure.value,
+                outcome.message, retry_after,
+            )
             if done:
                 log.warning(
                     "%s: infrastructure failure (%s); retry in %.0f s",
@@ -559,11 +589,10 @@ class Dispatcher:
         detail = self._failure_detail(run, outcome)
         state, reason = self._failure_text(run, outcome, detail)
         error_msg = messages.error_message(reason, detail)
-        with self.engine.begin() as conn:
-            done = queries.write_failure(
-                conn, run.run_id, self.owner, run.submission_id, state, error_msg,
-                failure.value, outcome.max_ram_mb,
-            )
+        done = queries.write_failure(
+            conn, run.run_id, self.owner, run.submission_id, state, error_msg,
+            failure.value, outcome.max_ram_mb,
+        )
         if done:
             log.info("%s: %s (%s: %s)", run.label(), state, failure.value, outcome.message)
             self.metrics.outcome(failure.value)

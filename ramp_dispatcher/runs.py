@@ -126,9 +126,10 @@ class ActiveRun:
         self._move((RunState.ENDED,), RunState.FINISHED)
 
     def replace_outcome(self, outcome: RunOutcome) -> None:
-        """In FINISHED: a successful run whose output turned out unusable is
-        written back as an infrastructure failure instead."""
-        self._move((RunState.FINISHED,), RunState.FINISHED)
+        """In ENDED or FINISHED: a successful run whose output turned out
+        unusable is written back as an infrastructure failure instead."""
+        if self.state not in (RunState.ENDED, RunState.FINISHED):
+            raise TransitionError(f"{self.label()}: no outcome to replace in {self.state.name}")
         self.outcome = outcome
 
     def closed(self) -> None:
