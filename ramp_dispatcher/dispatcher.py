@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from . import messages
 from .config import EventConfig, ServerConfig
 from .database import control, queries, reports
 from .database.engine import make_engine
+from .database.failures import is_unavailable, statement_of
 from .jobloop import JobLoop
 from .leaderboard import LeaderboardRefresher
 from .messages import first_line
@@ -57,8 +58,12 @@ REAP_INTERVAL_S = 300.0
 WAKE_SAFETY_NET_S = 30.0
 #: how often the one-line summary is sent to systemd (STATUS=)
 STATUS_INTERVAL_S = 30.0
-#: exceptions that mean "the database is away", not "our bug"
-DB_ERRORS = (OperationalError, DBAPIError)
+#: every error the database driver raises; ``failures.is_unavailable`` tells
+#: an outage from a bug
+DB_ERRORS = (DBAPIError,)
+#: tries of one run's step (record, check, write back) that raise before the
+#: run is closed as an infrastructure failure (retried per the retry policy)
+MAX_RUN_ERRORS = 3
 
 
 class Dispatcher:
@@ -218,12 +223,18 @@ class Dispatcher:
                         time.monotonic() - self._db_down_since,
                     )
                     self._db_down_since = None
-            except DB_ERRORS as exc:
-                if self._db_down_since is None:
-                    self._db_down_since = time.monotonic()
-                    log.error("database unavailable (%s); runs are kept, retrying", first_line(exc))
-            except Exception:
-                log.exception("unexpected error in %s; continuing", job.__name__)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    if self._db_down_since is None:
+                        self._db_down_since = time.monotonic()
+                        log.error("database unavailable (%s); runs are kept, retrying", first_line(exc))
+                elif isinstance(exc, DBAPIError):
+                    log.exception(
+                        "database error in %s, a bug and not an outage (statement: %s); continuing",
+                        job.__name__, statement_of(exc) or "?",
+                    )
+                else:
+                    log.exception("unexpected error in %s; continuing", job.__name__)
 
         run.__name__ = job.__name__
         return run
@@ -382,7 +393,10 @@ class Dispatcher:
             self.wake("collect")
             return
         log.info("%s: training", run.label())
-        self._record_handle(run)
+        try:
+            self._record_handle(run)
+        except Exception as exc:  # this run's problem: the other launches go on
+            self._contain(run, exc)
 
     def _record_handle(self, run: ActiveRun) -> None:
         """STARTED -> RUNNING: store the handle so a restarted daemon can find
@@ -391,7 +405,9 @@ class Dispatcher:
         try:
             with self.engine.begin() as conn:
                 queries.mark_running(conn, run.run_id, run.handle or {})
-        except DB_ERRORS as exc:
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise  # the run's own error: contained by the caller
             log.warning("%s: handle not recorded yet (%s); will retry", run.label(), first_line(exc))
             return
         run.recorded()
@@ -435,23 +451,78 @@ class Dispatcher:
         return wake
 
     def collect_cycle(self) -> None:
-        """Each run one step further along its life (see ``runs``)."""
+        """Each run one step further along its life (see ``runs``).
+
+        One run's error stays that run's (:meth:`_contain`); only a database
+        outage stops the cycle, keeping every run for the next one.
+        """
         tbc = self.config.dispatcher.time_between_collection
         freed = False
         for run in list(self.active.values()):
-            if run.state is RunState.STARTED:
-                self._record_handle(run)
-            now = time.monotonic()
-            if run.check_due(now):
-                self._check(run, now, tbc)
-            if run.state in (RunState.ENDED, RunState.FINISHED):
-                self._finish(run)
+            try:
+                self._advance(run, tbc)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise
+                self._contain(run, exc)
             if run.state is RunState.CLOSED:
                 self.active.pop(run.run_id, None)
                 freed = True
         if freed:
             self.metrics.set_running(len(self.active))
             self.wake("claim")
+
+    def _advance(self, run: ActiveRun, tbc: float) -> None:
+        if run.state is RunState.STARTED:
+            self._record_handle(run)
+        now = time.monotonic()
+        if run.check_due(now):
+            self._check(run, now, tbc)
+        if run.state in (RunState.ENDED, RunState.FINISHED):
+            self._finish(run)
+        run.errors = 0
+
+    def _contain(self, run: ActiveRun, exc: BaseException) -> None:
+        """One run's step raised: log it with the run's label, note it on the
+        run's row, and after MAX_RUN_ERRORS tries in a row close the run as an
+        infrastructure failure (requeued or final per the retry policy)."""
+        run.errors += 1
+        what = {
+            RunState.STARTED: "recording its handle",
+            RunState.ENDED: "recording its end",
+            RunState.FINISHED: "writing it back",
+        }.get(run.state, "checking it")
+        where = f" (statement: {statement_of(exc)})" if isinstance(exc, DBAPIError) else ""
+        log.error(
+            "%s: error while %s, try %d of %d: %s%s",
+            run.label(), what, run.errors, MAX_RUN_ERRORS, first_line(exc), where,
+            exc_info=run.errors in (1, MAX_RUN_ERRORS),
+        )
+        self._note_run_error(run, f"error while {what} (try {run.errors}): {first_line(exc)}")
+        if run.errors < MAX_RUN_ERRORS or run.giving_up:
+            return
+        run.giving_up = True
+        failed = RunOutcome(
+            FailureClass.INFRASTRUCTURE,
+            f"the platform could not collect this run: {first_line(exc)}",
+            exit_code=run.outcome.exit_code if run.outcome else None,
+            max_ram_mb=run.outcome.max_ram_mb if run.outcome else None,
+            log_path=run.outcome.log_path if run.outcome else None,
+        )
+        if run.state in (RunState.ENDED, RunState.FINISHED):
+            run.replace_outcome(failed)
+        else:
+            run.end(failed)
+        log.error("%s: closing it as an infrastructure failure", run.label())
+        self.wake("collect")
+
+    def _note_run_error(self, run: ActiveRun, message: str) -> None:
+        """The error on the run's row (``message``), for ``status`` and the admin."""
+        try:
+            with self.engine.begin() as conn:
+                queries.note_run_error(conn, run.run_id, self.owner, message)
+        except Exception as exc:  # the note is a courtesy; the log has it
+            log.debug("%s: could not note the error on the run's row: %s", run.label(), first_line(exc))
 
     def _check(self, run: ActiveRun, now: float, interval: float) -> None:
         """STARTED/RUNNING -> ENDED when the worker reports an outcome. Writes nothing.

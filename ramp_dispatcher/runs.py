@@ -68,6 +68,10 @@ class ActiveRun:
     budget_attempt: int = 1
     #: monotonic time of the next status check; 0 asks for one at once
     check_at: float = 0.0
+    #: steps in a row that raised (the dispatcher's per-run containment)
+    errors: int = 0
+    #: past the bound of errors: being closed as an infrastructure failure
+    giving_up: bool = False
 
     def label(self) -> str:
         return (

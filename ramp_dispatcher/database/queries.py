@@ -117,10 +117,13 @@ def _waiting(include_backoff: bool = False) -> ColumnElement[bool]:
     sandbox = bindparam("sandbox")
     not_sandbox = or_(submissions.c.name < sandbox, submissions.c.name > sandbox)
     condition = and_(submissions.c.state == "new", not_sandbox, _event_submissions())
-    if include_backoff:
-        return condition
-    # an infrastructure failure waits out its backoff before the next attempt
-    return and_(condition, ~exists().where(runs.c.submission_id == submissions.c.id, runs.c.retry_after > bindparam("now")))
+    # A submission with a run in progress is never claimed again: one set back
+    # to ``new`` behind our back (ramp-board's set-submission-state) waits
+    # until that run is closed. An infrastructure failure also waits out its
+    # backoff before the next attempt.
+    in_progress = runs.c.status.in_(ACTIVE_RUN_STATUSES)
+    held_back = in_progress if include_backoff else or_(in_progress, runs.c.retry_after > bindparam("now"))
+    return and_(condition, ~exists().where(runs.c.submission_id == submissions.c.id, held_back))
 
 
 def _params(event: EventInfo, **more: Any) -> dict[str, Any]:
@@ -364,6 +367,8 @@ class _RunStatements:
     renew_leases: ReturningUpdate[tuple[int]]
     #: (id, owner, lease end) of the unfinished runs of ``:event_id``
     unfinished_of_event: Select[tuple[int, str, dt.datetime]]
+    #: ``:new_message`` on a run ``:daemon`` holds and has not collected
+    note_error: Update
 
 
 @cache
@@ -388,6 +393,9 @@ def _run_stmts() -> _RunStatements:
         unfinished_of_event=select(runs.c.id, runs.c.owner, runs.c.lease_expires_at).where(
             runs.c.event_id == bindparam("event_id"), runs.c.status.in_(ACTIVE_RUN_STATUSES)
         ),
+        note_error=update(runs)
+        .where(run, held, runs.c.status != RUN_COLLECTED)
+        .values(**_set_clause(("message",))),
     )
 
 
@@ -418,6 +426,13 @@ def mark_finished(
     if sid is not None and succeeded:
         set_state(conn, [sid], "tested")
     return sid is not None
+
+
+def note_run_error(conn: Connection, run_id: int, owner: str, message: str) -> bool:
+    """An error met while collecting the run, on its row (``message``), until
+    the run is closed. False if the run is not ours or already collected."""
+    params = {"run_id": run_id, "daemon": owner, "new_message": message[:2000]}
+    return conn.execute(_run_stmts().note_error, params).rowcount == 1
 
 
 def _close_run(conn: Connection, run_id: int, owner: str, **values: Any) -> bool:
