@@ -31,6 +31,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import messages
+from .breaker import CircuitBreaker
 from .config import EventConfig, ServerConfig
 from .database import control, queries, reports
 from .database.engine import make_engine
@@ -91,6 +92,7 @@ class Dispatcher:
             cwd=config.path.parent,
         )
         self.active: dict[int, ActiveRun] = {}
+        self.breaker = CircuitBreaker()
         self.stopped = threading.Event()
         self._last_reap = -REAP_INTERVAL_S  # the first claim cycle reaps
         self._last_status = -STATUS_INTERVAL_S
@@ -296,7 +298,11 @@ class Dispatcher:
         free = self.config.dispatcher.n_workers - len(self.active)
         claims = []
         if free > 0:
-            claims = queries.claim(conn, self.event, free, self.owner, self.config.worker_type, self.lease)
+            allowed = self.breaker.allowed_claims(free, time.monotonic())
+            if allowed:
+                claims = queries.claim(conn, self.event, allowed, self.owner, self.config.worker_type, self.lease)
+            if claims and self.breaker.holding:
+                log.warning("circuit breaker: one run claimed as a probe of the platform")
         queries.update_queue_positions(conn, self.event)
         if self.metrics.serving:
             self.metrics.set_queue_depth(queries.count_waiting(conn, self.event))
@@ -335,6 +341,9 @@ class Dispatcher:
                 f"database unavailable for {time.monotonic() - self._db_down_since:.0f} s; "
                 f"{len(self.active)} run(s) kept"
             )
+            return
+        if self.breaker.holding:
+            self.notifier.status(self.breaker.describe(time.monotonic()))
             return
         try:
             with self.engine.connect().execution_options(sqlite_readonly=True) as conn:
@@ -635,11 +644,41 @@ class Dispatcher:
             log.info("%s: scored", run.label())
             self.metrics.outcome("scored")
             self.leaderboard.request()
+            self._platform_worked()
         return written
+
+    def _platform_worked(self) -> None:
+        """A run the platform did not fail: the breaker closes if it was open."""
+        if self.breaker.succeeded():
+            log.warning("circuit breaker closed: a run went through; claiming again")
+            self.metrics.set_breaker_open(False)
+            self.wake("claim")
+
+    def _hold(self, conn: Connection, run: ActiveRun, outcome: RunOutcome) -> bool:
+        """An infrastructure failure while the breaker is open: back to the queue
+        at once, without using up an attempt (the platform is at fault)."""
+        assert outcome.failure is not None
+        done = queries.requeue(
+            conn, run.run_id, self.owner, run.submission_id, outcome.failure.value,
+            outcome.message, queries.utcnow(), outcome=queries.HELD,
+        )
+        if done:
+            log.warning("%s: infrastructure failure (%s) while the platform is failing; "
+                        "requeued, no attempt used", run.label(), outcome.message)  # fmt: skip
+            self.metrics.outcome(outcome.failure.value)
+        return done
 
     def _store_failure(self, conn: Connection, run: ActiveRun, outcome: RunOutcome) -> bool:
         failure = outcome.failure
         assert failure is not None
+        if failure is FailureClass.INFRASTRUCTURE:
+            if self.breaker.failed(run.submission_id, outcome.message, time.monotonic()):
+                log.error("%s", self.breaker.describe(time.monotonic()))
+                self.metrics.set_breaker_open(True)
+            if self.breaker.holding:
+                return self._hold(conn, run, outcome)
+        else:
+            self._platform_worked()
         # an admin retry starts a fresh budget of infrastructure retries
         run.budget_attempt = control.attempt_in_budget(conn, run.submission_id, run.attempt)
         if self.policy.should_retry(failure, run.budget_attempt):

@@ -696,6 +696,13 @@ def write_failure(
     return True
 
 
+#: ``dispatcher_runs.outcome`` of a run requeued with an attempt used
+RETRY = "retry"
+#: ``dispatcher_runs.outcome`` of a run requeued while the circuit breaker held
+#: the queue: the platform failed, so no attempt of the submission is used
+HELD = "held"
+
+
 def requeue(
     conn: Connection,
     run_id: int,
@@ -704,10 +711,12 @@ def requeue(
     failure_class: str,
     message: str,
     retry_after: dt.datetime,
+    outcome: str = RETRY,
 ) -> bool:
-    """An infrastructure failure with attempts left: back to ``new`` after a backoff."""
+    """An infrastructure failure with attempts left (``retry``), or met while
+    the platform is failing (``held``): back to ``new``, after ``retry_after``."""
     if not _close_run(
-        conn, run_id, owner, outcome="retry", failure_class=failure_class, message=message,
+        conn, run_id, owner, outcome=outcome, failure_class=failure_class, message=message,
         retry_after=retry_after,
     ):
         return False
