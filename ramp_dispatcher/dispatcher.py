@@ -24,6 +24,7 @@ import shutil
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,6 +94,9 @@ class Dispatcher:
         )
         self.active: dict[int, ActiveRun] = {}
         self.breaker = CircuitBreaker()
+        #: slow calls of the worker (stopping a cancelled run waits for its
+        #: tree to exit), so that the loop keeps its period meanwhile
+        self._slow = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dispatcher-slow")
         self.stopped = threading.Event()
         self._last_reap = -REAP_INTERVAL_S  # the first claim cycle reaps
         self._last_status = -STATUS_INTERVAL_S
@@ -163,6 +167,8 @@ class Dispatcher:
             self._listener.stop()
         if self._loop is not None:
             self._loop.stop()
+        # a stop in flight finishes; its cancel is written by the next daemon
+        self._slow.shutdown(wait=True, cancel_futures=True)
         try:
             with self.engine.begin() as conn:
                 queries.release(conn, self.owner)
@@ -257,6 +263,7 @@ class Dispatcher:
         else:
             self._last_housekeeping = now
             claims = self._housekeeping_and_claim()
+        self._close_stopped()
         for claim in claims:
             self._launch(claim)
         self.metrics.set_running(len(self.active))
@@ -282,7 +289,7 @@ class Dispatcher:
         if not settled:
             for run_id in cancels:
                 if run_id in self.active:
-                    self._cancel(self.active[run_id])
+                    self._stop_cancelled(self.active[run_id])
             for run_id in set(self.active) - ours:
                 # Our lease lapsed (a long database outage) and another daemon
                 # took the run over: it is theirs to collect now.
@@ -308,12 +315,26 @@ class Dispatcher:
             self.metrics.set_queue_depth(queries.count_waiting(conn, self.event))
         return claims
 
+    def _stop_cancelled(self, run: ActiveRun) -> None:
+        """An admin asked (``ramp-dispatcher cancel``) to stop this run: the
+        worker stops it on a slow-call thread (it may wait seconds for the
+        run's tree to exit); :meth:`_cancel` closes it once stopped."""
+        if run.stopping is not None:
+            return
+        log.info("%s: cancelled by an administrator; stopping the run", run.label())
+        run.stopping = self._slow.submit(self.worker.cleanup, run.request, run.handle or {})
+        run.stopping.add_done_callback(lambda _f: self.wake("claim"))
+
+    def _close_stopped(self) -> None:
+        """Close the cancelled runs whose stop has finished."""
+        for run in [r for r in self.active.values() if r.stopping is not None and r.stopping.done()]:
+            self._cancel(run)
+
     def _cancel(self, run: ActiveRun) -> None:
-        """An admin asked (``ramp-dispatcher cancel``) to stop this run."""
-        try:
-            self.worker.cleanup(run.request, run.handle or {})
-        except Exception:
-            log.exception("%s: stopping the cancelled run failed", run.label())
+        """A cancelled run is stopped: close it and make its submission final."""
+        assert run.stopping is not None
+        if run.stopping.exception() is not None:
+            log.error("%s: stopping the cancelled run failed", run.label(), exc_info=run.stopping.exception())
         with self.engine.begin() as conn:
             done = control.write_cancelled(conn, run.run_id, run.submission_id)
         if done:
@@ -468,6 +489,8 @@ class Dispatcher:
         tbc = self.config.dispatcher.time_between_collection
         freed = False
         for run in list(self.active.values()):
+            if run.stopping is not None:
+                continue  # cancelled: closed by the claim cycle once stopped
             try:
                 self._advance(run, tbc)
             except Exception as exc:

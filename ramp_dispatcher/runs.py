@@ -23,6 +23,7 @@ re-attaches from it (:meth:`ActiveRun.reattached`).
 from __future__ import annotations
 
 import enum
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from .database.dispatcher_schema import RUN_STARTING
@@ -72,6 +73,8 @@ class ActiveRun:
     errors: int = 0
     #: past the bound of errors: being closed as an infrastructure failure
     giving_up: bool = False
+    #: an admin cancelled it: the worker is stopping it off the loop thread
+    stopping: Future[None] | None = None
 
     def label(self) -> str:
         return (
