@@ -24,16 +24,19 @@ import shutil
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from . import messages
+from .breaker import CircuitBreaker
 from .config import EventConfig, ServerConfig
 from .database import control, queries, reports
 from .database.engine import make_engine
+from .database.failures import is_unavailable, statement_of
 from .jobloop import JobLoop
 from .leaderboards.refresher import LeaderboardService
 from .messages import first_line
@@ -53,10 +56,17 @@ log = logging.getLogger(__name__)
 MIN_LEASE = dt.timedelta(seconds=60)
 #: how often unfinished runs' external resources are checked for orphans
 REAP_INTERVAL_S = 300.0
+#: how often a run whose worker reports its end (``Worker.reports_end``) is
+#: checked anyway, in case a wake-up was lost
+WAKE_SAFETY_NET_S = 30.0
 #: how often the one-line summary is sent to systemd (STATUS=)
 STATUS_INTERVAL_S = 30.0
-#: exceptions that mean "the database is away", not "our bug"
-DB_ERRORS = (OperationalError, DBAPIError)
+#: every error the database driver raises; ``failures.is_unavailable`` tells
+#: an outage from a bug
+DB_ERRORS = (DBAPIError,)
+#: tries of one run's step (record, check, write back) that raise before the
+#: run is closed as an infrastructure failure (retried per the retry policy)
+MAX_RUN_ERRORS = 3
 
 
 class Dispatcher:
@@ -81,9 +91,14 @@ class Dispatcher:
         # ramp-board's cached leaderboards, refreshed off the loop
         self.leaderboard = LeaderboardService.for_event(engine, config)
         self.active: dict[int, ActiveRun] = {}
+        self.breaker = CircuitBreaker()
+        #: slow calls of the worker (stopping a cancelled run waits for its
+        #: tree to exit), so that the loop keeps its period meanwhile
+        self._slow = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dispatcher-slow")
         self.stopped = threading.Event()
         self._last_reap = -REAP_INTERVAL_S  # the first claim cycle reaps
         self._last_status = -STATUS_INTERVAL_S
+        self._last_housekeeping = -float("inf")  # the first claim cycle does it
         self._loop: JobLoop | None = None
         self._listener = None
         self._event: queries.EventInfo | None = None
@@ -151,6 +166,8 @@ class Dispatcher:
             self._listener.stop()
         if self._loop is not None:
             self._loop.stop()
+        # a stop in flight finishes; its cancel is written by the next daemon
+        self._slow.shutdown(wait=True, cancel_futures=True)
         try:
             with self.engine.begin() as conn:
                 queries.release(conn, self.owner)
@@ -213,12 +230,18 @@ class Dispatcher:
                         time.monotonic() - self._db_down_since,
                     )
                     self._db_down_since = None
-            except DB_ERRORS as exc:
-                if self._db_down_since is None:
-                    self._db_down_since = time.monotonic()
-                    log.error("database unavailable (%s); runs are kept, retrying", first_line(exc))
-            except Exception:
-                log.exception("unexpected error in %s; continuing", job.__name__)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    if self._db_down_since is None:
+                        self._db_down_since = time.monotonic()
+                        log.error("database unavailable (%s); runs are kept, retrying", first_line(exc))
+                elif isinstance(exc, DBAPIError):
+                    log.exception(
+                        "database error in %s, a bug and not an outage (statement: %s); continuing",
+                        job.__name__, statement_of(exc) or "?",
+                    )
+                else:
+                    log.exception("unexpected error in %s; continuing", job.__name__)
 
         run.__name__ = job.__name__
         return run
@@ -226,6 +249,32 @@ class Dispatcher:
     # ------------------------------------------------------------------ claim
 
     def claim_cycle(self) -> None:
+        """Housekeeping (about once per poll interval), then claim and launch.
+
+        A cycle woken by news (a freed slot, NOTIFY) only claims; leases are
+        renewed, orphans adopted and cancels looked up on the poll's rhythm,
+        which keeps each well inside the lease and a cancel within a poll.
+        """
+        now = time.monotonic()
+        if now - self._last_housekeeping < 0.9 * self.config.dispatcher.poll_interval:
+            with self.engine.begin() as conn:
+                claims = self._claim(conn)
+        else:
+            self._last_housekeeping = now
+            claims = self._housekeeping_and_claim()
+        self._close_stopped()
+        for claim in claims:
+            self._launch(claim)
+        if claims:  # claims, launches and queue positions change the "new" tables
+            self.leaderboard.request([c.submission_id for c in claims], new_only=True)
+        self.metrics.set_running(len(self.active))
+        self._reap()
+        if not self.active and not claims:
+            self._on_hunger()
+
+    def _housekeeping_and_claim(self) -> list[queries.Claim]:
+        """Renew leases, cancel what an admin cancelled, drop what another daemon
+        took over, adopt orphans; then claim."""
         claims: list[queries.Claim] = []
         with self.engine.begin() as conn:
             ours = queries.heartbeat(conn, self.owner, self.active, self.lease)
@@ -241,7 +290,7 @@ class Dispatcher:
         if not settled:
             for run_id in cancels:
                 if run_id in self.active:
-                    self._cancel(self.active[run_id])
+                    self._stop_cancelled(self.active[run_id])
             for run_id in set(self.active) - ours:
                 # Our lease lapsed (a long database outage) and another daemon
                 # took the run over: it is theirs to collect now.
@@ -250,32 +299,43 @@ class Dispatcher:
                 self._reattach(row)
             with self.engine.begin() as conn:
                 claims = self._claim(conn)
-        for claim in claims:
-            self._launch(claim)
-        # claims, launches and queue positions change the "new" tables
-        self.leaderboard.request([c.submission_id for c in claims], new_only=True)
-        self.metrics.set_running(len(self.active))
-        self._reap()
-        if not self.active and not claims:
-            self._on_hunger()
+        return claims
 
     def _claim(self, conn: Connection) -> list[queries.Claim]:
         """Claim as many waiting submissions as there are free slots; refresh the queue."""
         free = self.config.dispatcher.n_workers - len(self.active)
         claims = []
         if free > 0:
-            claims = queries.claim(conn, self.event, free, self.owner, self.config.worker_type, self.lease)
+            allowed = self.breaker.allowed_claims(free, time.monotonic())
+            if allowed:
+                claims = queries.claim(conn, self.event, allowed, self.owner, self.config.worker_type, self.lease)
+            if claims and self.breaker.holding:
+                log.warning("circuit breaker: one run claimed as a probe of the platform")
         queries.update_queue_positions(conn, self.event)
         if self.metrics.serving:
             self.metrics.set_queue_depth(queries.count_waiting(conn, self.event))
         return claims
 
+    def _stop_cancelled(self, run: ActiveRun) -> None:
+        """An admin asked (``ramp-dispatcher cancel``) to stop this run: the
+        worker stops it on a slow-call thread (it may wait seconds for the
+        run's tree to exit); :meth:`_cancel` closes it once stopped."""
+        if run.stopping is not None:
+            return
+        log.info("%s: cancelled by an administrator; stopping the run", run.label())
+        run.stopping = self._slow.submit(self.worker.cleanup, run.request, run.handle or {})
+        run.stopping.add_done_callback(lambda _f: self.wake("claim"))
+
+    def _close_stopped(self) -> None:
+        """Close the cancelled runs whose stop has finished."""
+        for run in [r for r in self.active.values() if r.stopping is not None and r.stopping.done()]:
+            self._cancel(run)
+
     def _cancel(self, run: ActiveRun) -> None:
-        """An admin asked (``ramp-dispatcher cancel``) to stop this run."""
-        try:
-            self.worker.cleanup(run.request, run.handle or {})
-        except Exception:
-            log.exception("%s: stopping the cancelled run failed", run.label())
+        """A cancelled run is stopped: close it and make its submission final."""
+        assert run.stopping is not None
+        if run.stopping.exception() is not None:
+            log.error("%s: stopping the cancelled run failed", run.label(), exc_info=run.stopping.exception())
         with self.engine.begin() as conn:
             done = control.write_cancelled(conn, run.run_id, run.submission_id)
         if done:
@@ -303,6 +363,9 @@ class Dispatcher:
                 f"database unavailable for {time.monotonic() - self._db_down_since:.0f} s; "
                 f"{len(self.active)} run(s) kept"
             )
+            return
+        if self.breaker.holding:
+            self.notifier.status(self.breaker.describe(time.monotonic()))
             return
         try:
             with self.engine.connect().execution_options(sqlite_readonly=True) as conn:
@@ -361,7 +424,10 @@ class Dispatcher:
             self.wake("collect")
             return
         log.info("%s: training", run.label())
-        self._record_handle(run)
+        try:
+            self._record_handle(run)
+        except Exception as exc:  # this run's problem: the other launches go on
+            self._contain(run, exc)
 
     def _record_handle(self, run: ActiveRun) -> None:
         """STARTED -> RUNNING: store the handle so a restarted daemon can find
@@ -370,7 +436,9 @@ class Dispatcher:
         try:
             with self.engine.begin() as conn:
                 queries.mark_running(conn, run.run_id, run.handle or {})
-        except DB_ERRORS as exc:
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise  # the run's own error: contained by the caller
             log.warning("%s: handle not recorded yet (%s); will retry", run.label(), first_line(exc))
             return
         run.recorded()
@@ -414,19 +482,22 @@ class Dispatcher:
         return wake
 
     def collect_cycle(self) -> None:
-        """Each run one step further along its life (see ``runs``)."""
+        """Each run one step further along its life (see ``runs``).
+
+        One run's error stays that run's (:meth:`_contain`); only a database
+        outage stops the cycle, keeping every run for the next one.
+        """
         tbc = self.config.dispatcher.time_between_collection
         freed = False
         for run in list(self.active.values()):
-            if run.state is RunState.STARTED:
-                self._record_handle(run)
-            now = time.monotonic()
-            if run.check_due(now):
-                self._check(run, now, tbc)
-            if run.state is RunState.ENDED:
-                self._record_end(run)
-            if run.state is RunState.FINISHED:
-                self._close(run)
+            if run.stopping is not None:
+                continue  # cancelled: closed by the claim cycle once stopped
+            try:
+                self._advance(run, tbc)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise
+                self._contain(run, exc)
             if run.state is RunState.CLOSED:
                 self.active.pop(run.run_id, None)
                 freed = True
@@ -434,10 +505,70 @@ class Dispatcher:
             self.metrics.set_running(len(self.active))
             self.wake("claim")
 
-    def _check(self, run: ActiveRun, now: float, interval: float) -> None:
-        """STARTED/RUNNING -> ENDED when the worker reports an outcome. Writes nothing."""
-        run.checked(now, interval)
+    def _advance(self, run: ActiveRun, tbc: float) -> None:
+        if run.state is RunState.STARTED:
+            self._record_handle(run)
+        now = time.monotonic()
+        if run.check_due(now):
+            self._check(run, now, tbc)
+        if run.state in (RunState.ENDED, RunState.FINISHED):
+            self._finish(run)
+        run.errors = 0
+
+    def _contain(self, run: ActiveRun, exc: BaseException) -> None:
+        """One run's step raised: log it with the run's label, note it on the
+        run's row, and after MAX_RUN_ERRORS tries in a row close the run as an
+        infrastructure failure (requeued or final per the retry policy)."""
+        run.errors += 1
+        what = {
+            RunState.STARTED: "recording its handle",
+            RunState.ENDED: "recording its end",
+            RunState.FINISHED: "writing it back",
+        }.get(run.state, "checking it")
+        where = f" (statement: {statement_of(exc)})" if isinstance(exc, DBAPIError) else ""
+        log.error(
+            "%s: error while %s, try %d of %d: %s%s",
+            run.label(), what, run.errors, MAX_RUN_ERRORS, first_line(exc), where,
+            exc_info=run.errors in (1, MAX_RUN_ERRORS),
+        )
+        self._note_run_error(run, f"error while {what} (try {run.errors}): {first_line(exc)}")
+        if run.errors < MAX_RUN_ERRORS or run.giving_up:
+            return
+        run.giving_up = True
+        failed = RunOutcome(
+            FailureClass.INFRASTRUCTURE,
+            f"the platform could not collect this run: {first_line(exc)}",
+            exit_code=run.outcome.exit_code if run.outcome else None,
+            max_ram_mb=run.outcome.max_ram_mb if run.outcome else None,
+            log_path=run.outcome.log_path if run.outcome else None,
+        )
+        if run.state in (RunState.ENDED, RunState.FINISHED):
+            run.replace_outcome(failed)
+        else:
+            run.end(failed)
+        log.error("%s: closing it as an infrastructure failure", run.label())
+        self.wake("collect")
+
+    def _note_run_error(self, run: ActiveRun, message: str) -> None:
+        """The error on the run's row (``message``), for ``status`` and the admin."""
         try:
+            with self.engine.begin() as conn:
+                queries.note_run_error(conn, run.run_id, self.owner, message)
+        except Exception as exc:  # the note is a courtesy; the log has it
+            log.debug("%s: could not note the error on the run's row: %s", run.label(), first_line(exc))
+
+    def _check(self, run: ActiveRun, now: float, interval: float) -> None:
+        """STARTED/RUNNING -> ENDED when the worker reports an outcome. Writes nothing.
+
+        A run whose worker wakes the loop when it ends is checked then, and on
+        the timer only as a safety net. The next check is set before this one:
+        a wake-up from now on asks for another; one that came earlier found
+        the run ended already.
+        """
+        try:
+            if self.worker.reports_end(run.request):
+                interval = max(interval, WAKE_SAFETY_NET_S)
+            run.checked(now, interval)
             outcome = self.worker.check(run.request, run.handle or {})
         except Exception as exc:
             log.exception("%s: status check failed", run.label())
@@ -445,76 +576,83 @@ class Dispatcher:
         if outcome is not None:
             run.end(outcome)
 
-    def _record_end(self, run: ActiveRun) -> None:
-        """ENDED -> FINISHED: the run's row says ``finished``, with the outcome's
-        class and message (the submission ``tested`` on success).
+    def _finish(self, run: ActiveRun) -> None:
+        """ENDED -> FINISHED -> CLOSED, one commit each; then free what the run held.
 
-        Raises on database errors, keeping the run for the next cycle. A row
-        already finished (a re-attached run) is ours to go on with; a row
-        another daemon took over, or already collected, is dropped untouched:
-        its files may already belong to a newer attempt.
+        The end is committed before the results are written, so that a crash or
+        a failing write in between leaves the run ``finished`` with its outcome's
+        class. Raises on database errors, keeping the run in its state for the
+        next cycle: every step is safe to repeat. A run another daemon took
+        over, or already collected, is dropped without touching anything on
+        disk: its files may already belong to a newer attempt.
         """
-        outcome = run.outcome
-        assert outcome is not None
+        if run.state is RunState.ENDED:
+            with self.engine.begin() as conn:
+                held = self._record_end(conn, run)
+            if not held:
+                self._drop(run)
+                return
+            run.finished()
         with self.engine.begin() as conn:
-            marked = queries.mark_finished(
-                conn,
-                run.run_id,
-                self.owner,
-                None if outcome.failure is None else outcome.failure.value,
-                outcome.message,
-                succeeded=outcome.failure is None,
-            )
-            ours = marked or queries.run_is_ours(conn, run.run_id, self.owner)
-        if not ours:
+            written = self._close(conn, run)
+        if not written:
             self._drop(run)
             return
-        if outcome.duration_s is not None:
-            self.metrics.observe_duration(outcome.duration_s)
-        run.finished()
-
-    def _close(self, run: ActiveRun) -> None:
-        """FINISHED -> CLOSED: write the results (``scored``), the final failure,
-        or the requeue of an infrastructure failure; then free what the run held.
-
-        Raises on database errors, keeping the run FINISHED for the next
-        cycle; every step is safe to repeat.
-        """
-        outcome = run.outcome
-        assert outcome is not None
-        if outcome.failure is None:
-            try:
-                done = self._store_results(run, outcome)
-            except ResultsError as exc:
-                # ramp-test said it succeeded but its output is unusable: not the
-                # participant's doing, so it is ours to retry.
-                run.replace_outcome(RunOutcome(
-                    FailureClass.INFRASTRUCTURE,
-                    f"unusable output: {exc}",
-                    exit_code=outcome.exit_code,
-                    max_ram_mb=outcome.max_ram_mb,
-                    log_path=outcome.log_path,
-                ))  # fmt: skip
-                assert run.outcome is not None
-                done = self._store_failure(run, run.outcome)
-        else:
-            done = self._store_failure(run, outcome)
-        if not done:
-            self._drop(run)
-            return
+        # After the commit: a refresh that started before it would miss the result.
+        self.leaderboard.request([run.submission_id])
         run.closed()
         try:
             self.worker.cleanup(run.request, run.handle or {})
         except Exception:
             log.exception("%s: cleanup failed", run.label())
 
-    def _finish(self, run: ActiveRun) -> None:
-        """ENDED -> CLOSED in one go: what collect does for an ended run."""
-        self._record_end(run)
-        if run.state is RunState.FINISHED:
-            self._close(run)
+    def _record_end(self, conn: Connection, run: ActiveRun) -> bool:
+        """ENDED -> FINISHED: the run's row says ``finished``, with the outcome's
+        class and message (the submission ``tested`` on success). False if the
+        run is not ours any more. A row already finished (a re-attached run)
+        is ours to go on with."""
+        outcome = run.outcome
+        assert outcome is not None
+        marked = queries.mark_finished(
+            conn,
+            run.run_id,
+            self.owner,
+            None if outcome.failure is None else outcome.failure.value,
+            outcome.message,
+            succeeded=outcome.failure is None,
+        )
+        if not (marked or queries.run_is_ours(conn, run.run_id, self.owner)):
+            return False
+        if outcome.duration_s is not None:
+            self.metrics.observe_duration(outcome.duration_s)
+        return True
 
-    def _store_results(self, run: ActiveRun, outcome: RunOutcome) -> bool:
+    def _close(self, conn: Connection, run: ActiveRun) -> bool:
+        """FINISHED -> CLOSED: write the results (``scored``), the final failure,
+        or the requeue of an infrastructure failure, and close the run's row
+        (``collected``). False if it was not ours to write. What is said about
+        the outcome (log line, metrics) is said just before the commit: a failed
+        commit says it again at the next try."""
+        outcome = run.outcome
+        assert outcome is not None
+        if outcome.failure is not None:
+            return self._store_failure(conn, run, outcome)
+        try:
+            return self._store_results(conn, run, outcome)
+        except ResultsError as exc:
+            # ramp-test said it succeeded but its output is unusable: not the
+            # participant's doing, so it is ours to retry.
+            unusable = RunOutcome(
+                FailureClass.INFRASTRUCTURE,
+                f"unusable output: {exc}",
+                exit_code=outcome.exit_code,
+                max_ram_mb=outcome.max_ram_mb,
+                log_path=outcome.log_path,
+            )
+            run.replace_outcome(unusable)
+            return self._store_failure(conn, run, unusable)
+
+    def _store_results(self, conn: Connection, run: ActiveRun, outcome: RunOutcome) -> bool:
         request = run.request
         kept = request.predictions_dir / request.submission_name
         # A previous try may have moved the output already and then lost the database.
@@ -529,31 +667,57 @@ class Dispatcher:
             log.warning("%s: %s", run.label(), note)
         if source != kept:
             _replace_dir(source, kept)
-        with self.engine.begin() as conn:
-            written = queries.write_results(
-                conn, self.event, run.run_id, self.owner, run.submission_id, results,
-                outcome.max_ram_mb, note=note,
-            )
+        written = queries.write_results(
+            conn, self.event, run.run_id, self.owner, run.submission_id, results,
+            outcome.max_ram_mb, note=note,
+        )
         if written:
             log.info("%s: scored", run.label())
             self.metrics.outcome("scored")
-            self.leaderboard.request([run.submission_id])
+            self._platform_worked()
         return written
 
-    def _store_failure(self, run: ActiveRun, outcome: RunOutcome) -> bool:
+    def _platform_worked(self) -> None:
+        """A run the platform did not fail: the breaker closes if it was open."""
+        if self.breaker.succeeded():
+            log.warning("circuit breaker closed: a run went through; claiming again")
+            self.metrics.set_breaker_open(False)
+            self.wake("claim")
+
+    def _hold(self, conn: Connection, run: ActiveRun, outcome: RunOutcome) -> bool:
+        """An infrastructure failure while the breaker is open: back to the queue
+        at once, without using up an attempt (the platform is at fault)."""
+        assert outcome.failure is not None
+        done = queries.requeue(
+            conn, run.run_id, self.owner, run.submission_id, outcome.failure.value,
+            outcome.message, queries.utcnow(), outcome=queries.HELD,
+        )
+        if done:
+            log.warning("%s: infrastructure failure (%s) while the platform is failing; "
+                        "requeued, no attempt used", run.label(), outcome.message)  # fmt: skip
+            self.metrics.outcome(outcome.failure.value)
+        return done
+
+    def _store_failure(self, conn: Connection, run: ActiveRun, outcome: RunOutcome) -> bool:
         failure = outcome.failure
         assert failure is not None
-        with self.engine.connect() as conn:
-            # an admin retry starts a fresh budget of infrastructure retries
-            run.budget_attempt = control.attempt_in_budget(conn, run.submission_id, run.attempt)
+        if failure is FailureClass.INFRASTRUCTURE:
+            if self.breaker.failed(run.submission_id, outcome.message, time.monotonic()):
+                log.error("%s", self.breaker.describe(time.monotonic()))
+                self.metrics.set_breaker_open(True)
+            if self.breaker.holding:
+                return self._hold(conn, run, outcome)
+        else:
+            self._platform_worked()
+        # an admin retry starts a fresh budget of infrastructure retries
+        run.budget_attempt = control.attempt_in_budget(conn, run.submission_id, run.attempt)
         if self.policy.should_retry(failure, run.budget_attempt):
             delay = self.policy.delay_s(run.budget_attempt)
             retry_after = queries.utcnow() + dt.timedelta(seconds=delay)
-            with self.engine.begin() as conn:
-                done = queries.requeue(
-                    conn, run.run_id, self.owner, run.submission_id, failure.value,
-                    outcome.message, retry_after,
-                )
+            done = queries.requeue(
+                conn, run.run_id, self.owner, run.submission_id, failure.value,
+                outcome.message, retry_after,
+            )
             if done:
                 log.warning(
                     "%s: infrastructure failure (%s); retry in %.0f s",
@@ -565,15 +729,13 @@ class Dispatcher:
         detail = self._failure_detail(run, outcome)
         state, reason = self._failure_text(run, outcome, detail)
         error_msg = messages.error_message(reason, detail)
-        with self.engine.begin() as conn:
-            done = queries.write_failure(
-                conn, run.run_id, self.owner, run.submission_id, state, error_msg,
-                failure.value, outcome.max_ram_mb,
-            )
+        done = queries.write_failure(
+            conn, run.run_id, self.owner, run.submission_id, state, error_msg,
+            failure.value, outcome.max_ram_mb,
+        )
         if done:
             log.info("%s: %s (%s: %s)", run.label(), state, failure.value, outcome.message)
             self.metrics.outcome(failure.value)
-            self.leaderboard.request([run.submission_id])
         return done
 
     def _failure_text(

@@ -52,6 +52,7 @@ class Metrics:
         self._duration_sum = 0.0
         self._duration_count = 0
         self._last_loop: float | None = None
+        self._breaker_open = False
         self._started = time.time()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -81,6 +82,10 @@ class Metrics:
             self._duration_sum += seconds
             self._duration_count += 1
 
+    def set_breaker_open(self, is_open: bool) -> None:
+        with self._lock:
+            self._breaker_open = bool(is_open)
+
     def loop_ok(self, at: float | None = None) -> None:
         """A loop cycle completed with the database reachable."""
         with self._lock:
@@ -95,6 +100,7 @@ class Metrics:
             counts = list(self._bucket_counts)
             total, n = self._duration_sum, self._duration_count
             last_loop = self._last_loop
+            breaker_open = self._breaker_open
         ev = {"event": self.event}
         out: list[str] = []
 
@@ -126,6 +132,11 @@ class Metrics:
             "Unix time of the last loop cycle that reached the database (0: none yet).",
         )
         out.append(_sample(name, ev, 0 if last_loop is None else last_loop))
+        name = family(
+            "circuit_breaker_open", "gauge",
+            "1 while the queue is held because runs keep failing for the platform's reasons.",
+        )
+        out.append(_sample(name, ev, 1 if breaker_open else 0))
         name = family("start_time_seconds", "gauge", "Unix time the daemon started.")
         out.append(_sample(name, ev, self._started))
         return "\n".join(out) + "\n"

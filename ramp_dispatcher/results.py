@@ -108,17 +108,17 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _read_text(path: Path, root: Path) -> str:
-    rel = _rel(path, root)
+    # the relative name only for messages: pathlib's relative_to is costly per file
     if not path.is_file():
         what = "is not a file" if path.exists() else "is missing"
-        raise ResultsError(f"{rel}: {what}")
+        raise ResultsError(f"{_rel(path, root)}: {what}")
     try:
         # utf-8-sig drops a UTF-8 BOM if an editor or tool added one.
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ResultsError(f"{rel}: not UTF-8 text ({exc.reason})") from exc
+        raise ResultsError(f"{_rel(path, root)}: not UTF-8 text ({exc.reason})") from exc
     except OSError as exc:
-        raise ResultsError(f"{rel}: cannot be read ({exc.strerror or exc})") from exc
+        raise ResultsError(f"{_rel(path, root)}: cannot be read ({exc.strerror or exc})") from exc
 
 
 def _parse_float(raw: str, *, empty_is_nan: bool) -> float | None:
@@ -140,15 +140,14 @@ def _parse_float(raw: str, *, empty_is_nan: bool) -> float | None:
 
 def _read_time(path: Path, root: Path) -> float:
     text = _read_text(path, root)
-    rel = _rel(path, root)
     if not text.strip():
-        raise ResultsError(f"{rel}: empty file, expected a number of seconds")
+        raise ResultsError(f"{_rel(path, root)}: empty file, expected a number of seconds")
     value = _parse_float(text, empty_is_nan=False)
     if value is None:
-        raise ResultsError(f"{rel}: not a number: {_preview(text)}")
+        raise ResultsError(f"{_rel(path, root)}: not a number: {_preview(text)}")
     # rampwf writes a difference of time.time() calls: never NaN or infinite.
     if not math.isfinite(value):
-        raise ResultsError(f"{rel}: not a finite number of seconds: {_preview(text)}")
+        raise ResultsError(f"{_rel(path, root)}: not a finite number of seconds: {_preview(text)}")
     return value
 
 

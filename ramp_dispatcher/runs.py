@@ -23,6 +23,7 @@ re-attaches from it (:meth:`ActiveRun.reattached`).
 from __future__ import annotations
 
 import enum
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from .database.dispatcher_schema import RUN_STARTING
@@ -68,6 +69,12 @@ class ActiveRun:
     budget_attempt: int = 1
     #: monotonic time of the next status check; 0 asks for one at once
     check_at: float = 0.0
+    #: steps in a row that raised (the dispatcher's per-run containment)
+    errors: int = 0
+    #: past the bound of errors: being closed as an infrastructure failure
+    giving_up: bool = False
+    #: an admin cancelled it: the worker is stopping it off the loop thread
+    stopping: Future[None] | None = None
 
     def label(self) -> str:
         return (
@@ -126,9 +133,10 @@ class ActiveRun:
         self._move((RunState.ENDED,), RunState.FINISHED)
 
     def replace_outcome(self, outcome: RunOutcome) -> None:
-        """In FINISHED: a successful run whose output turned out unusable is
-        written back as an infrastructure failure instead."""
-        self._move((RunState.FINISHED,), RunState.FINISHED)
+        """In ENDED or FINISHED: a successful run whose output turned out
+        unusable is written back as an infrastructure failure instead."""
+        if self.state not in (RunState.ENDED, RunState.FINISHED):
+            raise TransitionError(f"{self.label()}: no outcome to replace in {self.state.name}")
         self.outcome = outcome
 
     def closed(self) -> None:

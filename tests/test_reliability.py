@@ -106,18 +106,21 @@ def wait_training(h: Harness, names: list[str], timeout: float = 60.0) -> None:
 
 
 def inject_failing_trigger(engine, name: str, table: str, when: str) -> None:
-    """Make UPDATEs of ``table`` matching ``when`` fail (a fault in the database)."""
+    """Make UPDATEs of ``table`` matching ``when`` fail as in an outage of the
+    database (a connection failure on PostgreSQL, a busy file on SQLite), not
+    as a bug: the daemon keeps the run and tries again."""
     if engine.dialect.name == "postgresql":
         stmts = [
             f"""CREATE FUNCTION {name}_fn() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN RAISE EXCEPTION 'fault injected by the test'; END $$""",
+                BEGIN RAISE EXCEPTION 'fault injected by the test' USING ERRCODE = 'connection_failure';
+                END $$""",
             f"CREATE TRIGGER {name} BEFORE UPDATE ON {table} FOR EACH ROW "
             f"WHEN ({when}) EXECUTE FUNCTION {name}_fn()",
         ]
     else:
         stmts = [
             f"CREATE TRIGGER {name} BEFORE UPDATE ON {table} WHEN {when} "
-            "BEGIN SELECT RAISE(ABORT, 'fault injected by the test'); END"
+            "BEGIN SELECT RAISE(ABORT, 'database is locked (fault injected by the test)'); END"
         ]
     with engine.begin() as conn:
         for s in stmts:
@@ -776,5 +779,31 @@ def test_late_collection_leaves_the_running_attempt_alone(pg_url: str, harness, 
         current.stop()
     rows = run_rows(h.dep.engine, sid)
     assert [(r.attempt, r.outcome) for r in rows] == [(1, "retry"), (2, "scored")]
+    assert_scored_once(h.dep.engine, sid)
+    h.assert_nothing_left()
+
+
+# --------------------------------------------------------------------------- a running submission set back to new
+
+
+def test_a_running_submission_set_back_to_new_is_not_claimed_again(empty_db_url: str, harness) -> None:
+    """ramp-board's set-submission-state puts a running submission back to
+    ``new``: no second attempt starts beside the first, whose files and
+    result stay its own."""
+    h = harness(empty_db_url, {"busy": GATED}, n_workers=2)
+    a = h.daemon("a")
+    wait_training(h, ["busy"])
+    sid = h.sid("busy")
+    with h.dep.engine.begin() as conn:
+        queries.set_state(conn, [sid], "new")  # what ramp-database's set_submission_state writes
+    poll = h.dep.event_config().dispatcher.poll_interval
+    time.sleep(5 * poll)  # several claim cycles with a free slot
+    assert [r.attempt for r in run_rows(h.dep.engine, sid)] == [1]
+    assert h.ramp_test_count("busy") == 1
+    h.open_gate()
+    assert a.wait_exit(60) == 0
+    [row] = run_rows(h.dep.engine, sid)
+    assert row.outcome == "scored"
+    assert h.ramp_test_count("busy") == 1
     assert_scored_once(h.dep.engine, sid)
     h.assert_nothing_left()

@@ -31,7 +31,7 @@ from sqlalchemy import Connection, Select, bindparam, func, select, update
 
 from ..errors import UserError
 from .dispatcher_schema import ACTIVE_RUN_STATUSES, RUN_COLLECTED, RUN_FINISHED, runs
-from .queries import set_state, utcnow
+from .queries import HELD, RETRY, set_state, utcnow
 from .ramp_schema import event_teams, events, submission_on_cv_folds, submissions, teams
 
 __all__ = [
@@ -245,18 +245,29 @@ def attempt_in_budget(conn: Connection, submission_id: int, attempt: int) -> int
     run after the submission was new or was requeued by an admin.
 
     A streak ends at a run collected with a final outcome (anything but
-    ``retry``); an admin retry follows such a run, so it starts a new budget.
-    The retry policy compares this, not the raw attempt, with max_attempts.
+    ``retry`` or ``held``); an admin retry follows such a run, so it starts a
+    new budget. Runs ``held`` by the circuit breaker (the platform was
+    failing) use no attempt. The retry policy compares this, not the raw
+    attempt, with max_attempts.
     """
+    requeued = (RETRY, HELD)
     last_final = conn.execute(
         select(func.max(runs.c.attempt)).where(
             runs.c.submission_id == submission_id,
             runs.c.attempt < attempt,
             runs.c.status == RUN_COLLECTED,
-            func.coalesce(runs.c.outcome, "") != "retry",
+            func.coalesce(runs.c.outcome, "").not_in(requeued),
         )
     ).scalar_one_or_none()
-    return attempt - (last_final or 0)
+    retried = conn.execute(
+        select(func.count()).where(
+            runs.c.submission_id == submission_id,
+            runs.c.attempt > (last_final or 0),
+            runs.c.attempt < attempt,
+            runs.c.outcome == RETRY,
+        )
+    ).scalar_one()
+    return retried + 1
 
 
 # --------------------------------------------------------------------------- cancel

@@ -11,8 +11,9 @@ They are kept in small typed dataclasses named for what each statement does.
 SQLAlchemy reads a parameter named like one of the table's columns as a new
 value for that column, so bind parameters are named for their role instead:
 ``new_<column>`` for a value written by an UPDATE (:func:`_set_clause`),
-``daemon`` for the owner a write is guarded by, ``run_id`` and ``run_ids`` for
-the runs' primary keys.
+``daemon`` for the owner a write is guarded by, ``for_submission`` for the
+submission a statement is about, ``run_id`` and ``run_ids`` for the runs'
+primary keys.
 """
 
 from __future__ import annotations
@@ -116,10 +117,13 @@ def _waiting(include_backoff: bool = False) -> ColumnElement[bool]:
     sandbox = bindparam("sandbox")
     not_sandbox = or_(submissions.c.name < sandbox, submissions.c.name > sandbox)
     condition = and_(submissions.c.state == "new", not_sandbox, _event_submissions())
-    if include_backoff:
-        return condition
-    # an infrastructure failure waits out its backoff before the next attempt
-    return and_(condition, ~exists().where(runs.c.submission_id == submissions.c.id, runs.c.retry_after > bindparam("now")))
+    # A submission with a run in progress is never claimed again: one set back
+    # to ``new`` behind our back (ramp-board's set-submission-state) waits
+    # until that run is closed. An infrastructure failure also waits out its
+    # backoff before the next attempt.
+    in_progress = runs.c.status.in_(ACTIVE_RUN_STATUSES)
+    held_back = in_progress if include_backoff else or_(in_progress, runs.c.retry_after > bindparam("now"))
+    return and_(condition, ~exists().where(runs.c.submission_id == submissions.c.id, held_back))
 
 
 def _params(event: EventInfo, **more: Any) -> dict[str, Any]:
@@ -167,15 +171,18 @@ class _StateStatements:
 
 
 @cache
-def _set_state_stmts(columns: tuple[str, ...]) -> _StateStatements:
+def _set_state_stmts(columns: tuple[str, ...], one: bool) -> _StateStatements:
+    """For ``:submission_ids`` (a list), or ``:for_submission`` when ``one``: an
+    expanding IN is rendered anew at each execution, an ``=`` is not."""
     folds = submission_on_cv_folds
+    if one:
+        sub, fold = (c == bindparam("for_submission") for c in (submissions.c.id, folds.c.submission_id))
+    else:
+        sub, fold = (c.in_(bindparam("submission_ids", expanding=True))
+                     for c in (submissions.c.id, folds.c.submission_id))  # fmt: skip
     return _StateStatements(
-        submissions=update(submissions)
-        .where(submissions.c.id.in_(bindparam("submission_ids", expanding=True)))
-        .values(**_set_clause(("state", *columns))),
-        folds=update(folds)
-        .where(folds.c.submission_id.in_(bindparam("submission_ids", expanding=True)))
-        .values(**_set_clause(("state",))),
+        submissions=update(submissions).where(sub).values(**_set_clause(("state", *columns))),
+        folds=update(folds).where(fold).values(**_set_clause(("state",))),
     )
 
 
@@ -184,10 +191,11 @@ def set_state(conn: Connection, submission_ids: Sequence[int], state: str, **val
     if not submission_ids:
         return
     columns, params = _new_values(values)
-    stmts = _set_state_stmts(columns)
-    ids = list(submission_ids)
-    conn.execute(stmts.submissions, {"submission_ids": ids, "new_state": state, **params})
-    conn.execute(stmts.folds, {"submission_ids": ids, "new_state": state})
+    one = len(submission_ids) == 1
+    stmts = _set_state_stmts(columns, one)
+    which = {"for_submission": submission_ids[0]} if one else {"submission_ids": list(submission_ids)}
+    conn.execute(stmts.submissions, {**which, "new_state": state, **params})
+    conn.execute(stmts.folds, {**which, "new_state": state})
 
 
 def claim(
@@ -213,17 +221,15 @@ def claim(
     if not rows:
         return []
     ids = [r.id for r in rows]
-    last_attempt = dict(conn.execute(stmts.last_attempts, {"submission_ids": ids}).all())
     set_state(conn, ids, "sent_to_training", sent_to_training_timestamp=now, queue_position=-1)
     claims = []
     for r in rows:
-        attempt = last_attempt.get(r.id, 0) + 1
-        run_id = conn.execute(
+        run_id, attempt = conn.execute(
             stmts.new_run,
             {
                 "submission_id": r.id,
+                "for_submission": r.id,
                 "event_id": event.id,
-                "attempt": attempt,
                 "worker_type": worker_type,
                 "owner": owner,
                 "status": RUN_STARTING,
@@ -231,7 +237,7 @@ def claim(
                 "heartbeat_at": now,
                 "lease_expires_at": now + lease,
             },
-        ).scalar_one()
+        ).one()
         claims.append(Claim(run_id, r.id, r.name, attempt))
     return claims
 
@@ -240,10 +246,9 @@ def claim(
 class _ClaimStatements:
     #: up to ``:limit`` waiting submissions, oldest first, locked (PostgreSQL)
     oldest_waiting: Select[tuple[int, str]]
-    #: (submission id, its highest attempt) for ``:submission_ids``
-    last_attempts: Select[tuple[int, int]]
-    #: a run's row; returns its id
-    new_run: ReturningInsert[tuple[int]]
+    #: a run's row, attempt one more than the last of ``:for_submission``;
+    #: returns (id, attempt)
+    new_run: ReturningInsert[tuple[int, int]]
 
 
 @cache
@@ -256,12 +261,15 @@ def _claim_stmts(dialect: str) -> _ClaimStatements:
     )
     if dialect == "postgresql":
         oldest = oldest.with_for_update(of=submissions, skip_locked=True)
-    last_attempts = (
-        select(runs.c.submission_id, func.max(runs.c.attempt))
-        .where(runs.c.submission_id.in_(bindparam("submission_ids", expanding=True)))
-        .group_by(runs.c.submission_id)
+    # the submission's row is locked (PostgreSQL) or the writer alone (SQLite):
+    # nobody else numbers its attempts meanwhile
+    next_attempt = (
+        select(func.coalesce(func.max(runs.c.attempt), 0) + 1)
+        .where(runs.c.submission_id == bindparam("for_submission"))
+        .scalar_subquery()
     )
-    return _ClaimStatements(oldest, last_attempts, insert(runs).returning(runs.c.id))
+    new_run = insert(runs).values(attempt=next_attempt).returning(runs.c.id, runs.c.attempt)
+    return _ClaimStatements(oldest, new_run)
 
 
 def update_queue_positions(conn: Connection, event: EventInfo, full: bool = False) -> None:
@@ -354,12 +362,13 @@ class _RunStatements:
     held_by: Select[tuple[int]]
     #: starting/running -> finished with the outcome; returns the submission id
     record_end: ReturningUpdate[tuple[int]]
-    #: heartbeat and a new lease end for ``:run_ids`` that ``:daemon`` holds
-    renew_leases: Update
-    #: which of ``:run_ids`` ``:daemon`` still holds
-    still_held: Select[tuple[int]]
+    #: heartbeat and a new lease end for ``:run_ids`` that ``:daemon`` holds;
+    #: returns their ids
+    renew_leases: ReturningUpdate[tuple[int]]
     #: (id, owner, lease end) of the unfinished runs of ``:event_id``
     unfinished_of_event: Select[tuple[int, str, dt.datetime]]
+    #: ``:new_message`` on a run ``:daemon`` holds and has not collected
+    note_error: Update
 
 
 @cache
@@ -379,11 +388,14 @@ def _run_stmts() -> _RunStatements:
         .returning(runs.c.submission_id),
         renew_leases=update(runs)
         .where(ids, held, runs.c.status != RUN_COLLECTED)
-        .values(**_set_clause(("heartbeat_at", "lease_expires_at"))),
-        still_held=select(runs.c.id).where(ids, held),
+        .values(**_set_clause(("heartbeat_at", "lease_expires_at")))
+        .returning(runs.c.id),
         unfinished_of_event=select(runs.c.id, runs.c.owner, runs.c.lease_expires_at).where(
             runs.c.event_id == bindparam("event_id"), runs.c.status.in_(ACTIVE_RUN_STATUSES)
         ),
+        note_error=update(runs)
+        .where(run, held, runs.c.status != RUN_COLLECTED)
+        .values(**_set_clause(("message",))),
     )
 
 
@@ -416,6 +428,13 @@ def mark_finished(
     return sid is not None
 
 
+def note_run_error(conn: Connection, run_id: int, owner: str, message: str) -> bool:
+    """An error met while collecting the run, on its row (``message``), until
+    the run is closed. False if the run is not ours or already collected."""
+    params = {"run_id": run_id, "daemon": owner, "new_message": message[:2000]}
+    return conn.execute(_run_stmts().note_error, params).rowcount == 1
+
+
 def _close_run(conn: Connection, run_id: int, owner: str, **values: Any) -> bool:
     """Collect a run once: False if it was already collected, or is no longer
     ours (another daemon took it over): then nothing may be written."""
@@ -439,17 +458,14 @@ def heartbeat(
     conn: Connection, owner: str, run_ids: Iterable[int], lease: dt.timedelta
 ) -> set[int]:
     """Renew our leases; return the runs that are still ours (another daemon
-    may have taken over a run whose lease lapsed during a database outage)."""
+    may have taken over a run whose lease lapsed during a database outage; a
+    collected run is nobody's to renew)."""
     ids = list(run_ids)
     if not ids:
         return set()
     now = utcnow()
-    stmts = _run_stmts()
-    conn.execute(
-        stmts.renew_leases,
-        {"run_ids": ids, "daemon": owner, "new_heartbeat_at": now, "new_lease_expires_at": now + lease},
-    )
-    return set(conn.execute(stmts.still_held, {"run_ids": ids, "daemon": owner}).scalars())
+    params = {"run_ids": ids, "daemon": owner, "new_heartbeat_at": now, "new_lease_expires_at": now + lease}
+    return set(conn.execute(_run_stmts().renew_leases, params).scalars())
 
 
 def release(conn: Connection, owner: str) -> None:
@@ -619,7 +635,7 @@ class _ResultStatements:
     fold_scores: Update
     #: a score row's bagged scores (executemany)
     bagged: Update
-    #: the error message on all folds of ``:of_submission``
+    #: the error message on all folds of ``:for_submission``
     fold_errors: Update
 
 
@@ -654,7 +670,7 @@ def _result_stmts() -> _ResultStatements:
             test_score_cv_bags=bindparam("test_bags", type_=scores.c.test_score_cv_bags.type),
         ),
         fold_errors=update(folds)
-        .where(folds.c.submission_id == bindparam("of_submission"))
+        .where(folds.c.submission_id == bindparam("for_submission"))
         .values(**_set_clause(("error_msg",))),
     )
 
@@ -679,8 +695,15 @@ def write_failure(
     if max_ram_mb is not None:
         values["max_ram"] = float(max_ram_mb)
     set_state(conn, [submission_id], state, **values)
-    conn.execute(_result_stmts().fold_errors, {"of_submission": submission_id, "new_error_msg": error_msg})
+    conn.execute(_result_stmts().fold_errors, {"for_submission": submission_id, "new_error_msg": error_msg})
     return True
+
+
+#: ``dispatcher_runs.outcome`` of a run requeued with an attempt used
+RETRY = "retry"
+#: ``dispatcher_runs.outcome`` of a run requeued while the circuit breaker held
+#: the queue: the platform failed, so no attempt of the submission is used
+HELD = "held"
 
 
 def requeue(
@@ -691,10 +714,12 @@ def requeue(
     failure_class: str,
     message: str,
     retry_after: dt.datetime,
+    outcome: str = RETRY,
 ) -> bool:
-    """An infrastructure failure with attempts left: back to ``new`` after a backoff."""
+    """An infrastructure failure with attempts left (``retry``), or met while
+    the platform is failing (``held``): back to ``new``, after ``retry_after``."""
     if not _close_run(
-        conn, run_id, owner, outcome="retry", failure_class=failure_class, message=message,
+        conn, run_id, owner, outcome=outcome, failure_class=failure_class, message=message,
         retry_after=retry_after,
     ):
         return False

@@ -120,6 +120,13 @@ class Worker(ABC):
     def check(self, request: RunRequest, handle: Handle) -> RunOutcome | None:
         """Cheap status check: None while running, the outcome once finished."""
 
+    def reports_end(self, request: RunRequest) -> bool:
+        """Whether ``wake`` will be called the moment this run ends, so that the
+        loop need not check it on the ``time_between_collection`` timer (it
+        still does, rarely, as a safety net). The default, False, suits a
+        worker that learns of the end only when ``check`` asks."""
+        return False
+
     def recover(self, request: RunRequest) -> Handle | None:
         """The handle of a run that was started but never recorded (the daemon
         died in between), or None if it never started. Called on re-attach;

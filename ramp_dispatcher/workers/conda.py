@@ -535,6 +535,12 @@ class CondaWorker(Worker):
             "sandbox": self.config.sandbox,
         }
 
+    def reports_end(self, request: RunRequest) -> bool:
+        # a waiter thread wakes the loop when a supervisor we spawned exits;
+        # a re-attached run has none and is checked on the timer
+        with self._procs_lock:
+            return (request.submission_id, request.attempt) in self._procs
+
     def recover(self, request: RunRequest) -> Handle | None:
         """Find the attempt's supervisor by its status file: in its argv while it
         runs, and the status file names it once it wrote one."""
