@@ -146,10 +146,9 @@ class Context:
         return lower_is_better(conn, self.event)
 
     def forget(self, submission_ids: Iterable[int]) -> None:
-        """These submissions changed: read them again."""
-        ids = list(submission_ids)
-        self.files.forget(ids)
-        for sid in ids:
+        """These submissions changed: read their scores again (their files do
+        not change, and ``submission_files`` can only be scanned)."""
+        for sid in submission_ids:
             self.scores.pop(sid, None)
 
     def scored_rows(
