@@ -202,11 +202,11 @@ def test_worker_types_come_from_the_registry(server, tmp_path: Path) -> None:
     from ramp_dispatcher.workers.conda import CondaConfig
     from ramp_dispatcher.workers.registry import WORKER_TYPES
 
-    path = write(tmp_path / "ev.yml", _with(EVENT, "worker", "worker_type", "dask"))
+    path = write(tmp_path / "ev.yml", _with(EVENT, "worker", "worker_type", "kubernetes"))
     with pytest.raises(ConfigError) as err:
         load_event_config(path, server)
     assert f"(known: {', '.join(WORKER_TYPES)})" in str(err.value)
-    assert {"conda", "aws"} <= set(WORKER_TYPES)
+    assert {"conda", "aws", "dask"} <= set(WORKER_TYPES)
     event = load_event_config(write(tmp_path / "ok.yml", EVENT), server)
     assert isinstance(event.worker, CondaConfig) and event.worker.conda_env == "ramp-iris"
     # The dataclass is where the values are checked, with or without a file.
