@@ -70,6 +70,21 @@ def drop_pg_database(url: str) -> None:
     engine.dispose()
 
 
+#: test modules that run no real ramp-test, daemon, Dask cluster or instance:
+#: the inner loop's subset (``./dev test --quick``, a minute or two)
+QUICK_MODULES = {
+    "test_admin", "test_aws_policy", "test_config", "test_imports", "test_leaderboards_equal",
+    "test_leaderboards_flat", "test_listen", "test_metrics", "test_migrations",
+    "test_rampboard_compat", "test_runs", "test_sdnotify",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__ in QUICK_MODULES:
+            item.add_marker(pytest.mark.quick)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
