@@ -826,7 +826,9 @@ def wait_for_database(
     while True:
         try:
             require_head(engine, server.path)
-        except OperationalError as exc:  # connection-level: refused, unknown host...
+        except DBAPIError as exc:
+            if not is_unavailable(exc):  # only connection-level errors are waited for
+                raise
             now = time.monotonic()
             if since is None:
                 since = now
