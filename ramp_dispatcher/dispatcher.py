@@ -41,7 +41,7 @@ from .jobloop import JobLoop
 from .leaderboards.refresher import LeaderboardService
 from .messages import first_line
 from .metrics import Metrics
-from .owner import new_owner_id, owner_is_dead
+from .owner import Owner, is_local, new_owner_id, owner_is_dead
 from .results import ResultsError, read_fold_error
 from .trusted_scores import read_results
 from .retry import RetryPolicy
@@ -279,7 +279,8 @@ class Dispatcher:
         with self.engine.begin() as conn:
             ours = queries.heartbeat(conn, self.owner, self.active, self.lease)
             adopted = queries.adopt_orphaned_runs(
-                conn, self.event, self.owner, self.lease, self.active, owner_is_dead
+                conn, self.event, self.owner, self.lease, self.active, owner_is_dead,
+                foreign=self._foreign, foreign_grace=self.lease,
             )
             cancels = control.pending_cancels(conn, list(self.active))
             # The usual cycle has nothing to stop, drop or take over: it claims
@@ -347,10 +348,19 @@ class Dispatcher:
         self.wake("claim")
 
     def _drop(self, run: ActiveRun) -> None:
-        """Another daemon holds the run now: forget it, write nothing."""
+        """Another daemon holds the run now: forget it, write nothing, and
+        tell the worker to stop watching it (it stops nothing of it)."""
         log.warning("%s: taken over by another daemon; dropped", run.label())
         run.drop()
         self.active.pop(run.run_id, None)
+        try:
+            self.worker.forget(run.request, run.handle or {})
+        except Exception:
+            log.exception("%s: the worker could not forget the run", run.label())
+
+    def _foreign(self, owner: str) -> bool:
+        """A daemon of another host, whose local runs this host cannot reach."""
+        return self.worker.runs_on_this_host() and not is_local(owner)
 
     def _systemd_ping(self) -> None:
         """WATCHDOG=1 while the loop turns, and now and then a STATUS= summary."""
@@ -449,7 +459,13 @@ class Dispatcher:
             self.event.name, row.id, row.submission_id, row.submission_name, row.attempt, request,
             row.status, row.handle,
         )  # fmt: skip
-        if run.state is RunState.STARTING:
+        if self._foreign(row.previous_owner):
+            # Its host stopped serving it long ago (lease lapsed + grace): what
+            # it left there is out of reach. Requeued; its files are not touched.
+            run.keep_files = True
+            host = Owner.parse(row.previous_owner).host
+            run.end(RunOutcome(FailureClass.INFRASTRUCTURE, f"the host running it ({host}) stopped serving it"))
+        elif run.state is RunState.STARTING:
             # The daemon died between starting the run and recording its
             # handle: the worker may find it; otherwise it never started.
             handle = self.worker.recover(request)
@@ -601,6 +617,8 @@ class Dispatcher:
         # After the commit: a refresh that started before it would miss the result.
         self.leaderboard.request([run.submission_id])
         run.closed()
+        if run.keep_files:
+            return
         try:
             self.worker.cleanup(run.request, run.handle or {})
         except Exception:

@@ -73,6 +73,8 @@ class ActiveRun:
     errors: int = 0
     #: past the bound of errors: being closed as an infrastructure failure
     giving_up: bool = False
+    #: taken over from another host: closed without touching its files
+    keep_files: bool = False
     #: an admin cancelled it: the worker is stopping it off the loop thread
     stopping: Future[None] | None = None
 

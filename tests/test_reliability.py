@@ -807,3 +807,58 @@ def test_a_running_submission_set_back_to_new_is_not_claimed_again(empty_db_url:
     assert h.ramp_test_count("busy") == 1
     assert_scored_once(h.dep.engine, sid)
     h.assert_nothing_left()
+
+
+# --------------------------------------------------------------------------- a local run of another host
+
+
+#: a daemon of another host (its conda runs are out of this host's reach)
+OTHER_HOST_OWNER = "elsewhere.example:4242:1:otherhost"
+
+
+def test_a_local_run_of_another_host_is_requeued_after_a_grace_not_reattached(
+    empty_db_url: str, harness, monkeypatch
+) -> None:
+    """A conda run recorded by a daemon of another host: while its lease has
+    lapsed for less than a grace period it is left alone; after that it is
+    taken over and requeued without asking the worker about it or touching
+    its files, and the next attempt runs here."""
+    h = harness(empty_db_url, {"far": GOOD}, n_workers=1)
+    sid = h.sid("far")
+    event = _load_event(h)
+    far_handle = {"pid": 1, "status_path": "/elsewhere/run-1.json", "log_path": "/elsewhere/log"}
+    with h.dep.engine.begin() as conn:
+        [claim] = queries.claim(conn, event, 1, OTHER_HOST_OWNER, "conda", dt.timedelta(seconds=60))
+        queries.mark_running(conn, claim.run_id, far_handle)
+
+    def lapse(seconds_ago: float) -> None:
+        with h.dep.engine.begin() as conn:
+            conn.execute(update(runs).where(runs.c.id == claim.run_id)
+                         .values(lease_expires_at=queries.utcnow() - dt.timedelta(seconds=seconds_ago)))  # fmt: skip
+
+    d = _in_process(h, monkeypatch)
+    asked: list[dict] = []
+    for name in ("check", "cleanup", "recover"):
+        real = getattr(d.worker, name)
+
+        def spy(request, *rest, _real=real, _name=name):
+            if request.attempt == 1:
+                asked.append({"call": _name})
+            return _real(request, *rest)
+
+        setattr(d.worker, name, spy)
+    lapse(5)  # lapsed, but for less than the grace (one lease)
+    d._event = event
+    d._housekeeping_and_claim()  # one look at the runs, as the claim cycle does
+    assert [(r.attempt, r.owner) for r in run_rows(h.dep.engine, sid)] == [(1, OTHER_HOST_OWNER)]
+    lapse(d.lease.total_seconds() + 5)
+    d.start()
+    try:
+        assert d.stopped.wait(120)
+    finally:
+        d.stop()
+    rows = run_rows(h.dep.engine, sid)
+    assert [(r.attempt, r.outcome) for r in rows] == [(1, "retry"), (2, "scored")]
+    assert "elsewhere.example" in (rows[0].message or "")
+    assert asked == []  # attempt 1 was neither checked, stopped nor searched for here
+    assert_scored_once(h.dep.engine, sid)

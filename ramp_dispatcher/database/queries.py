@@ -337,6 +337,8 @@ class RunRow:
     owner: str
     handle: dict[str, Any] | None
     started_at: dt.datetime | None
+    #: the daemon that held it before this one took it over
+    previous_owner: str = ""
 
 
 def mark_running(conn: Connection, run_id: int, handle: dict[str, Any]) -> bool:
@@ -496,21 +498,29 @@ def adopt_orphaned_runs(
     lease: dt.timedelta,
     held: Iterable[int],
     owner_is_dead: Callable[[str], bool],
+    foreign: Callable[[str], bool] = lambda _owner: False,
+    foreign_grace: dt.timedelta = dt.timedelta(0),
 ) -> list[RunRow]:
     """Take over the event's unfinished runs that nobody serves any more.
 
     A run is orphaned when its owner's lease lapsed, or its owner is a daemon
     on this host whose process is gone (a restart after ``kill -9`` need not
-    wait for the lease). ``held`` are the runs this daemon already serves.
+    wait for the lease). A run whose owner is ``foreign`` (a daemon of
+    another host, whose local runs this host cannot see) is orphaned only
+    once its lease lapsed ``foreign_grace`` ago. ``held`` are the runs this
+    daemon already serves.
     """
     now = utcnow()
     held = set(held)
     candidates = conn.execute(_run_stmts().unfinished_of_event, {"event_id": event.id}).all()
-    adopted = []
+    adopted: dict[int, str] = {}
     for run_id, old_owner, expires in candidates:
         if run_id in held:
             continue
-        if not (expires is None or expires < now or old_owner == owner or owner_is_dead(old_owner)):
+        if old_owner != owner and foreign(old_owner):
+            if not (expires is None or expires < now - foreign_grace):
+                continue
+        elif not (expires is None or expires < now or old_owner == owner or owner_is_dead(old_owner)):
             continue
         # Compare-and-set on the owner makes the takeover atomic between daemons.
         taken = conn.execute(
@@ -519,7 +529,7 @@ def adopt_orphaned_runs(
             .values(owner=owner, heartbeat_at=now, lease_expires_at=now + lease)
         ).rowcount
         if taken:
-            adopted.append(run_id)
+            adopted[run_id] = old_owner
     if not adopted:
         return []
     rows = conn.execute(
@@ -534,10 +544,10 @@ def adopt_orphaned_runs(
             runs.c.started_at,
         )
         .join(submissions, submissions.c.id == runs.c.submission_id)
-        .where(runs.c.id.in_(adopted))
+        .where(runs.c.id.in_(list(adopted)))
         .order_by(runs.c.id)
     ).all()
-    return [RunRow(*r) for r in rows]
+    return [RunRow(*r, previous_owner=adopted[r.id]) for r in rows]
 
 
 # --------------------------------------------------------------------------- results

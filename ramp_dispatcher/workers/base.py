@@ -120,6 +120,17 @@ class Worker(ABC):
     def check(self, request: RunRequest, handle: Handle) -> RunOutcome | None:
         """Cheap status check: None while running, the outcome once finished."""
 
+    def runs_on_this_host(self) -> bool:
+        """Whether the runs live on the daemon's own host (processes, files), so
+        that a daemon of another host can neither see nor stop them. Such a
+        run is taken over by another host only after its lease lapsed for a
+        grace period, and then requeued, not re-attached. Default: False."""
+        return False
+
+    def forget(self, request: RunRequest, handle: Handle) -> None:
+        """Another daemon took this run over: stop watching it, release and
+        stop nothing of it (the new holder collects it). Default: nothing."""
+
     def reports_end(self, request: RunRequest) -> bool:
         """Whether ``wake`` will be called the moment this run ends, so that the
         loop need not check it on the ``time_between_collection`` timer (it

@@ -535,6 +535,14 @@ class CondaWorker(Worker):
             "sandbox": self.config.sandbox,
         }
 
+    def runs_on_this_host(self) -> bool:
+        return True
+
+    def forget(self, request: RunRequest, handle: Handle) -> None:
+        # the waiter thread still reaps the supervisor; it just wakes nobody's run
+        with self._procs_lock:
+            self._procs.pop((request.submission_id, request.attempt), None)
+
     def reports_end(self, request: RunRequest) -> bool:
         # a waiter thread wakes the loop when a supervisor we spawned exits;
         # a re-attached run has none and is checked on the timer
