@@ -156,7 +156,7 @@ def cmd_add_submission(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_event_config
-    from .dispatcher import run_daemon
+    from .service import run_daemon
 
     server = _server(args)
     event = load_event_config(args.event_config, server)

@@ -14,6 +14,10 @@ value for that column, so bind parameters are named for their role instead:
 ``daemon`` for the owner a write is guarded by, ``for_submission`` for the
 submission a statement is about, ``run_id`` and ``run_ids`` for the runs'
 primary keys.
+
+Why one file of about 800 lines: the daemon's statements sit together on
+purpose, so that one can read them all, check each against its index, and
+keep them built once.
 """
 
 from __future__ import annotations

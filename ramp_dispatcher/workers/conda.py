@@ -5,6 +5,12 @@ own session. The supervisor applies the time and memory limits, makes sure
 nothing of the run survives it, and writes a JSON status file beside the log.
 Everything :meth:`CondaWorker.check` needs is in the handle and that file, so
 a restarted daemon can pick up runs started by its predecessor.
+
+Why one file of about 800 lines: one worker type, one module (the registry's
+shape): its config, the environment lookup, the launch through the supervisor
+and the sandbox, re-attach and the post-run checks. The sandbox's argv
+(``sandbox``), the post-run checks (``post_run``) and the supervisor live in
+their own modules; what is left here is the worker's own glue.
 """
 
 from __future__ import annotations
