@@ -24,7 +24,7 @@ def _setup_logging(verbosity: int) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Third-party chatter stays out of an admin's journal unless asked for.
-    for noisy in ("apscheduler", "alembic", "botocore", "paramiko"):
+    for noisy in ("alembic", "botocore", "paramiko"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
