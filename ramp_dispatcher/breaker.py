@@ -37,6 +37,7 @@ class CircuitBreaker:
     streak: list[int] = field(default_factory=list)
     probe_delay_s: float = 0.0
     probe_at: float = 0.0  # monotonic
+    opened_at: float = 0.0  # monotonic, when it last opened from closed
     #: what the last failure said, for the log and the status line
     cause: str = ""
 
@@ -65,15 +66,21 @@ class CircuitBreaker:
         if submission_id not in self.streak:
             self.streak.append(submission_id)
         if len(self.streak) >= self.threshold:
+            self.opened_at = now
             self._open(now, self.first_probe_s)
             return True
         return False
 
-    def succeeded(self) -> bool:
-        """A run the platform did not fail; True when it closes the breaker."""
-        self.streak.clear()
+    def succeeded(self, started_at: float | None = None) -> bool:
+        """A run the platform did not fail (claimed at monotonic ``started_at``);
+        True when it closes the breaker. A run claimed before the breaker
+        opened proves nothing about the platform now: it closes nothing."""
         if self.state is BreakerState.CLOSED:
+            self.streak.clear()
             return False
+        if started_at is not None and started_at < self.opened_at:
+            return False
+        self.streak.clear()
         self.state = BreakerState.CLOSED
         self.probe_delay_s = 0.0
         return True

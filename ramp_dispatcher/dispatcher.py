@@ -695,12 +695,13 @@ class Dispatcher:
         if written:
             log.info("%s: scored", run.label())
             self.metrics.outcome("scored")
-            self._platform_worked()
+            self._platform_worked(run)
         return written
 
-    def _platform_worked(self) -> None:
-        """A run the platform did not fail: the breaker closes if it was open."""
-        if self.breaker.succeeded():
+    def _platform_worked(self, run: ActiveRun) -> None:
+        """A run the platform did not fail: the breaker closes if it was open
+        (and the run was taken up since it opened)."""
+        if self.breaker.succeeded(run.taken_at):
             log.warning("circuit breaker closed: a run went through; claiming again")
             self.metrics.set_breaker_open(False)
             self.wake("claim")
@@ -729,7 +730,7 @@ class Dispatcher:
             if self.breaker.holding:
                 return self._hold(conn, run, outcome)
         else:
-            self._platform_worked()
+            self._platform_worked(run)
         # an admin retry starts a fresh budget of infrastructure retries
         run.budget_attempt = control.attempt_in_budget(conn, run.submission_id, run.attempt)
         if self.policy.should_retry(failure, run.budget_attempt):

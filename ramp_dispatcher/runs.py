@@ -23,8 +23,9 @@ re-attaches from it (:meth:`ActiveRun.reattached`).
 from __future__ import annotations
 
 import enum
+import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .database.dispatcher_schema import RUN_STARTING
 from .workers.base import FailureClass, Handle, RunOutcome, RunRequest
@@ -73,6 +74,8 @@ class ActiveRun:
     errors: int = 0
     #: past the bound of errors: being closed as an infrastructure failure
     giving_up: bool = False
+    #: monotonic time this daemon took it up (claim or re-attach)
+    taken_at: float = field(default_factory=time.monotonic)
     #: taken over from another host: closed without touching its files
     keep_files: bool = False
     #: an admin cancelled it: the worker is stopping it off the loop thread

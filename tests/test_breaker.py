@@ -23,13 +23,14 @@ def test_the_breaker_opens_on_different_submissions_and_probes_with_backoff() ->
     assert not b.failed(2, "env missing", now=0)
     assert b.failed(3, "env missing", now=1)
     assert b.holding and b.allowed_claims(2, now=5) == 0
+    assert not b.succeeded(started_at=0.5) and b.holding  # a run from before it opened proves nothing
     assert b.allowed_claims(2, now=11) == 1 and b.state is BreakerState.HALF_OPEN
     assert b.allowed_claims(2, now=11) == 0  # one probe at a time
     b.failed(4, "still missing", now=12)  # the probe failed: twice the delay
     assert b.state is BreakerState.OPEN and b.allowed_claims(2, now=31) == 0 and b.allowed_claims(2, now=32) == 1
     b.failed(5, "still missing", now=32)
     assert b.probe_delay_s == 25  # capped
-    assert b.succeeded() and b.allowed_claims(2, now=33) == 2
+    assert b.succeeded(started_at=32) and b.allowed_claims(2, now=33) == 2
     assert not b.failed(6, "once", now=40)  # a new streak starts from nothing
 
 
@@ -53,12 +54,13 @@ def test_environment_removed_mid_queue_then_restored(empty_db_url: str, tmp_path
     run_in_thread(d)
     try:
         wait_for(lambda: "scored" in states().values(), 120, "a first submission scored")
-        hidden = tmp_path / "env-away"
-        env.rename(hidden)  # the platform breaks
+        # the platform breaks: the environment loses its ramp-test (the runs
+        # already going keep the program they started with)
+        (env / "bin" / "ramp-test").unlink()
         wait_for(lambda: d.breaker.holding, 120, "the breaker to open")
         time.sleep(5)  # a probe comes and fails meanwhile
         assert "checking_error" not in states().values()
-        hidden.rename(env)  # the platform is back
+        os.symlink(Path(sys.prefix) / "bin" / "ramp-test", env / "bin" / "ramp-test")  # it is back
         assert d.stopped.wait(240), "the queue did not drain after the environment came back"
     finally:
         d.stop()
