@@ -197,6 +197,12 @@ class EnvironmentNotFound(WorkerError):
         super().__init__(f"{self.public} (known: {known})")
 
 
+def _lost_ramp_test(handle: Handle) -> bool:
+    """The run's environment has no runnable ``bin/ramp-test`` any more."""
+    prefix = handle.get("env_prefix")
+    return bool(prefix) and not os.access(Path(prefix) / "bin" / "ramp-test", os.X_OK)
+
+
 def _check_ramp_test(prefix: Path, label: str) -> Path:
     ramp_test = prefix / "bin" / "ramp-test"
     if not prefix.is_dir():
@@ -731,6 +737,13 @@ class CondaWorker(Worker):
                 # Whether the output is usable is the results parser's call: the
                 # dispatcher may already have moved it before a crash.
                 return RunOutcome(None, "", output_dir=request.output_dir, **common)
+            if _lost_ramp_test(handle):
+                # e.g. the sandbox could not exec it: the platform broke, not the code
+                return RunOutcome(
+                    FailureClass.INFRASTRUCTURE,
+                    "the environment lost its bin/ramp-test during the run",
+                    **common,
+                )
             if isinstance(sig, int):
                 name = _signal_name(sig)
                 hint = ""
