@@ -25,6 +25,7 @@ from ramp_dispatcher.database.ramp_schema import (
 )
 from ramp_dispatcher.dispatcher import MAX_RUN_ERRORS
 
+from faults import edit_event_config
 from deployment import GOOD, Deployment
 
 LABEL = "submission {sid} ('broken') attempt 1"
@@ -90,6 +91,9 @@ def test_an_event_without_folds(empty_db_url: str, tmp_path: Path, caplog) -> No
     the end of its queue (hunger_policy exit)."""
     caplog.set_level(logging.INFO, logger="ramp_dispatcher")
     dep, sid = _deploy(tmp_path, empty_db_url)
+    # Scores read from the run's files: the trusted re-scoring (verify_scores)
+    # would refuse the fold count before the parser's error this test is about.
+    edit_event_config(dep.event_path, "worker", verify_scores=False)
     with dep.engine.begin() as conn:
         conn.execute(delete(submission_score_on_cv_folds))
         conn.execute(delete(submission_on_cv_folds))
