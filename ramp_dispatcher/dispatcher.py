@@ -268,8 +268,9 @@ class Dispatcher:
         self._close_stopped()
         for claim in claims:
             self._launch(claim)
-        if claims:  # claims, launches and queue positions change the "new" tables
-            self.leaderboard.request([c.submission_id for c in claims], new_only=True)
+        # claims, launches and queue positions change the "new" tables (the
+        # refresher writes only those that changed)
+        self.leaderboard.request([c.submission_id for c in claims], new_only=True)
         self.metrics.set_running(len(self.active))
         self._reap()
         if not self.active and not claims:
