@@ -672,7 +672,9 @@ class Dispatcher:
                 log_path=outcome.log_path,
             )
             run.replace_outcome(unusable)
-            return self._store_failure(conn, run, unusable)
+            # ramp-test ran and exited 0: this submission's output is at fault,
+            # not the platform, so the circuit breaker does not count it.
+            return self._store_failure(conn, run, unusable, platform_ran=True)
 
     def _store_results(self, conn: Connection, run: ActiveRun, outcome: RunOutcome) -> bool:
         request = run.request
@@ -721,10 +723,12 @@ class Dispatcher:
             self.metrics.outcome(outcome.failure.value)
         return done
 
-    def _store_failure(self, conn: Connection, run: ActiveRun, outcome: RunOutcome) -> bool:
+    def _store_failure(
+        self, conn: Connection, run: ActiveRun, outcome: RunOutcome, platform_ran: bool = False
+    ) -> bool:
         failure = outcome.failure
         assert failure is not None
-        if failure is FailureClass.INFRASTRUCTURE:
+        if failure is FailureClass.INFRASTRUCTURE and not platform_ran:
             if self.breaker.failed(run.submission_id, outcome.message, time.monotonic()):
                 log.error("%s", self.breaker.describe(time.monotonic()))
                 self.metrics.set_breaker_open(True)
