@@ -91,7 +91,8 @@ def _from_problem(event: EventFacts) -> bool | None:
     path = Path(event.kit_dir) / "problem.py"
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _PROBE, str(path), event.official_score_name],
+            # -B: no __pycache__ written into the kit
+            [sys.executable, "-B", "-c", _PROBE, str(path), event.official_score_name],
             cwd=path.parent if path.parent.is_dir() else None,
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=PROBE_TIMEOUT,
         )
