@@ -31,6 +31,7 @@ import pytest
 from ramp_dispatcher.workers import conda, supervise
 from ramp_dispatcher.workers.base import FailureClass, RunOutcome, RunRequest, WorkerError
 from ramp_dispatcher.workers.conda import CondaConfig, CondaWorker, resolve_env
+from ramp_dispatcher.workers.post_run import post_run_path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kit  # noqa: E402
@@ -262,6 +263,28 @@ def test_reattach_with_only_the_handle(iris_kit: Path, tmp_path: Path) -> None:
     assert (request.output_dir / "fold_1" / "scores.csv").is_file()
     assert Path(handle["status_path"]) == request.log_path.parent / "run-3.json"
     second.cleanup(request, handle)
+
+
+def test_a_forgotten_run_is_left_to_its_new_owner(iris_kit: Path, tmp_path: Path) -> None:
+    """Another daemon took the run over: when its supervisor ends, the old
+    worker still reaps it but runs no post-run checks and wakes nobody; the
+    checks (and the run's files) are the new owner's."""
+    old = venv_worker(timeout=120)
+    request = make_request(tmp_path, iris_kit, kit.GOOD)
+    woken = threading.Event()
+    handle = json.loads(json.dumps(old.start(request, woken.set)))
+    old.forget(request, handle)
+    waiter = next(t for t in threading.enumerate()
+                  if t.name == f"conda-run-{request.submission_id}-{request.attempt}")
+    waiter.join(120)  # the run ended and the old worker reaped it
+    assert not waiter.is_alive()
+    assert not woken.is_set()
+    assert not post_run_path(request).exists()
+    new = venv_worker(timeout=120)
+    outcome = wait_outcome(new, request, handle)
+    assert outcome.failure is None, outcome
+    assert post_run_path(request).is_file()  # the new owner's checks
+    new.cleanup(request, handle)
 
 
 def test_lost_supervisor_is_an_infrastructure_failure(iris_kit: Path, tmp_path: Path) -> None:

@@ -371,7 +371,7 @@ def test_lease_takeover_from_a_stopped_daemon(pg_url: str, harness) -> None:
     a.wait_log("taken over by another daemon; dropped", 15)
     h.open_gate()
     assert b.wait_exit(60) == 0
-    assert "scored" in b.log()
+    assert "scored" in b.log(), f"daemon B:\n{b.log()}\ndaemon A:\n{a.log()}"
     _finish_takeover(h, a, sid, the_run(h, "slow"))
 
 

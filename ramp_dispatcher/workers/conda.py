@@ -589,8 +589,13 @@ class CondaWorker(Worker):
     ) -> None:
         proc.wait()  # also reaps the supervisor
         with self._procs_lock:
-            if self._procs.get(key) is proc:
+            ours = self._procs.get(key) is proc
+            if ours:
                 del self._procs[key]
+        if not ours:
+            # Forgotten: another daemon took the run over, and its post-run
+            # checks are its own. Running ours too would race it on the run's files.
+            return
         status = _read_status(status_path) or {}
         if status.get("reason") == "exited" and self._exit_code(status) == 0:
             # Before the wake, so the check it triggers finds the outcome whole.
