@@ -237,6 +237,13 @@ class AWSWorker(Worker):
         private key file was checked when the config was read). An API that
         does not answer is only logged: the runs will retry it."""
         config = self.config
+        if config.sandbox == "none":
+            log.warning(
+                "%s is 'none': submissions run on the instances WITHOUT a sandbox, as "
+                "%r, with its files, the network and the instance's metadata (and role)",
+                config.where("sandbox"),
+                config.ami_user_name,
+            )
         checks: list[tuple[str, Callable[[], Any]]] = [
             ("the image", self.image),
             ("the key pair", lambda: self.ec2.check_key_pair(config.key_name)),
