@@ -415,7 +415,8 @@ def test_run_past_its_deadline_before_starting_is_infrastructure(aws_env: AwsEnv
 def test_restarted_daemon_reattaches_without_relaunching(aws_env: AwsEnv) -> None:
     probe = aws_env.tmp / "imports"
     probe.mkdir()
-    # No sandbox: the probe writes outside the run's folders.
+    # No sandbox: the probe writes outside the run's folders (a sandboxed run is
+    # re-attached in test_a_run_taken_over_is_left_to_its_new_owner).
     config = aws_env.config(sandbox="none")
     first = aws_env.worker(config)
     request = aws_env.request(sleeping_good(1, probe_dir=probe))
@@ -446,6 +447,39 @@ def test_restarted_daemon_collects_a_run_that_finished_meanwhile(aws_env: AwsEnv
     outcome_ok(aws_env.wait(second, request, handle), request)
     (instance,) = aws_env.moto.instances()
     assert instance["State"]["Name"] == "terminated"
+    aws_env.assert_no_instance_running()
+
+
+def test_a_run_taken_over_is_left_to_its_new_owner(aws_env: AwsEnv, caplog) -> None:
+    config = aws_env.config(reap_min_age=0)
+    old = aws_env.worker(config)
+    request = aws_env.request(sleeping_good(3))
+    handle = json.loads(json.dumps(old.start(request, lambda: None)))  # as stored
+    pid = aws_env.wait_for(lambda: aws_env.remote_pid(handle), 30, "ramp-test to start")
+    assert old.check(request, handle) is None
+    old_thread = old.runs[(request.submission_id, request.attempt)].thread
+    (instance,) = aws_env.live_instances()
+    # Another daemon adopted the run (the old one's lease lapsed) and re-attached.
+    new = aws_env.worker(config)
+    assert new.check(request, handle) is None
+    # The old daemon learns it and drops the run: its worker forgets it.
+    with caplog.at_level(logging.INFO):
+        old.forget(request, handle)
+        old_thread.join(30)
+    assert not old_thread.is_alive() and "taken over by another daemon" in caplog.text
+    assert (request.submission_id, request.attempt) not in old.runs  # no deadline checks either
+    # Neither its cleanup nor its reaper (the run is active in the database) stop anything.
+    old.cleanup(request, handle)
+    old.reap({(request.submission_id, request.attempt)})
+    assert old._reaper is not None
+    old._reaper.join(10)
+    assert _state(aws_env, instance["InstanceId"]) == "running"
+    assert aws_env.group_alive(pid)
+    outcome_ok(aws_env.wait(new, request, handle), request)  # the new owner collects it
+    assert aws_env.remote_pid(handle) == pid  # the run that was started, never restarted
+    old.cleanup(request, handle)  # late: the new owner's results stay
+    assert (request.output_dir / "bagged_scores.csv").is_file()
+    assert _state(aws_env, instance["InstanceId"]) == "terminated"  # by the new owner
     aws_env.assert_no_instance_running()
 
 

@@ -24,7 +24,8 @@ remote process group (TIMEOUT); a spot interruption notice, an instance that
 is gone, SSH lost for longer than ``unreachable_timeout``, failed transfers
 and every AWS error are INFRASTRUCTURE (requeued by the dispatcher). The
 instance is terminated on every path except :meth:`AWSWorker.close`, which
-leaves runs for the next daemon to re-attach.
+leaves runs for the next daemon to re-attach, and :meth:`AWSWorker.forget`,
+which leaves one run to the daemon that took it over.
 
 Files on this machine: downloads land first in ``local_predictions_folder``
 and ``local_log_folder`` (under ``.downloads/<submission>-attempt-<n>``), and

@@ -4,11 +4,13 @@ Launch (or, on re-attach, find by tags) -> connect when SSH answers with a
 trusted host key -> ship the tools and check the image, upload and start
 ramp-test (unless already started) -> one status command per check ->
 download -> terminate. Every exit path goes through :meth:`_Run._finish`,
-which terminates the instance; only the worker's ``close`` leaves it running
-for the next daemon to re-attach.
+which terminates the instance; only the worker's ``close`` (the daemon stops:
+the next one re-attaches) and ``forget`` (another daemon took the run over)
+leave it running.
 
 About 800 lines, over the usual 600: one class whose steps share one
-thread's state (instance, connection, trusted keys, deadline, outcome), read best top to bottom; the protocol, SSH and EC2 calls it drives
+thread's state (instance, connection, trusted keys, deadline, detachment,
+outcome), read best top to bottom; the protocol, SSH and EC2 calls it drives
 live in their own modules, and what runs on the instance in :mod:`.launch`.
 """
 
@@ -135,6 +137,9 @@ class _Run:
         self.image_id: str | None = None  # the AMI this run launched
         self.expired = False  # past the daemon's deadline (set by the worker's check)
         self.remote_started = False  # ramp-test was started on the instance
+        #: another daemon serves the run now (AWSWorker.forget): stop, touch nothing
+        self.detached = False
+        self.ending = False  # _finish decided to stop and terminate: too late to detach
         self.thread = threading.Thread(
             target=self._main,
             name=f"aws-run-{request.submission_id}-{request.attempt}",
@@ -155,6 +160,16 @@ class _Run:
         with self.cond:
             self.cancelled = True
             self.cond.notify_all()
+
+    def detach(self) -> bool:
+        """Another daemon took the run over: stop watching it, and never kill
+        ramp-test nor terminate the instance. False when it is too late: this
+        thread had already decided to end the run."""
+        with self.cond:
+            if not self.ending:
+                self.detached = True
+            self.cond.notify_all()
+            return self.detached
 
     def expire(self) -> None:
         """The daemon's deadline passed: stop the run and terminate its instance."""
@@ -198,9 +213,10 @@ class _Run:
         try:
             outcome = self._lifecycle()
         except _Stop as stop:
-            if stop.outcome is None:  # close(): leave the instance for re-attach
+            if stop.outcome is None:  # close() or forget(): leave the instance running
                 self._close_ssh()
-                log.info("aws worker: %s detached (instance left running)", self.label)
+                why = "taken over by another daemon" if self.detached else "the daemon stops"
+                log.info("aws worker: %s detached (%s; instance left running)", self.label, why)
                 return
             outcome, kill = stop.outcome, stop.kill
         except Exception as exc:  # a bug here must still free the instance
@@ -228,7 +244,7 @@ class _Run:
 
     # -- checkpoints
     def _checkpoint(self) -> None:
-        if self.worker.closed.is_set():
+        if self.worker.closed.is_set() or self.detached:
             raise _Stop()
         if self.cancelled:
             raise _Stop(RunOutcome(FailureClass.INFRASTRUCTURE, "the run was cancelled"), kill=True)
@@ -241,7 +257,7 @@ class _Run:
         self._checkpoint()
 
     def _interrupted(self) -> bool:
-        return self.cancelled or self.expired or self.worker.closed.is_set()
+        return self.cancelled or self.expired or self.detached or self.worker.closed.is_set()
 
     def _iid(self) -> str:
         return self.instance.instance_id if self.instance else "(none)"
@@ -626,6 +642,8 @@ class _Run:
             return got_log, got_out
 
         got_log, got_out = self._transfer("download of the results", download)
+        if self.detached:  # taken over meanwhile: the new owner's files are not ours
+            raise _Stop()
         log_path = self.request.log_path
         output_dir = self.request.output_dir
         try:
@@ -688,6 +706,15 @@ class _Run:
 
     # -- finish
     def _finish(self, outcome: RunOutcome, kill: bool) -> None:
+        with self.cond:
+            if self.detached:  # forget() came first: the new owner ends the run
+                detached = True
+            else:
+                detached, self.ending = False, True
+        if detached:
+            self._close_ssh()
+            log.info("aws worker: %s: taken over by another daemon; left running", self.label)
+            return
         outcome = dataclasses.replace(outcome, message=self.worker.redact(outcome.message))
         if kill and self.conn is not None and self.conn.alive:
             try:
@@ -713,7 +740,7 @@ class _Run:
             except Exception:
                 log.error("aws worker: wake callback failed", exc_info=True)
         if self.cancelled:
-            self.worker.forget(self)
+            self.worker.discard(self)
         self._confirm_terminated()
 
     def _timeout_log(self, outcome: RunOutcome) -> RunOutcome:
