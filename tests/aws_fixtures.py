@@ -23,11 +23,18 @@
   (forwards a RunInstances and drops its reply), CLIENT TOKEN (answers a
   RunInstances whose ClientToken it saw with the first reply, as EC2 does),
   BAD CREDENTIALS (``AuthFailure`` for one access key id).
+- :class:`AwsEnv` and the ``aws_env`` fixture: the worker under test, its
+  config, requests and waiting, shared by the ``test_aws_*`` modules.
+
+About 700 lines, over the usual 600: each part is small, and the test
+modules share all of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
+import importlib
 import http.server
 import json
 import logging
@@ -37,6 +44,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -44,17 +52,27 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
-from helpers import free_port
+from helpers import free_port, wait_for
+from kit import GOOD, make_iris_kit
+
+from ramp_dispatcher.workers.base import RunOutcome, RunRequest
+
+if TYPE_CHECKING:
+    from ramp_dispatcher.workers.aws.config import AWSConfig
+    from ramp_dispatcher.workers.aws.worker import AWSWorker
 
 REGION = "eu-west-3"
 AMI_NAME = "ramp-iris-worker"
 KEY_NAME = "ramp-test-key"
 SECURITY_GROUP = "ramp-workers"
 SSHD = "/usr/sbin/sshd"
+EVENT = "iris_aws"
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzz-not-a-real-secret"
+ACCESS_KEY = "AKIARAMPDISPATCHTEST"
 
 
 def _missing(reason: str) -> None:
@@ -62,6 +80,29 @@ def _missing(reason: str) -> None:
         pytest.fail(reason)
     print(f"\nSKIP aws worker tests: {reason}")
     pytest.skip(reason)
+
+
+def _aws_module(name: str) -> None:
+    """The 'aws' extra's modules: skipped without them, unless CI requires
+    these tests (RAMP_DISPATCHER_REQUIRE_AWS, or _SSHD, which runs them)."""
+    required = any(
+        os.environ.get(flag) == "1"
+        for flag in ("RAMP_DISPATCHER_REQUIRE_AWS", "RAMP_DISPATCHER_REQUIRE_SSHD")
+    )
+    if not required:
+        pytest.importorskip(name)
+        return
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        pytest.fail(f"the aws worker tests are required but {name} cannot be imported: {exc}",
+                    pytrace=False)
+
+
+def require_aws_modules() -> None:
+    """Call at the top of a test module, before importing the aws worker."""
+    for name in ("boto3", "paramiko", "moto"):
+        _aws_module(name)
 
 
 # ------------------------------------------------------------------------ moto
@@ -469,3 +510,178 @@ def network(sshd: Sshd, imds: FakeInstanceMetadata) -> LocalNetwork:
     if sshd.proc is None:  # a test killed it and failed before restarting it
         sshd.start()
     return LocalNetwork(sshd, imds)
+
+
+# ------------------------------------------------------- the worker under test
+def sleeping_good(seconds: float, probe_dir: Path | None = None) -> str:
+    """A working classifier whose fit sleeps; with ``probe_dir``, each process
+    that imports it leaves a file named by its pid there."""
+    probe = ""
+    if probe_dir is not None:
+        probe = f"pathlib.Path({str(probe_dir)!r}, str(os.getpid())).touch()\n"
+    return (
+        "import os\nimport pathlib\nimport time\n"
+        + probe
+        + GOOD.replace(
+            "        self.clf.fit(X, y)",
+            f"        time.sleep({float(seconds)!r})\n        self.clf.fit(X, y)",
+        )
+    )
+
+
+# --------------------------------------------------------------------- helpers
+@dataclasses.dataclass
+class AwsEnv:
+    moto: MotoEc2
+    sshd: Sshd
+    network: LocalNetwork
+    tmp: Path
+    kit: Path  # the "image's" kit folder, on this machine through the sshd
+    workers: list[AWSWorker] = dataclasses.field(default_factory=list)
+
+    def settings(self, **over: Any) -> dict[str, Any]:
+        values: dict[str, Any] = dict(
+            access_key_id=ACCESS_KEY,
+            secret_access_key=SECRET,
+            region_name=REGION,
+            endpoint_url=self.moto.url,
+            ami_image_name=AMI_NAME,
+            ami_user_name=self.sshd.user,
+            instance_type="t3.micro",
+            key_name=KEY_NAME,
+            key_path=self.sshd.client_key,
+            security_group=SECURITY_GROUP,
+            remote_ramp_kit_folder=str(self.kit),
+            remote_python_env=None,  # the image's login shell activates this environment
+            local_predictions_folder=self.tmp / "downloads" / "predictions",
+            local_log_folder=self.tmp / "downloads" / "logs",
+            memory_profiling=True,
+            timeout=120.0,
+            boot_timeout=30.0,
+            ssh_connect_timeout=5.0,
+            ssh_command_timeout=20.0,
+            unreachable_timeout=30.0,
+            poll_interval=0.2,
+            terminate_timeout=10.0,
+        )
+        values.update(over)
+        return values
+
+    def config(self, **over: Any) -> AWSConfig:
+        from ramp_dispatcher.workers.aws.config import AWSConfig
+
+        return AWSConfig(**self.settings(**over))
+
+    def worker(self, config: AWSConfig | None = None, event: str = EVENT) -> AWSWorker:
+        from ramp_dispatcher.workers.aws.worker import AWSWorker
+
+        w = AWSWorker(config or self.config(), event, network=self.network)
+        self.workers.append(w)
+        return w
+
+    def request(self, source: str, submission_id: int = 1, attempt: int = 1) -> RunRequest:
+        name = f"submission_{submission_id:09d}"
+        folder = self.tmp / "submissions" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "classifier.py").write_text(source)
+        return RunRequest(
+            submission_id=submission_id,
+            submission_name=name,
+            attempt=attempt,
+            kit_dir=self.kit,
+            data_dir=self.kit,
+            submissions_dir=self.tmp / "submissions",
+            logs_dir=self.tmp / "logs",
+            predictions_dir=self.tmp / "predictions",
+            n_threads=1,
+        )
+
+    def wait(
+        self, worker: AWSWorker, request: RunRequest, handle: dict[str, Any], timeout: float = 90.0
+    ) -> RunOutcome:
+        """Call check() as the dispatcher would; every call must return at once."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            outcome = worker.check(request, handle)
+            assert time.monotonic() - t0 < 0.2, "check() blocked the loop"
+            if outcome is not None:
+                return outcome
+            time.sleep(0.2)
+        raise AssertionError(f"no outcome within {timeout} s")
+
+    wait_for = staticmethod(wait_for)  # tests/helpers.py's, at hand on the fixture
+
+    def live_instances(self) -> list[dict[str, Any]]:
+        return self.moto.instances(("pending", "running", "stopping", "stopped"))
+
+    def assert_no_instance_running(self) -> None:
+        # Termination is confirmed before the outcome is out; allow the
+        # cleanup threads (tag-based) a moment.
+        self.wait_for(lambda: not self.live_instances(), 10, "every instance to be terminated")
+
+    def remote_pid(self, handle: dict[str, Any]) -> int | None:
+        path = Path(handle["remote_run_dir"]) / "pid"
+        return int(path.read_text()) if path.exists() else None
+
+    def ramp_test_group(self, handle: dict[str, Any]) -> int | None:
+        """ramp-test's own process group (the supervisor starts it in one)."""
+        path = Path(handle["remote_run_dir"]) / "status.json"
+        return json.loads(path.read_text()).get("child_pid") if path.exists() else None
+
+    def group_alive(self, pgid: int) -> bool:
+        from ramp_dispatcher.workers.supervise import all_processes
+
+        return any(p.pgid == pgid and p.state not in ("Z", "X") for p in all_processes())
+
+
+def kill_leftover_runs(kit: Path) -> None:
+    """A failed test must not leave ramp-test running on this machine."""
+    import os
+    import signal
+
+    for pid_file in kit.glob(".ramp-dispatcher/*/pid"):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+@pytest.fixture
+def aws_env(
+    moto_ec2: MotoEc2, sshd: Sshd, network: LocalNetwork, tmp_path: Path  # noqa: F811
+) -> Iterator[AwsEnv]:
+    moto_ec2.reset(sshd.client_public_key)
+    kit = make_iris_kit(tmp_path / "instance" / "ramp-kits" / "iris")
+    env = AwsEnv(moto_ec2, sshd, network, tmp_path, kit)
+    yield env
+    for w in env.workers:
+        w.close()
+    kill_leftover_runs(kit)
+    if sshd.proc is None:
+        sshd.start()
+
+
+def outcome_ok(outcome: RunOutcome, request: RunRequest) -> None:
+    assert outcome.failure is None, outcome.message
+    assert outcome.output_dir == request.output_dir
+    assert (request.output_dir / "bagged_scores.csv").is_file()
+    assert (request.output_dir / "fold_0" / "scores.csv").is_file()
+    assert request.log_path.is_file() and request.log_path.stat().st_size > 0
+    assert outcome.max_ram_mb is not None and outcome.max_ram_mb > 10  # Python + sklearn
+
+
+def event_yaml(worker: dict[str, Any], event: str = EVENT) -> str:
+    """An event config (ramp-board format) with this aws worker section."""
+    lines = [
+        f"  {k}: {json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in worker.items()
+    ]
+    return textwrap.dedent(f"""\
+        ramp:
+          problem_name: iris
+          event_name: {event}
+          event_title: Iris on EC2
+          event_is_public: true
+        worker:
+          worker_type: aws
+        """) + "\n".join(lines) + "\n"

@@ -10,59 +10,45 @@ moto cannot simulate. Every test ends by asserting no instance is left running.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
-import os
 import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 
+from aws_fixtures import require_aws_modules
 
-def _aws_module(name: str) -> None:
-    """The 'aws' extra's modules: skipped without them, unless CI requires
-    these tests (RAMP_DISPATCHER_REQUIRE_AWS, or _SSHD, which runs them)."""
-    required = any(
-        os.environ.get(flag) == "1"
-        for flag in ("RAMP_DISPATCHER_REQUIRE_AWS", "RAMP_DISPATCHER_REQUIRE_SSHD")
-    )
-    if not required:
-        pytest.importorskip(name)
-        return
-    try:
-        importlib.import_module(name)
-    except ImportError as exc:
-        pytest.fail(f"the aws worker tests are required but {name} cannot be imported: {exc}",
-                    pytrace=False)
-
-
-for _name in ("boto3", "paramiko", "moto"):
-    _aws_module(_name)
+require_aws_modules()
 
 from aws_fixtures import (  # noqa: E402
+    ACCESS_KEY,
     AMI_NAME,
+    EVENT,
     KEY_NAME,
     REGION,
+    SECRET,
     SECURITY_GROUP,
+    AwsEnv,
     Ec2Proxy,
-    LocalNetwork,
-    MotoEc2,
     Sshd,
-    bastion,  # noqa: F401  (fixtures)
+    aws_env,  # noqa: F401  (fixtures)
+    bastion,  # noqa: F401
     ec2_proxy,  # noqa: F401
+    event_yaml,
     fake_spot_capacity_shortage,
     imds,  # noqa: F401
     moto_ec2,  # noqa: F401
     network,  # noqa: F401
+    outcome_ok,
+    sleeping_good,
     sshd,  # noqa: F401
 )
-from helpers import wait_for  # noqa: E402
-from kit import GOOD, make_iris_kit, slow_source  # noqa: E402
+from kit import GOOD, slow_source  # noqa: E402
 
 from ramp_dispatcher.config import (
     ConfigError,
@@ -74,177 +60,10 @@ from ramp_dispatcher.workers.aws.config import AWSConfig  # noqa: E402
 from ramp_dispatcher.workers.aws.worker import AWSWorker  # noqa: E402
 from ramp_dispatcher.workers.aws.network import host_keys_from_console  # noqa: E402
 from ramp_dispatcher.workers.aws.ssh import known_hosts_fingerprints  # noqa: E402
-from ramp_dispatcher.workers.base import FailureClass, RunOutcome, RunRequest  # noqa: E402
-from ramp_dispatcher.workers.supervise import all_processes  # noqa: E402
-
-EVENT = "iris_aws"
-SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzz-not-a-real-secret"
-ACCESS_KEY = "AKIARAMPDISPATCHTEST"
-
-
-def sleeping_good(seconds: float, probe_dir: Path | None = None) -> str:
-    """A working classifier whose fit sleeps; with ``probe_dir``, each process
-    that imports it leaves a file named by its pid there."""
-    probe = ""
-    if probe_dir is not None:
-        probe = f"pathlib.Path({str(probe_dir)!r}, str(os.getpid())).touch()\n"
-    return (
-        "import os\nimport pathlib\nimport time\n"
-        + probe
-        + GOOD.replace(
-            "        self.clf.fit(X, y)",
-            f"        time.sleep({float(seconds)!r})\n        self.clf.fit(X, y)",
-        )
-    )
-
-
-# --------------------------------------------------------------------- helpers
-@dataclasses.dataclass
-class AwsEnv:
-    moto: MotoEc2
-    sshd: Sshd
-    network: LocalNetwork
-    tmp: Path
-    kit: Path  # the "image's" kit folder, on this machine through the sshd
-    workers: list[AWSWorker] = dataclasses.field(default_factory=list)
-
-    def settings(self, **over: Any) -> dict[str, Any]:
-        values: dict[str, Any] = dict(
-            access_key_id=ACCESS_KEY,
-            secret_access_key=SECRET,
-            region_name=REGION,
-            endpoint_url=self.moto.url,
-            ami_image_name=AMI_NAME,
-            ami_user_name=self.sshd.user,
-            instance_type="t3.micro",
-            key_name=KEY_NAME,
-            key_path=self.sshd.client_key,
-            security_group=SECURITY_GROUP,
-            remote_ramp_kit_folder=str(self.kit),
-            remote_python_env=None,  # the image's login shell activates this environment
-            local_predictions_folder=self.tmp / "downloads" / "predictions",
-            local_log_folder=self.tmp / "downloads" / "logs",
-            memory_profiling=True,
-            timeout=120.0,
-            boot_timeout=30.0,
-            ssh_connect_timeout=5.0,
-            ssh_command_timeout=20.0,
-            unreachable_timeout=30.0,
-            poll_interval=0.2,
-            terminate_timeout=10.0,
-        )
-        values.update(over)
-        return values
-
-    def config(self, **over: Any) -> AWSConfig:
-        return AWSConfig(**self.settings(**over))
-
-    def worker(self, config: AWSConfig | None = None, event: str = EVENT) -> AWSWorker:
-        w = AWSWorker(config or self.config(), event, network=self.network)
-        self.workers.append(w)
-        return w
-
-    def request(self, source: str, submission_id: int = 1, attempt: int = 1) -> RunRequest:
-        name = f"submission_{submission_id:09d}"
-        folder = self.tmp / "submissions" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "classifier.py").write_text(source)
-        return RunRequest(
-            submission_id=submission_id,
-            submission_name=name,
-            attempt=attempt,
-            kit_dir=self.kit,
-            data_dir=self.kit,
-            submissions_dir=self.tmp / "submissions",
-            logs_dir=self.tmp / "logs",
-            predictions_dir=self.tmp / "predictions",
-            n_threads=1,
-        )
-
-    def wait(
-        self, worker: AWSWorker, request: RunRequest, handle: dict[str, Any], timeout: float = 90.0
-    ) -> RunOutcome:
-        """Call check() as the dispatcher would; every call must return at once."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            t0 = time.monotonic()
-            outcome = worker.check(request, handle)
-            assert time.monotonic() - t0 < 0.2, "check() blocked the loop"
-            if outcome is not None:
-                return outcome
-            time.sleep(0.2)
-        raise AssertionError(f"no outcome within {timeout} s")
-
-    wait_for = staticmethod(wait_for)  # tests/helpers.py's, at hand on the fixture
-
-    def live_instances(self) -> list[dict[str, Any]]:
-        return self.moto.instances(("pending", "running", "stopping", "stopped"))
-
-    def assert_no_instance_running(self) -> None:
-        # Termination is confirmed before the outcome is out; allow the
-        # cleanup threads (tag-based) a moment.
-        self.wait_for(lambda: not self.live_instances(), 10, "every instance to be terminated")
-
-    def remote_pid(self, handle: dict[str, Any]) -> int | None:
-        path = Path(handle["remote_run_dir"]) / "pid"
-        return int(path.read_text()) if path.exists() else None
-
-    def group_alive(self, pgid: int) -> bool:
-        return any(p.pgid == pgid and p.state not in ("Z", "X") for p in all_processes())
-
-
-def _kill_leftover_runs(kit: Path) -> None:
-    """A failed test must not leave ramp-test running on this machine."""
-    import os
-    import signal
-
-    for pid_file in kit.glob(".ramp-dispatcher/*/pid"):
-        try:
-            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
-
-
-@pytest.fixture
-def aws_env(
-    moto_ec2: MotoEc2, sshd: Sshd, network: LocalNetwork, tmp_path: Path  # noqa: F811
-) -> Iterator[AwsEnv]:
-    moto_ec2.reset(sshd.client_public_key)
-    kit = make_iris_kit(tmp_path / "instance" / "ramp-kits" / "iris")
-    env = AwsEnv(moto_ec2, sshd, network, tmp_path, kit)
-    yield env
-    for w in env.workers:
-        w.close()
-    _kill_leftover_runs(kit)
-    if sshd.proc is None:
-        sshd.start()
-
-
-def _outcome_ok(outcome: RunOutcome, request: RunRequest) -> None:
-    assert outcome.failure is None, outcome.message
-    assert outcome.output_dir == request.output_dir
-    assert (request.output_dir / "bagged_scores.csv").is_file()
-    assert (request.output_dir / "fold_0" / "scores.csv").is_file()
-    assert request.log_path.is_file() and request.log_path.stat().st_size > 0
-    assert outcome.max_ram_mb is not None and outcome.max_ram_mb > 10  # Python + sklearn
+from ramp_dispatcher.workers.base import FailureClass  # noqa: E402
 
 
 # ---------------------------------------------------------------- config
-def _event_yaml(worker: dict[str, Any], event: str = EVENT) -> str:
-    lines = [
-        f"  {k}: {json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in worker.items()
-    ]
-    return textwrap.dedent(f"""\
-        ramp:
-          problem_name: iris
-          event_name: {event}
-          event_title: Iris on EC2
-          event_is_public: true
-        worker:
-          worker_type: aws
-        """) + "\n".join(lines) + "\n"
-
-
 def test_config_is_read_and_validated(tmp_path: Path, sshd: Sshd, caplog) -> None:  # noqa: F811
     server = server_config_for_url(f"sqlite:///{tmp_path / 'db.sqlite'}")
     path = tmp_path / "config.yml"
@@ -269,7 +88,7 @@ def test_config_is_read_and_validated(tmp_path: Path, sshd: Sshd, caplog) -> Non
         "ami_owners": ["self", "123456789012"],
         "unknown_setting": 1,
     }
-    path.write_text(_event_yaml(worker))
+    path.write_text(event_yaml(worker))
     with caplog.at_level(logging.WARNING):
         config = load_event_config(path, server).worker
     assert "worker.unknown_setting" in caplog.text
@@ -283,7 +102,7 @@ def test_config_is_read_and_validated(tmp_path: Path, sshd: Sshd, caplog) -> Non
     assert isinstance(make_worker("aws", config, event_name=EVENT), AWSWorker)
 
     def error(**changes: Any) -> str:
-        path.write_text(_event_yaml({**worker, **changes}))
+        path.write_text(event_yaml({**worker, **changes}))
         with pytest.raises(ConfigError) as info:
             load_event_config(path, server)
         return str(info.value)
@@ -303,7 +122,7 @@ def test_config_is_read_and_validated(tmp_path: Path, sshd: Sshd, caplog) -> Non
     message = error(secret_access_key=[SECRET])
     assert "worker.secret_access_key" in message and SECRET not in message
     # Without keys, boto3's default credential chain (or profile_name) is used.
-    path.write_text(_event_yaml({k: v for k, v in worker.items() if "access" not in k}))
+    path.write_text(event_yaml({k: v for k, v in worker.items() if "access" not in k}))
     assert load_event_config(path, server).worker.access_key_id is None
 
 
@@ -361,7 +180,7 @@ def test_full_lifecycle_through_the_dispatcher(
     write_iris_kit(image_kit, image_kit)
     settings = aws_env.settings(remote_ramp_kit_folder=str(image_kit), remote_python_env=sys.prefix)
     event_path = dep.event_path.with_name("aws-config.yml")
-    event_path.write_text(_event_yaml(settings, event="iris_demo") + textwrap.dedent("""\
+    event_path.write_text(event_yaml(settings, event="iris_demo") + textwrap.dedent("""\
             dispatcher:
               n_workers: 2
               n_threads: 1
@@ -420,7 +239,7 @@ def test_parallel_boots_do_not_block_start(aws_env: AwsEnv) -> None:
     # The three instances boot at the same time, not one after another.
     aws_env.wait_for(lambda: len(aws_env.live_instances()) == 3, 10, "three instances at once")
     for request, handle in runs:
-        _outcome_ok(aws_env.wait(worker, request, handle), request)
+        outcome_ok(aws_env.wait(worker, request, handle), request)
     assert len(wakes) >= 3
     tags = [{t["Key"]: t["Value"] for t in i["Tags"]} for i in aws_env.moto.instances()]
     assert sorted(t["ramp-dispatcher:submission"] for t in tags) == ["11", "12", "13"]
@@ -435,7 +254,7 @@ def test_spot_without_capacity_falls_back_to_on_demand(aws_env: AwsEnv) -> None:
     calls = fake_spot_capacity_shortage(worker.ec2_client)  # SPOT SHORTAGE fake
     request = aws_env.request(GOOD)
     handle = worker.start(request, lambda: None)
-    _outcome_ok(aws_env.wait(worker, request, handle), request)
+    outcome_ok(aws_env.wait(worker, request, handle), request)
     assert [c.get("InstanceMarketOptions.MarketType") for c in calls] == ["spot", None]
     assert calls[0]["ClientToken"] != calls[1]["ClientToken"]
     (instance,) = aws_env.moto.instances()
@@ -480,7 +299,7 @@ def test_upload_failure_is_infrastructure_and_a_retry_succeeds(aws_env: AwsEnv) 
 
     blocker.unlink()  # what the dispatcher's retry meets: a new attempt, a new instance
     retry = dataclasses.replace(request, attempt=2)
-    _outcome_ok(aws_env.wait(worker, retry, worker.start(retry, lambda: None)), retry)
+    outcome_ok(aws_env.wait(worker, retry, worker.start(retry, lambda: None)), retry)
     assert len(aws_env.moto.instances()) == 2
     aws_env.assert_no_instance_running()
 
@@ -499,7 +318,7 @@ def test_ssh_lost_mid_run_reconnects(aws_env: AwsEnv) -> None:
         assert time.monotonic() - t0 < 0.2
         time.sleep(0.2)
     aws_env.sshd.start()
-    _outcome_ok(aws_env.wait(worker, request, handle), request)
+    outcome_ok(aws_env.wait(worker, request, handle), request)
     aws_env.assert_no_instance_running()
 
 
@@ -527,18 +346,23 @@ def test_timeout_kills_the_remote_run_and_terminates(aws_env: AwsEnv) -> None:
     assert "time limit of 3 s" in outcome.message
     pgid = aws_env.remote_pid(handle)
     assert pgid and not aws_env.group_alive(pgid), "ramp-test survived its timeout"
+    child = aws_env.ramp_test_group(handle)
+    assert child and not aws_env.group_alive(child), "ramp-test survived its timeout"
     assert "[ramp-dispatcher] Training stopped" in request.log_path.read_text()
     assert outcome.log_path == request.log_path
     aws_env.assert_no_instance_running()
 
 
 def forging_source() -> str:
-    """A submission that defeats the instance-side time limit: it moves its run's
-    ``started`` file into the future, deletes any ``exit`` file, then sleeps."""
+    """A submission that defeats the instance-side time limit, as only a run
+    without the sandbox can: it stops its supervisor (its parent), moves its
+    run's ``started`` file into the future, deletes any ``exit`` file, then
+    sleeps."""
     return (
-        "import pathlib\nimport time\n"
+        "import os\nimport pathlib\nimport signal\nimport time\n"
         + GOOD.replace(
             "        self.clf.fit(X, y)",
+            "        os.kill(os.getppid(), signal.SIGSTOP)\n"
             "        for run in pathlib.Path('.ramp-dispatcher').glob('*'):\n"
             "            (run / 'started').write_text('9999999999\\n')\n"
             "            for name in ('exit', 'exit.tmp'):\n"
@@ -551,7 +375,7 @@ def forging_source() -> str:
 
 def test_daemon_deadline_stops_a_run_that_forges_its_files(aws_env: AwsEnv) -> None:
     # timeout: long enough for ramp-test to reach fit (and forge) first
-    config = aws_env.config(timeout=10.0, boot_timeout=20.0, deadline_margin=5.0)
+    config = aws_env.config(timeout=10.0, boot_timeout=20.0, deadline_margin=5.0, sandbox="none")
     worker = aws_env.worker(config)
     request = aws_env.request(forging_source())
     handle = json.loads(json.dumps(worker.start(request, lambda: None)))  # as stored
@@ -563,7 +387,9 @@ def test_daemon_deadline_stops_a_run_that_forges_its_files(aws_env: AwsEnv) -> N
     assert time.time() >= handle["deadline"]  # not stopped by the instance's own check
     assert outcome.failure is FailureClass.TIMEOUT
     assert "time limit of 10 s" in outcome.message and "deadline" in outcome.message
-    assert not aws_env.group_alive(pgid), "ramp-test survived the deadline"
+    assert not aws_env.group_alive(pgid), "the run survived the deadline"
+    child = aws_env.ramp_test_group(handle)
+    assert child and not aws_env.group_alive(child), "ramp-test survived the deadline"
     assert "[ramp-dispatcher] Training stopped" in request.log_path.read_text()
     (instance,) = aws_env.moto.instances()
     assert instance["State"]["Name"] == "terminated"
@@ -589,7 +415,9 @@ def test_run_past_its_deadline_before_starting_is_infrastructure(aws_env: AwsEnv
 def test_restarted_daemon_reattaches_without_relaunching(aws_env: AwsEnv) -> None:
     probe = aws_env.tmp / "imports"
     probe.mkdir()
-    config = aws_env.config()
+    # No sandbox: the probe writes outside the run's folders (a sandboxed run is
+    # re-attached in test_a_run_taken_over_is_left_to_its_new_owner).
+    config = aws_env.config(sandbox="none")
     first = aws_env.worker(config)
     request = aws_env.request(sleeping_good(1, probe_dir=probe))
     handle = json.loads(json.dumps(first.start(request, lambda: None)))  # as stored
@@ -598,7 +426,7 @@ def test_restarted_daemon_reattaches_without_relaunching(aws_env: AwsEnv) -> Non
     first.close()  # the daemon goes away; the instance and the run stay
 
     second = aws_env.worker(config)  # a new daemon, same handle from the database
-    _outcome_ok(aws_env.wait(second, request, handle), request)
+    outcome_ok(aws_env.wait(second, request, handle), request)
     assert aws_env.remote_pid(handle) == pid  # the same run, collected
     assert len(list(probe.iterdir())) == 1  # ramp-test ran in one process only
     (instance,) = aws_env.moto.instances()  # never relaunched
@@ -616,9 +444,42 @@ def test_restarted_daemon_collects_a_run_that_finished_meanwhile(aws_env: AwsEnv
     exit_file = Path(handle["remote_run_dir"]) / "exit"
     aws_env.wait_for(exit_file.exists, 60, "ramp-test to finish")
     second = aws_env.worker(config)
-    _outcome_ok(aws_env.wait(second, request, handle), request)
+    outcome_ok(aws_env.wait(second, request, handle), request)
     (instance,) = aws_env.moto.instances()
     assert instance["State"]["Name"] == "terminated"
+    aws_env.assert_no_instance_running()
+
+
+def test_a_run_taken_over_is_left_to_its_new_owner(aws_env: AwsEnv, caplog) -> None:
+    config = aws_env.config(reap_min_age=0)
+    old = aws_env.worker(config)
+    request = aws_env.request(sleeping_good(3))
+    handle = json.loads(json.dumps(old.start(request, lambda: None)))  # as stored
+    pid = aws_env.wait_for(lambda: aws_env.remote_pid(handle), 30, "ramp-test to start")
+    assert old.check(request, handle) is None
+    old_thread = old.runs[(request.submission_id, request.attempt)].thread
+    (instance,) = aws_env.live_instances()
+    # Another daemon adopted the run (the old one's lease lapsed) and re-attached.
+    new = aws_env.worker(config)
+    assert new.check(request, handle) is None
+    # The old daemon learns it and drops the run: its worker forgets it.
+    with caplog.at_level(logging.INFO):
+        old.forget(request, handle)
+        old_thread.join(30)
+    assert not old_thread.is_alive() and "taken over by another daemon" in caplog.text
+    assert (request.submission_id, request.attempt) not in old.runs  # no deadline checks either
+    # Neither its cleanup nor its reaper (the run is active in the database) stop anything.
+    old.cleanup(request, handle)
+    old.reap({(request.submission_id, request.attempt)})
+    assert old._reaper is not None
+    old._reaper.join(10)
+    assert _state(aws_env, instance["InstanceId"]) == "running"
+    assert aws_env.group_alive(pid)
+    outcome_ok(aws_env.wait(new, request, handle), request)  # the new owner collects it
+    assert aws_env.remote_pid(handle) == pid  # the run that was started, never restarted
+    old.cleanup(request, handle)  # late: the new owner's results stay
+    assert (request.output_dir / "bagged_scores.csv").is_file()
+    assert _state(aws_env, instance["InstanceId"]) == "terminated"  # by the new owner
     aws_env.assert_no_instance_running()
 
 
@@ -766,7 +627,7 @@ def test_instances_carry_the_deployment_tag_from_creation(aws_env: AwsEnv) -> No
     worker = aws_env.worker(aws_env.config(deployment_id="iris-prod"))
     request = aws_env.request(GOOD)
     handle = worker.start(request, lambda: None)
-    _outcome_ok(aws_env.wait(worker, request, handle), request)
+    outcome_ok(aws_env.wait(worker, request, handle), request)
     (instance,) = aws_env.moto.instances()
     tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
     assert tags["ramp-dispatcher:deployment"] == "iris-prod" == handle["deployment"]
@@ -800,7 +661,7 @@ def test_failures_never_leak_credentials(tmp_path: Path, aws_env: AwsEnv, caplog
     )
     event_path = dep.event_path.with_name("aws-config.yml")
     event_path.write_text(
-        _event_yaml(aws_env.settings(ami_image_name="no-such-image"), event="iris_demo")
+        event_yaml(aws_env.settings(ami_image_name="no-such-image"), event="iris_demo")
         + "dispatcher:\n  hunger_policy: exit\n  poll_interval: 0.5\n"
         "  time_between_collection: 0.5\n  max_attempts: 1\n"
     )
@@ -832,7 +693,7 @@ def test_validate_names_the_file_and_key_of_what_ec2_refuses(
 
     def validate(**changes: Any) -> str | None:
         settings = aws_env.settings(endpoint_url=ec2_proxy.url, **changes)
-        path.write_text(_event_yaml({k: v for k, v in settings.items() if v is not None}))
+        path.write_text(event_yaml({k: v for k, v in settings.items() if v is not None}))
         worker = AWSWorker(load_event_config(path, server).worker, EVENT)
         aws_env.workers.append(worker)
         try:
@@ -871,7 +732,7 @@ def test_cli_run_exits_2_on_a_setting_ec2_refuses(
     )
     event_path = dep.event_path.with_name("aws-config.yml")
     event_path.write_text(
-        _event_yaml(aws_env.settings(key_name="no-such-key"), event="iris_demo")
+        event_yaml(aws_env.settings(key_name="no-such-key"), event="iris_demo")
     )
     code = main(["run", "--config", str(dep.server_path), "--event-config", str(event_path)])
     assert code == 2
@@ -892,7 +753,7 @@ def test_a_wrong_setting_fails_the_run_once_not_retried(tmp_path: Path, aws_env:
     )
     event_path = dep.event_path.with_name("aws-config.yml")
     event_path.write_text(
-        _event_yaml(aws_env.settings(ami_image_name="no-such-image"), event="iris_demo")
+        event_yaml(aws_env.settings(ami_image_name="no-such-image"), event="iris_demo")
         + "dispatcher:\n  hunger_policy: exit\n  poll_interval: 0.5\n"
         "  time_between_collection: 0.5\n  max_attempts: 3\n  retry_delay: 0\n"
     )
@@ -922,7 +783,7 @@ def test_throttled_api_calls_are_retried_with_backoff(
     worker = aws_env.worker(aws_env.config(endpoint_url=ec2_proxy.url))
     request = aws_env.request(GOOD)
     handle = worker.start(request, lambda: None)
-    _outcome_ok(aws_env.wait(worker, request, handle, timeout=120), request)
+    outcome_ok(aws_env.wait(worker, request, handle, timeout=120), request)
     assert sorted(ec2_proxy.throttled) == sorted(
         ["DescribeImages"] * 2 + ["RunInstances"] * 2 + ["DescribeInstances"] * 2
     )
@@ -971,7 +832,7 @@ def test_ssh_through_a_bastion_checks_both_host_keys(
     before = bastion.log.read_text()
     worker = aws_env.worker(config)
     request = aws_env.request(GOOD)
-    _outcome_ok(aws_env.wait(worker, request, worker.start(request, lambda: None)), request)
+    outcome_ok(aws_env.wait(worker, request, worker.start(request, lambda: None)), request)
     seen = bastion.log.read_text()[len(before):]
     # Every SSH connection to the instance went through the bastion's channel.
     assert f"Accepted publickey for {bastion.user}" in seen
@@ -1009,7 +870,7 @@ def test_bastion_settings_are_checked_when_read(tmp_path: Path, sshd: Sshd) -> N
     }  # fmt: skip
 
     def error(**changes: Any) -> str:
-        path.write_text(_event_yaml({**worker, **changes}))
+        path.write_text(event_yaml({**worker, **changes}))
         with pytest.raises(ConfigError) as info:
             load_event_config(path, server)
         return str(info.value)
@@ -1019,7 +880,7 @@ def test_bastion_settings_are_checked_when_read(tmp_path: Path, sshd: Sshd) -> N
     message = error(ssh_proxy_jump="bastion", ssh_proxy_known_hosts_file=str(known))
     assert "worker.ssh_proxy_jump" in message and "user@host" in message
     assert "worker.ssh_proxy_jump" in error(ssh_proxy_known_hosts_file=str(known))
-    path.write_text(_event_yaml({**worker, "ssh_address": "private",
+    path.write_text(event_yaml({**worker, "ssh_address": "private",
                                  "ssh_proxy_jump": "ec2-user@bastion.example.org:2222",
                                  "ssh_proxy_known_hosts_file": "known"}))  # fmt: skip
     config = load_event_config(path, server).worker
@@ -1039,7 +900,7 @@ def test_client_token_makes_a_retried_launch_one_instance(
     worker = aws_env.worker(aws_env.config(endpoint_url=ec2_proxy.url))
     request = aws_env.request(GOOD, submission_id=5)
     handle = worker.start(request, lambda: None)
-    _outcome_ok(aws_env.wait(worker, request, handle, timeout=120), request)
+    outcome_ok(aws_env.wait(worker, request, handle, timeout=120), request)
     expected = client_token(EVENT, 5, 1, handle["run"], "on-demand")
     assert ec2_proxy.run_instances_tokens == [expected, expected]  # the retry kept it
     assert ec2_proxy.lose_run_instances_replies == 0  # a reply was lost indeed
@@ -1112,8 +973,8 @@ def test_reload_applies_to_new_runs_and_names_what_needs_a_restart(
         second = aws_env.request(GOOD, submission_id=2)
         second_handle = worker.start(second, lambda: None)
         assert second_handle["timeout"] == 60.0 and first_handle["timeout"] == 120.0
-        _outcome_ok(aws_env.wait(worker, first, first_handle), first)  # kept its settings
-        _outcome_ok(aws_env.wait(worker, second, second_handle), second)
+        outcome_ok(aws_env.wait(worker, first, first_handle), first)  # kept its settings
+        outcome_ok(aws_env.wait(worker, second, second_handle), second)
     finally:
         authorized.write_text(before)
     types = {

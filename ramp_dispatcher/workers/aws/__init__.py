@@ -6,20 +6,26 @@ never waits on AWS or SSH: find the newest AMI called ``ami_image_name`` among
 has no capacity), tagged at creation with the event, submission, attempt, run
 id and daemon, with a ClientToken so that a retried call never launches
 twice; wait (at most ``boot_timeout``) until SSH answers with a host key the
-instance published; upload the submission over SFTP; start ``ramp-test``
-detached (``setsid nohup``, pid file, exit-code file: see :mod:`.remote`);
-then one status command per :meth:`AWSWorker.check`; once ramp-test exited,
-download the log, ``training_output`` and the peak memory; terminate the
-instance and confirm it is shutting down before reporting the outcome.
-With ``memory_profiling`` the image's ``python3`` runs ramp-test as a child
-and records its ``ru_maxrss`` (no GNU time or memory_profiler needed).
+instance published; ship the launcher, the supervisor and the sandbox module
+and ask the image whether it can run the run (an image that cannot is a
+configuration error, see :meth:`.run._Run._prepare`); upload the submission
+over SFTP; start the run detached (``setsid nohup``, pid file, exit-code
+file: see :mod:`.remote`): ramp-test under the conda worker's supervisor
+(time limit, tree kill, log bounded to ``max_log_mb``, peak memory), in its
+bubblewrap sandbox unless ``sandbox: none`` (see :mod:`.launch`); then one
+status command per :meth:`AWSWorker.check`; once ramp-test exited, download
+the end of the log (at most ``max_log_mb``), ``training_output`` and the peak
+memory; terminate the instance and confirm it is shutting down before
+reporting the outcome. ``memory_profiling`` decides whether the peak is
+reported.
 
 Failures: a non-zero exit is the participant's; ``timeout`` exceeded stops the
 remote process group (TIMEOUT); a spot interruption notice, an instance that
 is gone, SSH lost for longer than ``unreachable_timeout``, failed transfers
 and every AWS error are INFRASTRUCTURE (requeued by the dispatcher). The
 instance is terminated on every path except :meth:`AWSWorker.close`, which
-leaves runs for the next daemon to re-attach.
+leaves runs for the next daemon to re-attach, and :meth:`AWSWorker.forget`,
+which leaves one run to the daemon that took it over.
 
 Files on this machine: downloads land first in ``local_predictions_folder``
 and ``local_log_folder`` (under ``.downloads/<submission>-attempt-<n>``), and
@@ -45,7 +51,8 @@ The package, one job per module:
 - :mod:`.ec2`: the EC2 API calls and the instance tags;
 - :mod:`.network`: how an instance is reached (address, trusted host keys);
 - :mod:`.ssh`: one SSH connection (commands, SFTP);
-- :mod:`.remote`: the run protocol on the instance (start, status, kill);
+- :mod:`.remote`: the run protocol on the instance (tools, check, start, status, kill);
+- :mod:`.launch`: the instance side of a run (shipped by value, run there);
 - :mod:`.run`: one run's lifecycle, in its own thread;
 - :mod:`.reaper`: terminating instances no run owns;
 - :mod:`.worker`: :class:`AWSWorker`, the :class:`~..base.Worker` the daemon calls.

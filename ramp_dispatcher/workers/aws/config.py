@@ -18,6 +18,7 @@ from .ssh import known_hosts_fingerprints, load_private_key
 
 _PROXY_JUMP = re.compile(r"([A-Za-z0-9._][A-Za-z0-9._-]*)@([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?")
 _DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+SANDBOX_CHOICES = ("bwrap", "none")
 
 
 class AWSConfigError(InvalidSetting):
@@ -51,6 +52,14 @@ class AWSConfig:
     remote_ramp_data_folder: str | None = None  # default: the kit folder
     remote_python_env: str | None = None  # an env prefix on the image; default: the login shell's
     memory_profiling: bool = False
+    #: "bwrap": ramp-test runs in the conda worker's bubblewrap sandbox on the
+    #: instance (no network, so no instance metadata; no home, no SSH keys);
+    #: "none": as the login user, with its files, the network and the
+    #: instance role's credentials (warned at start)
+    sandbox: str = "bwrap"
+    #: bound of a run's log on the instance (the supervisor keeps head and tail)
+    #: and of what is downloaded of it
+    max_log_mb: float = 5.0
     timeout: float = 7200.0
     boot_timeout: float = 600.0
     ssh_port: int = 22
@@ -111,6 +120,12 @@ class AWSConfig:
                 "must be 1-64 letters, digits or the characters . _ : - "
                 f"got {self.deployment_id!r}",
             )
+        if self.sandbox not in SANDBOX_CHOICES:
+            raise AWSConfigError(
+                "sandbox", f"must be one of {', '.join(SANDBOX_CHOICES)}, got {self.sandbox!r}"
+            )
+        if not self.max_log_mb > 0:
+            raise AWSConfigError("max_log_mb", f"must be positive, got {self.max_log_mb!r}")
         if self.reap_min_age < 0:
             raise AWSConfigError("reap_min_age", "must not be negative")
         if not 0 < self.ssh_port < 65536:
@@ -155,10 +170,13 @@ class AWSConfig:
     def remote_data_folder(self) -> str:
         return self.remote_ramp_data_folder or self.remote_ramp_kit_folder
 
+    def where(self, key: str) -> str:
+        """The file (when known) and the key, as errors and warnings name them."""
+        return f"{self.source}: key 'worker.{key}'" if self.source else f"key 'worker.{key}'"
+
     def error(self, key: str, message: str) -> ConfigError:
         """A start-up error naming the file (when known) and the key."""
-        where = f"{self.source}: " if self.source else ""
-        return ConfigError(f"{where}key 'worker.{key}' {message}")
+        return ConfigError(f"{self.where(key)} {message}")
 
     def deadline_after(self, created_at: float, timeout: float | None = None) -> float:
         """The daemon-side deadline (epoch s) of a run created at ``created_at``."""
@@ -255,6 +273,8 @@ def from_section(section: Section) -> AWSConfig:
             local_predictions_folder=local_path("local_predictions_folder", required=True),
             local_log_folder=local_path("local_log_folder", required=True),
             memory_profiling=section.optional("memory_profiling", bool, "true or false", False),
+            sandbox=section.choice("sandbox", SANDBOX_CHOICES, "bwrap"),
+            max_log_mb=float(section.optional("max_log_mb", float, "a number of megabytes", 5.0)),
             timeout=seconds("timeout", 7200.0),
             boot_timeout=seconds("boot_timeout", 600.0),
             ssh_port=section.optional("ssh_port", int, "an integer", 22),

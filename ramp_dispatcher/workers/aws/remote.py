@@ -1,28 +1,46 @@
 """The run protocol on the instance: the commands one run's thread sends over SSH.
 
-The protocol is four constant shell scripts. Every value (paths, names,
-numbers) reaches them only as a positional argument, and every command line is
-built with :func:`shlex.join`, so no value is ever parsed as shell code. On the
-instance, for one run::
+The protocol is a few constant shell scripts and three Python files shipped
+by value (:class:`RemoteTools`: the supervisor ``supervise.py``, the sandbox's
+``sandbox.py`` and the instance side :mod:`.launch`). Every value (paths,
+names, numbers, the run's JSON spec) reaches them only as a positional
+argument, and every command line is built with :func:`shlex.join`, so no
+value is ever parsed as shell code. On the instance, for one run::
 
+    <kit>/.ramp-dispatcher/tools/<name>-<digest>.py     the shipped files
     <kit>/.ramp-dispatcher/<submission>-attempt-<n>-<run>/   the run folder
         pid       the detached run's pid: also its session and process group
         started   epoch seconds (instance clock) when it started
-        log       ramp-test's output
-        maxrss    peak resident memory of ramp-test in KiB (memory_profiling)
+        log       ramp-test's output, bounded by the supervisor (max_log_mb)
+        status.json  the supervisor's status
+        maxrss    peak memory of ramp-test's tree in KiB
+        reason    the supervisor's reason (exited, timeout, killed, ...)
         exit      ramp-test's exit code, written last and atomically
     <kit>/submissions/<submission>/    the uploaded files; training_output/ lands here
 
+Before a start, the check command asks the launcher, in the login shell the
+run will have, whether the image can run it (Python, ramp-test, bubblewrap).
 Creating the run folder is the lock that makes starting idempotent: a second
 start (a restarted daemon, a retried command) finds it and starts nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import posixpath
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from .ssh import SshError
+from .. import sandbox, supervise
+from . import launch
+from .ssh import SshConnection, SshError
+
+#: how long the kill command waits for the supervisor to stop ramp-test's
+#: tree (its own TERM grace is 5 s, then it drains the output up to 2 s)
+KILL_GRACE_S = 15
 
 
 @dataclass(frozen=True)
@@ -47,56 +65,96 @@ class RemoteRun:
     def log(self) -> str:
         return posixpath.join(self.run_dir, "log")
 
+    @property
+    def tools_dir(self) -> str:
+        return posixpath.join(posixpath.dirname(self.run_dir), "tools")
+
+
+@dataclass(frozen=True)
+class RemoteTools:
+    """Where the shipped files are on the instance, and the Python that runs them."""
+
+    python: str
+    launcher: str
+    supervisor: str
+    sandbox_module: str
+
+
+#: the files shipped to every instance, by the name they are known by
+_SHIPPED = {"launcher": launch, "supervisor": supervise, "sandbox_module": sandbox}
+
+
+def install_tools(conn: SshConnection, run: RemoteRun, python: str) -> RemoteTools:
+    """Upload the shipped files unless the instance has them (named by digest)."""
+    paths: dict[str, str] = {}
+    for field, module in _SHIPPED.items():
+        source = Path(str(module.__file__))
+        data = source.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        remote = posixpath.join(run.tools_dir, f"{source.stem}-{digest}.py")
+        conn.install_file(data, remote)
+        paths[field] = remote
+    return RemoteTools(python=python, **paths)
+
+
+def run_spec(
+    run: RemoteRun,
+    tools: RemoteTools,
+    *,
+    env_prefix: str | None,
+    sandboxed: bool,
+    timeout: float,
+    max_log_mb: float,
+    n_threads: int | None,
+) -> dict[str, Any]:
+    """What the launcher needs to know of one run (see :mod:`.launch`)."""
+    return {
+        "run_dir": run.run_dir,
+        "kit_dir": run.kit_dir,
+        "data_dir": run.data_dir,
+        "submissions_dir": run.submissions_dir,
+        "submission": run.submission_name,
+        "env_prefix": env_prefix or "",
+        "sandbox": "bwrap" if sandboxed else "none",
+        "timeout": float(timeout),
+        "max_log_mb": float(max_log_mb),
+        "n_threads": n_threads,
+        "supervisor": tools.supervisor,
+        "sandbox_module": tools.sandbox_module,
+        "limits": dataclasses.asdict(sandbox.DEFAULT_LIMITS),
+    }
+
 
 # Started by the exec channel's shell; returns at once. $1 is the detached
-# script, $2 the memory probe; the rest are values, always double-quoted.
+# script; the rest are values, always double-quoted.
 _START = r"""
-runner=$1 peak=$2 run=$3 kit=$4 data=$5 subs=$6 sub=$7 prefix=$8 mem=$9 threads=${10}
+runner=$1 py=$2 launcher=$3 run=$4 kit=$5 subs=$6 sub=$7 spec=$8
 mkdir -p -- "${run%/*}" || exit 3
 if ! mkdir -- "$run" 2>/dev/null; then echo ramp-dispatcher:already-started; exit 0; fi
 rm -rf -- "$subs/$sub/training_output"
 cd -- "$kit" || exit 4
-setsid nohup bash -l -c "$runner" ramp-dispatcher-run \
-    "$peak" "$run" "$kit" "$data" "$subs" "$sub" "$prefix" "$mem" "$threads" \
+setsid nohup bash -l -c "$runner" ramp-dispatcher-run "$py" "$launcher" "$run" "$kit" "$spec" \
     </dev/null >"$run/log" 2>&1 &
 echo ramp-dispatcher:started
 """
 
 # The detached run, in a login shell so the image's profile sets up its
 # environment (the AMI recipe activates conda in ~/.profile). setsid made
-# this shell a session leader: $$ is the process group that a kill stops.
+# this shell a session leader: $$ is the process group that a kill stops;
+# exec keeps it for the launcher (launch.py), which writes "exit".
 _RUN = r"""
-peak=$1 run=$2 kit=$3 data=$4 subs=$5 sub=$6 prefix=$7 mem=$8 threads=$9
+py=$1 launcher=$2 run=$3 kit=$4 spec=$5
 echo $$ > "$run/pid.tmp" && mv -f -- "$run/pid.tmp" "$run/pid"
 date +%s > "$run/started"
-if [ -n "$prefix" ]; then PATH="$prefix/bin:$PATH"; export PATH; fi
-if [ -n "$threads" ]; then
-    export OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" OPENBLAS_NUM_THREADS="$threads"
-fi
-export PYTHONUNBUFFERED=1
 cd -- "$kit" || { echo 126 > "$run/exit"; exit 126; }
-set -- ramp-test --submission "$sub" --ramp-kit-dir "$kit" --ramp-data-dir "$data" \
-    --ramp-submission-dir "$subs" --save-output --ignore-warning
-if [ "$mem" = 1 ]; then set -- python3 -c "$peak" "$run/maxrss" "$@"; fi
-"$@"
-code=$?
-echo "$code" > "$run/exit.tmp" && mv -f -- "$run/exit.tmp" "$run/exit"
+command -v -- "$py" >/dev/null || { echo "no $py on the image" >&2; echo 127 > "$run/exit"; exit 127; }
+exec "$py" -I -S "$launcher" run "$spec"
 """
 
-# Peak memory without tools the image may lack (GNU time, memory_profiler):
-# the environment's own Python waits for ramp-test and reads its rusage.
-_PEAK = r"""
-import os, resource, subprocess, sys
-try:
-    code = subprocess.call(sys.argv[2:])
-except OSError as exc:
-    sys.stderr.write("cannot run %s: %s\n" % (sys.argv[2], exc))
-    sys.exit(127)
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-with open(sys.argv[1] + ".tmp", "w") as f:
-    f.write("%d\n" % peak)
-os.replace(sys.argv[1] + ".tmp", sys.argv[1])
-sys.exit(code if code >= 0 else 128 - code)
+# Whether the image can run the run (python, ramp-test, the sandbox), asked
+# of the launcher in the same login shell the run will have.
+_CHECK = r"""
+exec "$1" -I -S "$2" check "$3"
 """
 
 # One status line per check. "alive" is read before "exit": a run that
@@ -108,6 +166,7 @@ folder=0; if [ -d "$run" ]; then folder=1; fi
 pid=$(num "$run/pid")
 alive=0; if [ -n "$pid" ] && kill -0 -- "-$pid" 2>/dev/null; then alive=1; fi
 code=$(num "$run/exit")
+reason=; if [ -f "$run/reason" ]; then reason=$(tr -dc 'a-z_' < "$run/reason"); fi
 spot=
 if [ -n "$imds" ]; then
     token=$(curl -s -f -m 2 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' \
@@ -117,32 +176,43 @@ if [ -n "$imds" ]; then
 fi
 started=$(num "$run/started") maxrss=$(num "$run/maxrss")
 echo "ramp-dispatcher-status folder=$folder pid=$pid alive=$alive exit=$code" \
-    "started=$started now=$(date +%s) maxrss=$maxrss spot=$spot"
+    "started=$started now=$(date +%s) maxrss=$maxrss spot=$spot reason=$reason"
 """
 
-# Stop the run's whole process group: TERM, then KILL after the grace.
+# Stop the run: TERM to its group, where the supervisor stops ramp-test's
+# tree and the launcher writes "exit" (CONT: a stopped supervisor must see
+# the TERM). What is left after the grace is killed, with ramp-test's own
+# group (the supervisor started it in a group of its own).
 _KILL = r"""
 run=$1 grace=$2
 pid=; if [ -f "$run/pid" ]; then pid=$(tr -dc '0-9' < "$run/pid"); fi
 if [ -z "$pid" ]; then echo ramp-dispatcher:no-run; exit 0; fi
 kill -TERM -- "-$pid" 2>/dev/null
+kill -CONT -- "-$pid" 2>/dev/null
 i=0
 while kill -0 -- "-$pid" 2>/dev/null && [ "$i" -lt $((grace * 5)) ]; do
     sleep 0.2; i=$((i + 1))
 done
-kill -KILL -- "-$pid" 2>/dev/null
+if kill -0 -- "-$pid" 2>/dev/null; then
+    kill -KILL -- "-$pid" 2>/dev/null
+    child=$(sed -n 's/.*"child_pid": *\([0-9][0-9]*\).*/\1/p' "$run/status.json" 2>/dev/null)
+    if [ -n "$child" ]; then kill -KILL -- "-$child" 2>/dev/null; fi
+fi
 echo ramp-dispatcher:stopped
 """
 
 
-def start_command(
-    run: RemoteRun, env_prefix: str | None, memory_profiling: bool, n_threads: int | None
-) -> list[str]:
+def start_command(run: RemoteRun, tools: RemoteTools, spec: dict[str, Any]) -> list[str]:
     return [
-        "bash", "-c", _START, "ramp-dispatcher-start", _RUN, _PEAK,
-        run.run_dir, run.kit_dir, run.data_dir, run.submissions_dir, run.submission_name,
-        env_prefix or "", "1" if memory_profiling else "0",
-        "" if n_threads is None else str(int(n_threads)),
+        "bash", "-c", _START, "ramp-dispatcher-start", _RUN, tools.python, tools.launcher,
+        run.run_dir, run.kit_dir, run.submissions_dir, run.submission_name, json.dumps(spec),
+    ]  # fmt: skip
+
+
+def check_command(tools: RemoteTools, spec: dict[str, Any]) -> list[str]:
+    return [
+        "bash", "-l", "-c", _CHECK, "ramp-dispatcher-check",
+        tools.python, tools.launcher, json.dumps(spec),
     ]  # fmt: skip
 
 
@@ -150,8 +220,19 @@ def status_command(run: RemoteRun, metadata_url: str | None) -> list[str]:
     return ["bash", "-c", _STATUS, "ramp-dispatcher-status", run.run_dir, metadata_url or ""]
 
 
-def kill_command(run: RemoteRun, grace_s: int = 5) -> list[str]:
+def kill_command(run: RemoteRun, grace_s: int = KILL_GRACE_S) -> list[str]:
     return ["bash", "-c", _KILL, "ramp-dispatcher-kill", run.run_dir, str(int(grace_s))]
+
+
+def parse_check(stdout: str) -> tuple[str, str] | None:
+    """(setting, why) of what the image lacks, from the check command; None: it can run."""
+    line = next(
+        (ln for ln in stdout.splitlines() if ln.startswith("ramp-dispatcher-check ")), None
+    )
+    if line is None:
+        raise SshError(f"unexpected check output: {stdout.strip()[-300:]!r}")
+    result = json.loads(line.split(" ", 1)[1])
+    return None if result.get("error") is None else (result["key"], result["error"])
 
 
 @dataclass(frozen=True)
@@ -166,6 +247,9 @@ class RemoteStatus:
     now: int | None
     maxrss_kib: int | None
     spot: str  # HTTP status of spot/instance-action; "" when not asked
+    #: the supervisor's final reason (exited, timeout, killed, spawn_error,
+    #: supervisor_failed); "" while it runs, and for runs started without it
+    reason: str = ""
 
     @property
     def elapsed(self) -> float | None:
@@ -201,4 +285,5 @@ def parse_status(stdout: str) -> RemoteStatus:
         now=num("now"),
         maxrss_kib=num("maxrss"),
         spot=fields.get("spot", ""),
+        reason=fields.get("reason", ""),
     )

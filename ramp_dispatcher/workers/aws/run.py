@@ -1,15 +1,17 @@
 """One run's lifecycle on its own EC2 instance, driven by a thread of its own.
 
 Launch (or, on re-attach, find by tags) -> connect when SSH answers with a
-trusted host key -> upload and start ramp-test (unless already started) ->
-one status command per check -> download -> terminate. Every exit path goes
-through :meth:`_Run._finish`, which terminates the instance; only the
-worker's ``close`` leaves it running for the next daemon to re-attach.
+trusted host key -> ship the tools and check the image, upload and start
+ramp-test (unless already started) -> one status command per check ->
+download -> terminate. Every exit path goes through :meth:`_Run._finish`,
+which terminates the instance; only the worker's ``close`` (the daemon stops:
+the next one re-attaches) and ``forget`` (another daemon took the run over)
+leave it running.
 
-About 700 lines, over the usual 600: one class whose steps share one
-thread's state (instance, connection, trusted keys, deadline, outcome), read
-best top to bottom; the protocol, SSH and EC2 calls it drives live in their
-own modules.
+About 800 lines, over the usual 600: one class whose steps share one
+thread's state (instance, connection, trusted keys, deadline, detachment,
+outcome), read best top to bottom; the protocol, SSH and EC2 calls it drives
+live in their own modules, and what runs on the instance in :mod:`.launch`.
 """
 
 from __future__ import annotations
@@ -41,10 +43,16 @@ from .ec2 import (
     launch_params,
 )
 from .remote import (
+    KILL_GRACE_S,
     RemoteRun,
     RemoteStatus,
+    RemoteTools,
+    check_command,
+    install_tools,
     kill_command,
+    parse_check,
     parse_status,
+    run_spec,
     start_command,
     status_command,
 )
@@ -129,6 +137,9 @@ class _Run:
         self.image_id: str | None = None  # the AMI this run launched
         self.expired = False  # past the daemon's deadline (set by the worker's check)
         self.remote_started = False  # ramp-test was started on the instance
+        #: another daemon serves the run now (AWSWorker.forget): stop, touch nothing
+        self.detached = False
+        self.ending = False  # _finish decided to stop and terminate: too late to detach
         self.thread = threading.Thread(
             target=self._main,
             name=f"aws-run-{request.submission_id}-{request.attempt}",
@@ -149,6 +160,16 @@ class _Run:
         with self.cond:
             self.cancelled = True
             self.cond.notify_all()
+
+    def detach(self) -> bool:
+        """Another daemon took the run over: stop watching it, and never kill
+        ramp-test nor terminate the instance. False when it is too late: this
+        thread had already decided to end the run."""
+        with self.cond:
+            if not self.ending:
+                self.detached = True
+            self.cond.notify_all()
+            return self.detached
 
     def expire(self) -> None:
         """The daemon's deadline passed: stop the run and terminate its instance."""
@@ -192,9 +213,10 @@ class _Run:
         try:
             outcome = self._lifecycle()
         except _Stop as stop:
-            if stop.outcome is None:  # close(): leave the instance for re-attach
+            if stop.outcome is None:  # close() or forget(): leave the instance running
                 self._close_ssh()
-                log.info("aws worker: %s detached (instance left running)", self.label)
+                why = "taken over by another daemon" if self.detached else "the daemon stops"
+                log.info("aws worker: %s detached (%s; instance left running)", self.label, why)
                 return
             outcome, kill = stop.outcome, stop.kill
         except Exception as exc:  # a bug here must still free the instance
@@ -211,8 +233,9 @@ class _Run:
         if status is None or not status.folder:
             if status is None:
                 raise _infra(f"instance {self._iid()} stopped answering right after boot")
+            tools = self._prepare()
             self._upload()
-            self._start_remote()
+            self._start_remote(tools)
         elif self.resume:
             self.remote_started = True
             log.info("aws worker: %s: ramp-test already started on %s", self.label, self._iid())
@@ -221,7 +244,7 @@ class _Run:
 
     # -- checkpoints
     def _checkpoint(self) -> None:
-        if self.worker.closed.is_set():
+        if self.worker.closed.is_set() or self.detached:
             raise _Stop()
         if self.cancelled:
             raise _Stop(RunOutcome(FailureClass.INFRASTRUCTURE, "the run was cancelled"), kill=True)
@@ -234,7 +257,7 @@ class _Run:
         self._checkpoint()
 
     def _interrupted(self) -> bool:
-        return self.cancelled or self.expired or self.worker.closed.is_set()
+        return self.cancelled or self.expired or self.detached or self.worker.closed.is_set()
 
     def _iid(self) -> str:
         return self.instance.instance_id if self.instance else "(none)"
@@ -480,13 +503,47 @@ class _Run:
         )
         log.info("aws worker: %s: uploaded %d file(s) to %s", self.label, n, self._iid())
 
-    def _start_remote(self) -> None:
-        argv = start_command(
-            self.remote,
-            self.config.remote_python_env,
-            self.config.memory_profiling,
-            self.request.n_threads,
+    def _prepare(self) -> RemoteTools:
+        """Ship the launcher, supervisor and sandbox, and ask the image whether
+        it can run the run. An image that cannot (no bubblewrap while the
+        sandbox is on, no ramp-test, a Python too old) is broken: the run
+        fails as a configuration error, never the participant's, and no
+        more instances are launched from that image until a reload."""
+        env = self.config.remote_python_env
+        python = posixpath.join(env, "bin", "python3") if env else "python3"
+        tools = self._transfer(
+            "installing the run's tools", lambda c: install_tools(c, self.remote, python)
         )
+        argv = check_command(tools, self._spec(tools))
+        result = self._transfer("checking the image", lambda c: c.run(argv))
+        try:
+            problem = parse_check(result.stdout)
+        except (SshError, ValueError, KeyError):
+            raise self._broken_image(
+                f"the image cannot run the run's launcher with {python} (exit code "
+                f"{result.exit_code}: {result.stderr.strip()[-300:]}); check the setting "
+                "worker.remote_python_env"
+            ) from None
+        if problem is not None:
+            key, why = problem
+            raise self._broken_image(
+                f"instance {self._iid()}: {why} (check the setting worker.{key})"
+            )
+        return tools
+
+    def _spec(self, tools: RemoteTools) -> dict[str, Any]:
+        return run_spec(
+            self.remote,
+            tools,
+            env_prefix=self.config.remote_python_env,
+            sandboxed=self.config.sandbox == "bwrap",
+            timeout=self.timeout,
+            max_log_mb=self.config.max_log_mb,
+            n_threads=self.request.n_threads,
+        )
+
+    def _start_remote(self, tools: RemoteTools) -> None:
+        argv = start_command(self.remote, tools, self._spec(tools))
         result = self._transfer("starting ramp-test", lambda c: c.run(argv))
         if (
             "ramp-dispatcher:started" not in result.stdout
@@ -580,11 +637,13 @@ class _Run:
                 path.unlink()
 
         def download(conn: SshConnection) -> tuple[bool, bool]:
-            got_log = conn.download_file(self.remote.log, staged_log)
+            got_log = conn.download_tail(self.remote.log, staged_log, self._log_bytes())
             got_out = conn.download_tree(self.remote.output_dir, staged_out / "training_output")
             return got_log, got_out
 
         got_log, got_out = self._transfer("download of the results", download)
+        if self.detached:  # taken over meanwhile: the new owner's files are not ours
+            raise _Stop()
         log_path = self.request.log_path
         output_dir = self.request.output_dir
         try:
@@ -610,6 +669,18 @@ class _Run:
                 else None
             ),
         }
+        if status.reason == "timeout":  # the supervisor's own limit, on the instance
+            return RunOutcome(
+                FailureClass.TIMEOUT,
+                f"Training stopped: the time limit of {self.timeout:g} s was reached.",
+                **common,
+            )
+        if status.reason in ("spawn_error", "supervisor_failed", "killed"):
+            return RunOutcome(
+                FailureClass.INFRASTRUCTURE,
+                f"the run's supervisor on {self._iid()} ended it ({status.reason}); see the log",
+                **common,
+            )
         if code == 0:
             if got_out:
                 return RunOutcome(None, "", output_dir=output_dir, **common)
@@ -635,10 +706,22 @@ class _Run:
 
     # -- finish
     def _finish(self, outcome: RunOutcome, kill: bool) -> None:
+        with self.cond:
+            if self.detached:  # forget() came first: the new owner ends the run
+                detached = True
+            else:
+                detached, self.ending = False, True
+        if detached:
+            self._close_ssh()
+            log.info("aws worker: %s: taken over by another daemon; left running", self.label)
+            return
         outcome = dataclasses.replace(outcome, message=self.worker.redact(outcome.message))
         if kill and self.conn is not None and self.conn.alive:
             try:
-                self.conn.run(kill_command(self.remote))
+                self.conn.run(
+                    kill_command(self.remote),
+                    timeout=KILL_GRACE_S + self.config.ssh_command_timeout,
+                )
             except SshError as exc:
                 log.warning("aws worker: %s: could not stop ramp-test: %s", self.label, exc)
             if outcome.failure is FailureClass.TIMEOUT:
@@ -657,7 +740,7 @@ class _Run:
             except Exception:
                 log.error("aws worker: wake callback failed", exc_info=True)
         if self.cancelled:
-            self.worker.forget(self)
+            self.worker.discard(self)
         self._confirm_terminated()
 
     def _timeout_log(self, outcome: RunOutcome) -> RunOutcome:
@@ -665,7 +748,7 @@ class _Run:
         _, staged_log = staging_paths(self.config, self.request)
         try:
             assert self.conn is not None
-            if self.conn.download_file(self.remote.log, staged_log):
+            if self.conn.download_tail(self.remote.log, staged_log, self._log_bytes()):
                 with open(staged_log, "a") as f:
                     f.write(f"\n[ramp-dispatcher] {outcome.message}\n")
                 self.request.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -674,6 +757,12 @@ class _Run:
         except (SshError, OSError) as exc:
             log.warning("aws worker: %s: could not fetch the log: %s", self.label, exc)
         return outcome
+
+    def _log_bytes(self) -> int:
+        """Most bytes of the log downloaded: the supervisor's bound, and a little
+        room for the launcher's own lines; a run that wrote its log itself
+        (no sandbox) cannot make it more."""
+        return int(self.config.max_log_mb * 2**20) + 64 * 1024
 
     def _terminate(self) -> None:
         if self.instance is None:

@@ -344,6 +344,56 @@ class SshConnection:
             raise SshError(f"{self.where}: download of {remote} failed: {_describe(exc)}") from None
         return True
 
+    def download_tail(self, remote: str, local: Path, max_bytes: int) -> bool:
+        """Copy at most the last ``max_bytes`` of one remote file (a log: its
+        end holds the traceback); a line at the top says what was left out.
+        False when it does not exist."""
+        sftp = self.sftp()
+        try:
+            size = sftp.stat(remote).st_size or 0
+        except FileNotFoundError:
+            return False
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise SshError(f"{self.where}: cannot stat {remote}: {_describe(exc)}") from None
+        if size <= max_bytes:
+            return self.download_file(remote, local)
+        try:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with sftp.open(remote, "rb") as src, open(local, "wb") as dest:
+                src.seek(size - max_bytes)
+                data = src.read(max_bytes)
+                newline = data.find(b"\n", 0, 4096)  # start on a line of its own
+                if newline >= 0:
+                    data = data[newline + 1 :]
+                dest.write(
+                    f"[ramp-dispatcher] the log's first {size - len(data)} bytes "
+                    f"were not downloaded (the log had {size} bytes)\n".encode()
+                )
+                dest.write(data)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise SshError(f"{self.where}: download of {remote} failed: {_describe(exc)}") from None
+        return True
+
+    def install_file(self, data: bytes, remote: str) -> None:
+        """Put ``data`` at ``remote`` unless a file is there (callers name files
+        by their content's digest); written aside, then renamed into place."""
+        sftp = self.sftp()
+        try:
+            sftp.stat(remote)
+            return
+        except FileNotFoundError:
+            pass
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise SshError(f"{self.where}: cannot stat {remote}: {_describe(exc)}") from None
+        tmp = f"{remote}.{os.getpid()}-{time.monotonic_ns()}.tmp"
+        try:
+            self._makedirs(posixpath.dirname(remote))
+            with sftp.open(tmp, "wb") as f:
+                f.write(data)
+            sftp.posix_rename(tmp, remote)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise SshError(f"{self.where}: cannot install {remote}: {_describe(exc)}") from None
+
     def download_tree(self, remote_dir: str, local_dir: Path) -> bool:
         """Copy a remote folder's regular files and folders; False when it does not exist."""
         sftp = self.sftp()

@@ -162,6 +162,8 @@ class AWSWorker(Worker):
         #: AMI id -> why runs found it unusable: no more instances from it (until reload)
         self.broken_images: dict[str, str] = {}
         self.closed = threading.Event()
+        #: (submission id, attempt) of runs another daemon took over (forget)
+        self.forgotten: set[tuple[int, int]] = set()
 
     # -- what new runs start with (each run keeps the RunSettings it started with)
     @property
@@ -237,6 +239,13 @@ class AWSWorker(Worker):
         private key file was checked when the config was read). An API that
         does not answer is only logged: the runs will retry it."""
         config = self.config
+        if config.sandbox == "none":
+            log.warning(
+                "%s is 'none': submissions run on the instances WITHOUT a sandbox, as "
+                "%r, with its files, the network and the instance's metadata (and role)",
+                config.where("sandbox"),
+                config.ami_user_name,
+            )
         checks: list[tuple[str, Callable[[], Any]]] = [
             ("the image", self.image),
             ("the key pair", lambda: self.ec2.check_key_pair(config.key_name)),
@@ -299,6 +308,7 @@ class AWSWorker(Worker):
             return RunOutcome(FailureClass.INFRASTRUCTURE, f"invalid aws run handle: {problem}")
         key = (request.submission_id, request.attempt)
         with self.lock:
+            self.forgotten.discard(key)  # checked: this daemon holds the run (again)
             run = self.runs.get(key)
         if run is None or run.handle.get("run") != handle["run"]:
             # A run started by an earlier daemon: find its instance and go on.
@@ -355,6 +365,14 @@ class AWSWorker(Worker):
     def cleanup(self, request: RunRequest, handle: Handle) -> None:
         key = (request.submission_id, request.attempt)
         with self.lock:
+            if key in self.forgotten:  # another daemon's now: its instance and files
+                log.info(
+                    "aws worker: submission %s attempt %s belongs to another daemon; "
+                    "nothing cleaned up",
+                    request.submission_id,
+                    request.attempt,
+                )
+                return
             run = self.runs.pop(key, None)
         if run is not None:
             run.cancel()  # a no-op once its outcome is out: it terminated already
@@ -409,11 +427,34 @@ class AWSWorker(Worker):
     def terminate_tagged(self, request: RunRequest, run_id: str | None = None) -> None:
         reaper.terminate_tagged(self, request, run_id)
 
-    def forget(self, run: _Run) -> None:
+    def discard(self, run: _Run) -> None:
+        """A cancelled run's thread is done with it."""
         key = (run.request.submission_id, run.request.attempt)
         with self.lock:
             if self.runs.get(key) is run:
                 del self.runs[key]
+
+    def forget(self, request: RunRequest, handle: Handle) -> None:
+        """Another daemon took the run over and serves its instance now: our
+        thread stops watching it without stopping or terminating anything, and
+        until this daemon takes the run up again (a :meth:`check`), our
+        :meth:`cleanup` leaves it alone; our reaper spares it as the active
+        run it is in the database."""
+        key = (request.submission_id, request.attempt)
+        with self.lock:
+            self.forgotten.add(key)
+            run = self.runs.get(key)
+            # An empty handle (never recorded) names the attempt's run, whichever it is.
+            if run is not None and handle.get("run") in (None, run.handle.get("run")):
+                del self.runs[key]
+            else:
+                run = None
+        if run is not None and not run.detach():
+            log.warning(
+                "aws worker: %s was taken over after it ended here; its instance is "
+                "being terminated (the new owner will retry the run)",
+                run.label,
+            )
 
 
 def _handle_problem(handle: Handle, event: str, request: RunRequest) -> str | None:
