@@ -891,6 +891,23 @@ def test_sandbox_that_cannot_start_is_the_platforms_failure(
         c.close()
 
 
+def test_a_signal_inside_the_sandbox_is_read_as_the_signal(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    """bwrap reports its command's death by signal N as exit code 128 + N:
+    the participant's run is still 'killed by SIGKILL', as without a sandbox."""
+    source = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n" + KIT_GOOD
+    request = _direct_request(tmp_path, 61, source)
+    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=120), event_name="signal")
+    try:
+        handle = worker.start(request, lambda: None)
+        outcome = wait_for(lambda: worker.check(request, handle), 120, "the run")
+        assert outcome.failure is not None and outcome.failure.value == "participant", outcome
+        assert outcome.message.startswith("ramp-test was killed by SIGKILL (signal 9)"), outcome.message
+        assert outcome.exit_code == -9
+        worker.cleanup(request, handle)
+    finally:
+        worker.close()
+
+
 # --------------------------------------------------------------------------- start-up check
 def test_run_checks_the_cluster_before_serving(tmp_path: Path) -> None:
     """``ramp-dispatcher run`` exits 2 naming the file and key when the

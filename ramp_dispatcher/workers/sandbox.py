@@ -1,6 +1,6 @@
-"""The bubblewrap sandbox that ``ramp-test`` runs in (conda worker, and dask
-worker on the Dask worker's host, where this module's functions arrive by
-value: they use the standard library only).
+"""The bubblewrap sandbox that ``ramp-test`` runs in (conda worker; dask
+worker, on the Dask worker's host, where the functions it uses arrive by
+value: all but :func:`check_bwrap` refer to the standard library only).
 
 A participant's code runs with what ``ramp-test`` needs and nothing else of
 the host: its own mount, PID, IPC, UTS, cgroup and network namespaces (and a
