@@ -117,10 +117,15 @@ def make_tls_files(folder: Path) -> TlsFiles:
 class DaskCluster:
     """A scheduler and named Dask workers, started and stopped by the tests."""
 
-    def __init__(self, hidden: list[Path], tls: TlsFiles | None = None, worker_ttl: str = "4s"):
+    def __init__(
+        self, hidden: list[Path], tls: TlsFiles | None = None, worker_ttl: str = "4s",
+        masked: list[Path] | None = None,
+    ):  # fmt: skip
         # Outside every hidden folder: the Dask workers' own scratch and cache.
         self.dir = Path(tempfile.mkdtemp(prefix="rd-dask-", dir="/tmp"))
         self.hidden = [Path(h) for h in hidden]
+        #: files the Dask workers see as /dev/null (e.g. bwrap: a host without it)
+        self.masked = [Path(m) for m in masked or []]
         self.tls = tls
         self.port = free_port()
         self.marker = uuid.uuid4().hex
@@ -185,7 +190,7 @@ class DaskCluster:
             mounts = "".join(
                 f"mount -t tmpfs -o size=1m,mode=0755 none {shlex.quote(str(h))} || exit 97\n"
                 for h in self.hidden
-            )
+            ) + "".join(f"mount --bind /dev/null {shlex.quote(str(m))} || exit 97\n" for m in self.masked)
             script = mounts + "exec " + " ".join(shlex.quote(a) for a in dask_argv)
             counts[name] = self.log(name).count("Registered to")
             with open(self.dir / f"{name}.log", "ab") as log:

@@ -8,7 +8,10 @@ subprocess for kill -9); real ``ramp-test`` on the iris kit; results read
 back through ramp-database 0.10.1. No fake anywhere.
 
 Runs that must be "in progress" are gated (``faults.gated_source``) on a
-file in the cluster's folder, which the Dask workers can see.
+file in the cluster's folder, which the Dask workers can see but their
+sandbox cannot: gated runs go with ``sandbox: none`` (:data:`UNSANDBOXED`).
+Sandboxed runs get the cluster's marker through ``run_env`` (the sandbox
+passes an allow-list), so that the tests find their ramp-test processes.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dask_fixtures import DaskCluster, TlsFiles, make_tls_files  # noqa: E402
 from deployment import Deployment, run_in_thread  # noqa: E402
 from kit import GOOD as KIT_GOOD, RAISES as KIT_RAISES, make_iris_kit  # noqa: E402
 from faults import (  # noqa: E402
+    MARKER_VAR,
     Daemon,
     add_submission,
     assert_scored_once,
@@ -90,6 +94,15 @@ def dask_cluster(cluster: DaskCluster) -> Iterator[DaskCluster]:
     yield cluster
     cluster.ensure()
     wait_for(lambda: not cluster.ramp_tests(), 30, "no ramp-test left on the Dask workers")
+
+
+#: for gated runs: the gate is a host file, which the sandbox hides
+UNSANDBOXED = {"sandbox": "none"}
+
+
+def marked(cluster: DaskCluster) -> dict[str, str]:
+    """run_env that lets a sandboxed ramp-test be found by the cluster's marker."""
+    return {MARKER_VAR: cluster.marker}
 
 
 class Gate:
@@ -170,6 +183,13 @@ def test_config_keys_are_read_and_checked(tmp_path: Path, caplog: pytest.LogCapt
             tls_ca_file: tls/ca.pem
             tls_client_cert: {tls.client_cert}
             tls_client_key: {tls.client_key}
+            unreachable_timeout: 30
+            sandbox: none
+            allow_network: true
+            run_env: {{KIT_MODE: fast}}
+            max_processes: 100
+            tmp_size_mb: 64
+            verify_scores: true
             colour: blue
             """
         )
@@ -180,9 +200,15 @@ def test_config_keys_are_read_and_checked(tmp_path: Path, caplog: pytest.LogCapt
     assert w.shared_filesystem is True and w.cache_dir == "/scratch/ramp"
     assert w.tls_ca_file == tmp_path / "tls" / "ca.pem"  # relative to the event config
     assert f"{path}: unknown key 'worker.colour'" in caplog.text
+    assert (w.unreachable_timeout, w.sandbox, w.allow_network, dict(w.run_env)) == (30.0, "none", True,
+                                                                                   {"KIT_MODE": "fast"})
+    assert (w.limits.max_processes, w.limits.tmp_size_mb, w.config_path) == (100, 64.0, path)
+    # re-scoring is the conda worker's: not a key here
+    assert f"{path}: unknown key 'worker.verify_scores'" in caplog.text
 
     defaults = load("dask_scheduler: tcp://127.0.0.1:8786\n").worker
     assert (defaults.timeout, defaults.conda_env, defaults.shared_filesystem) == (7200.0, None, False)
+    assert (defaults.sandbox, defaults.allow_network, defaults.unreachable_timeout) == ("bwrap", False, 120.0)
     assert not defaults.uses_tls
 
     for worker, message in [
@@ -197,6 +223,10 @@ def test_config_keys_are_read_and_checked(tmp_path: Path, caplog: pytest.LogCapt
          f"tls_client_key: {tls.client_key}\n", "key 'worker.dask_scheduler' must start with tls://"),
         ("dask_scheduler: tls://h:1\ntls_ca_file: nowhere.pem\n", "key 'worker.tls_ca_file': no such file"),
         ("dask_scheduler: tcp://h:1\nshared_filesystem: maybe\n", "must be true or false"),
+        ("dask_scheduler: tcp://h:1\nsandbox: docker\n", "key 'worker.sandbox' must be one of"),
+        ("dask_scheduler: tcp://h:1\nrun_env: [A]\n", "key 'worker.run_env' must be a mapping"),
+        ("dask_scheduler: tcp://h:1\nmax_open_files: 0\n", "key 'worker.max_open_files' must be positive"),
+        ("dask_scheduler: tcp://h:1\nunreachable_timeout: 0\n", "key 'worker.unreachable_timeout' must be"),
     ]:
         with pytest.raises(ConfigError) as err:
             load(worker)
@@ -260,6 +290,12 @@ def test_no_tls_warns_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture)
                     tls_client_cert=tls.client_cert, tls_client_key=tls.client_key),
                     event_name="e").close()  # fmt: skip
     assert "not TLS" not in caplog.text
+    assert "WITHOUT a sandbox" not in caplog.text  # sandboxed by default
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        make_worker("dask", DaskConfig("tcp://127.0.0.1:1", sandbox="none", config_path=tmp_path / "e.yml"),
+                    event_name="e").close()  # fmt: skip
+    assert f"{tmp_path / 'e.yml'}: key 'worker.sandbox' is 'none': submissions run WITHOUT a sandbox" in caplog.text
 
 
 # --------------------------------------------------------------------------- the whole path
@@ -408,7 +444,7 @@ def test_one_run_per_slot_and_reattach_after_kill9(tmp_path: Path, dask_cluster:
     gate = Gate(dask_cluster)
     names = ["a", "b", "c"]
     dep = dask_deployment(tmp_path / "deploy", dask_cluster, {n: gate.source(n) for n in names},
-                          n_workers=3)  # fmt: skip
+                          n_workers=3, **UNSANDBOXED)  # fmt: skip
     marker = uuid.uuid4().hex
     first = Daemon(dep, marker, tmp_path / "daemon-a.log")
     try:
@@ -443,7 +479,7 @@ def test_one_run_per_slot_and_reattach_after_kill9(tmp_path: Path, dask_cluster:
 def test_cancel_stops_ramp_test_on_the_dask_worker(tmp_path: Path, dask_cluster: DaskCluster) -> None:
     gate = Gate(dask_cluster)
     dep = dask_deployment(tmp_path / "deploy", dask_cluster, {"stuck": gate.source("stuck"), "fine": GOOD_EST},
-                          n_workers=1)  # fmt: skip
+                          n_workers=1, **UNSANDBOXED)  # fmt: skip
     d = dep.dispatcher()
     run_in_thread(d)
     try:
@@ -468,7 +504,7 @@ def test_cancel_stops_ramp_test_on_the_dask_worker(tmp_path: Path, dask_cluster:
 def _fault_setup(tmp_path: Path, cluster: DaskCluster) -> tuple[Deployment, Gate, Daemon, int]:
     gate = Gate(cluster)
     dep = dask_deployment(tmp_path / "deploy", cluster, {"slow": gate.source("slow")}, n_workers=1,
-                          dispatcher_extra="retry_delay: 0", connect_timeout=3)  # fmt: skip
+                          dispatcher_extra="retry_delay: 0", connect_timeout=3, **UNSANDBOXED)  # fmt: skip
     daemon = Daemon(dep, uuid.uuid4().hex, tmp_path / "daemon.log")
     sid = wait_for(lambda: dep.summaries()["slow"].state == "training" and dep.summaries()["slow"].id,
                    60, "the run to start")  # fmt: skip
@@ -624,9 +660,10 @@ def test_timeout_is_enforced_on_the_dask_worker(tmp_path: Path, dask_cluster: Da
     from kit import slow_source
 
     request = _direct_request(tmp_path, 8, slow_source(120))
-    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=4), event_name="limits")
+    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=4, run_env=marked(dask_cluster)), event_name="limits")
     try:
         handle = worker.start(request, lambda: None)
+        wait_for(lambda: dask_cluster.ramp_tests(sub_name(8)), 60, "ramp-test (in its sandbox) on a Dask worker")
         outcome = wait_for(lambda: worker.check(request, handle), 90, "the timed-out run")
         assert outcome.failure is not None and outcome.failure.value == "timeout", outcome
         assert outcome.message == "Training stopped: the time limit of 4 s was reached."
@@ -641,7 +678,8 @@ def test_memory_limit_is_enforced_on_the_dask_worker(tmp_path: Path, dask_cluste
     from kit import MEMORY_HOG
 
     request = _direct_request(tmp_path, 9, MEMORY_HOG)
-    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=120, memory_limit_mb=400), event_name="limits")
+    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=120, memory_limit_mb=400,
+                                   run_env=marked(dask_cluster)), event_name="limits")
     try:
         handle = worker.start(request, lambda: None)
         outcome = wait_for(lambda: worker.check(request, handle), 90, "the memory-hungry run")
@@ -663,11 +701,11 @@ def test_reaper_stops_runs_no_daemon_owns(tmp_path: Path, dask_cluster: DaskClus
     kept = RunRequest(22, sub_name(22), 1, kit, kit, lost.submissions_dir, lost.logs_dir, lost.predictions_dir, 1)
     (kept.submissions_dir / sub_name(22)).mkdir()
     (kept.submissions_dir / sub_name(22) / "classifier.py").write_text(KIT_GOOD)
-    first = DaskWorker(DaskConfig(dask_cluster.address, timeout=300), event_name="reap")
+    first = DaskWorker(DaskConfig(dask_cluster.address, timeout=300, run_env=marked(dask_cluster)), event_name="reap")
     lost_handle = first.start(lost, lambda: None)
     wait_for(lambda: dask_cluster.ramp_tests(sub_name(21)), 60, "the run to start")
     first.close()  # its daemon died before recording the run anywhere
-    second = DaskWorker(DaskConfig(dask_cluster.address, timeout=300), event_name="reap")
+    second = DaskWorker(DaskConfig(dask_cluster.address, timeout=300, run_env=marked(dask_cluster)), event_name="reap")
     try:
         handle = second.start(kept, lambda: None)
         assert wait_for(lambda: second.check(kept, handle), 120, "the kept run").failure is None
@@ -705,6 +743,249 @@ def test_shared_filesystem_runs_in_place(tmp_path: Path) -> None:
             worker.close()
     finally:
         c.close()
+
+
+# --------------------------------------------------------------------------- sandbox on the Dask worker
+@pytest.fixture
+def listener() -> Iterator[tuple[int, list[bytes]]]:
+    """A TCP listener on 127.0.0.1 (the Dask workers share this network) that
+    records whatever reaches it."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    srv.settimeout(0.2)
+    got: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            got.append(conn.recv(100) or b"<connected>")
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv.getsockname()[1], got
+    stop.set()
+    t.join()
+    srv.close()
+
+
+def test_sandbox_on_the_dask_worker(tmp_path: Path, dask_cluster: DaskCluster, listener) -> None:
+    """The default sandbox, on the Dask worker's host (bwrap inside the Dask
+    worker's own mount namespace): what the Dask worker reads and reaches,
+    its run cannot; the run sees its environment, kit, data and submission
+    read-only, and writes only its output and a private /tmp."""
+    import socket
+
+    from distributed import Client
+    from sandbox_attacks import denied, probe_classifier, probe_results
+
+    port, got = listener
+    secret = dask_cluster.dir / f"secret-{uuid.uuid4().hex[:8]}.txt"  # visible to the Dask workers
+    secret.write_text("hunter2")
+    sid = 41
+    probe = f"""
+        import socket, sys
+        subs = sys.argv[sys.argv.index("--ramp-submission-dir") + 1]
+        attempt("env", lambda: sorted(_os.environ))
+        attempt("tmpdir", lambda: _os.environ["TMPDIR"])
+        attempt("read_secret", lambda: read({str(secret)!r}))
+        attempt("list_cluster", lambda: listing({str(dask_cluster.dir)!r}))
+        attempt("list_submissions", lambda: listing(subs))
+        attempt("read_kit", lambda: read(_os.path.join(_os.getcwd(), "problem.py")))
+        attempt("write_kit", lambda: write(_os.path.join(_os.getcwd(), "problem.py")))
+        attempt("write_submission", lambda: write(_os.path.join(subs, {sub_name(sid)!r}, "classifier.py")))
+        attempt("write_env", lambda: write(_os.path.join(sys.prefix, "planted")))
+        attempt("write_tmp", lambda: write("/tmp/scratch"))
+        attempt("tcp", lambda: socket.create_connection(("127.0.0.1", {port}), timeout=3))
+        report("dask")
+    """
+    # the controls: the Dask workers themselves read the secret and reach the listener
+    with Client(dask_cluster.address, set_as_default=False) as client:
+        assert set(client.run(lambda p: open(p).read(), str(secret)).values()) == {"hunter2"}
+        client.run(lambda p: socket.create_connection(("127.0.0.1", p), timeout=3).close(), port)
+    wait_for(lambda: len(got) == 2, 10, "the Dask workers to reach the listener")
+    got.clear()
+
+    request = _direct_request(tmp_path, sid, probe_classifier(probe, KIT_GOOD))
+    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=120, run_env=marked(dask_cluster)),
+                        event_name="boxed")  # fmt: skip
+    try:
+        handle = worker.start(request, lambda: None)
+        outcome = wait_for(lambda: worker.check(request, handle), 120, "the sandboxed run")
+        log = request.log_path.read_text()
+        assert outcome.failure is None, (outcome, log[-3000:])
+        assert (request.output_dir / "fold_0" / "y_pred_test.npz").is_file()
+        r = probe_results(log, "dask")
+        # PWD comes from bwrap's --chdir, KMP_* from scikit-learn's own import
+        env = {v for v in eval(r["env"].removeprefix("ok: ")) if v != "PWD" and not v.startswith("KMP_")}
+        assert env <= {"PATH", "HOME", "TMPDIR", "PYTHONUNBUFFERED", "LANG", "LC_ALL", "LC_CTYPE",
+                       "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", MARKER_VAR}, env
+        assert r["tmpdir"] == "ok: '/tmp'"  # not the Dask worker's own TMPDIR
+        for name in ("read_secret", "write_kit", "write_submission", "write_env", "tcp"):
+            assert denied(r, name), (name, r[name])
+        # the cluster's folder shows at most the way to the cached kit and the run (bwrap's mount points)
+        assert denied(r, "list_cluster") or set(eval(r["list_cluster"].removeprefix("ok: "))) <= {"w1", "w2"}
+        assert r["list_submissions"] == f"ok: [{sub_name(sid)!r}]"
+        assert r["read_kit"].startswith("ok: b'import os") and r["write_tmp"] == "ok: 'written'"
+        assert got == [], "nothing reached the listener from the sandbox"
+        assert "hunter2" not in log
+        worker.cleanup(request, handle)
+    finally:
+        worker.close()
+
+
+def test_sandbox_that_cannot_start_is_the_platforms_failure(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Dask worker host without bwrap (masked in its namespace): a warning
+    at start-up naming the worker, then each run there an infrastructure
+    failure naming the file and key, never the participant's; with
+    ``sandbox: none`` the same host runs it."""
+    import shutil
+
+    bwrap = Path(shutil.which("bwrap") or "/usr/bin/bwrap").resolve()
+    c = DaskCluster([tmp_path_factory.getbasetemp(), dask_fixtures.PACKAGE_DIR], masked=[bwrap])
+    config_path = tmp_path / "event-config.yml"
+    try:
+        c.start_scheduler()
+        worker = DaskWorker(DaskConfig(c.address, timeout=120, config_path=config_path), event_name="bare")
+        try:
+            with caplog.at_level(logging.WARNING):
+                worker.validate()  # a scheduler without workers yet: a warning, not an error
+            assert f"no Dask worker of {c.address} has the 'ramp' resource yet" in caplog.text
+            c.start_worker("bare")
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                worker.validate()
+            assert f"{config_path}: key 'worker.sandbox': the Dask worker tcp://127.0.0.1:" in caplog.text
+            assert "bubblewrap (bwrap) is not installed" in caplog.text
+
+            request = _direct_request(tmp_path / "boxed", 51, KIT_GOOD)
+            handle = worker.start(request, lambda: None)
+            outcome = wait_for(lambda: worker.check(request, handle), 120, "the run")
+            assert outcome.failure is not None and outcome.failure.value == "infrastructure", outcome
+            assert outcome.message.startswith("could not start ramp-test on "), outcome.message
+            assert f"{config_path}: key 'worker.sandbox': bubblewrap (bwrap) is not installed" in outcome.message
+            assert not request.output_dir.exists()
+            worker.cleanup(request, handle)
+        finally:
+            worker.close()
+        plain = DaskWorker(DaskConfig(c.address, timeout=120, sandbox="none"), event_name="bare")
+        try:
+            request = _direct_request(tmp_path / "plain", 52, KIT_GOOD)
+            handle = plain.start(request, lambda: None)
+            outcome = wait_for(lambda: plain.check(request, handle), 120, "the unsandboxed run")
+            assert outcome.failure is None, outcome
+            plain.cleanup(request, handle)
+        finally:
+            plain.close()
+    finally:
+        c.close()
+
+
+def test_a_signal_inside_the_sandbox_is_read_as_the_signal(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    """bwrap reports its command's death by signal N as exit code 128 + N:
+    the participant's run is still 'killed by SIGKILL', as without a sandbox."""
+    source = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n" + KIT_GOOD
+    request = _direct_request(tmp_path, 61, source)
+    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=120), event_name="signal")
+    try:
+        handle = worker.start(request, lambda: None)
+        outcome = wait_for(lambda: worker.check(request, handle), 120, "the run")
+        assert outcome.failure is not None and outcome.failure.value == "participant", outcome
+        assert outcome.message.startswith("ramp-test was killed by SIGKILL (signal 9)"), outcome.message
+        assert outcome.exit_code == -9
+        worker.cleanup(request, handle)
+    finally:
+        worker.close()
+
+
+# --------------------------------------------------------------------------- start-up check
+def test_run_checks_the_cluster_before_serving(tmp_path: Path) -> None:
+    """``ramp-dispatcher run`` exits 2 naming the file and key when the
+    scheduler does not answer in time or a TLS file does not load; nothing
+    is claimed."""
+    import subprocess
+
+    from faults import DISPATCHER_EXE
+
+    dep = Deployment(tmp_path / "deploy", f"sqlite:///{tmp_path / 'db.sqlite'}", {"good": GOOD_EST})
+    tls = make_tls_files(tmp_path / "tls")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    tls_keys = {"tls_ca_file": str(tls.ca), "tls_client_cert": str(tls.client_cert),
+                "tls_client_key": str(tls.client_key)}  # fmt: skip
+    address = f"127.0.0.1:{dask_fixtures.free_port()}"  # nothing listens there
+    for worker, key, words in [
+        ({"dask_scheduler": f"tcp://{address}", "connect_timeout": 2}, "dask_scheduler",
+         "the scheduler did not answer within 2 s"),
+        ({"dask_scheduler": f"tls://{address}", **tls_keys, "tls_client_cert": str(garbage)},
+         "tls_client_cert", "is not a PEM certificate and its key"),
+        ({"dask_scheduler": f"tls://{address}", **tls_keys, "tls_ca_file": str(garbage)},
+         "tls_ca_file", "is not a PEM CA certificate"),
+    ]:
+        keys = {"tls_ca_file": None, "tls_client_cert": None, "tls_client_key": None, **worker}
+        edit_event_config(dep.event_path, "worker", worker_type="dask", conda_env=None, **keys)
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [str(DISPATCHER_EXE), "run", "--config", str(dep.server_path), "--event-config", str(dep.event_path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        assert f"{dep.event_path}: key 'worker.{key}': " in out.stderr and words in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+        assert time.monotonic() - t0 < 60  # bounded: one connection attempt
+    assert dep.summaries()["good"].state == "new"
+
+
+# --------------------------------------------------------------------------- circuit breaker
+def test_breaker_holds_the_queue_while_the_cluster_is_gone(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    """The scheduler is killed with the queue half done: the runs it took
+    and the next ones fail as the platform's, the breaker opens and holds the
+    queue (no checking_error, no attempt used while it holds), the daemon
+    lives on; once the cluster is back, every submission is scored once."""
+    names = [f"q{i}" for i in range(6)]
+    # retry_delay: the runs that failed wait a little (as in production), so
+    # the next failures are other submissions': the breaker counts those
+    dep = dask_deployment(tmp_path / "deploy", dask_cluster, {n: GOOD_EST for n in names}, n_workers=2,
+                          dispatcher_extra="retry_delay: 5\nmax_attempts: 3", connect_timeout=2,
+                          unreachable_timeout=4, run_env=marked(dask_cluster))  # fmt: skip
+
+    def states() -> dict[str, str]:
+        return {n: s.state for n, s in dep.summaries().items() if n in names}
+
+    daemon = Daemon(dep, uuid.uuid4().hex, tmp_path / "daemon.log")
+    try:
+        wait_for(lambda: "scored" in states().values(), 120, "a first submission scored")
+        dask_cluster.stop_scheduler(signal.SIGKILL)
+        daemon.wait_log("circuit breaker open after", 120)
+        time.sleep(12.0)  # the first probe (10 s after it opened) comes and fails meanwhile
+        assert daemon.alive()
+        held = states()
+        assert "checking_error" not in held.values() and "scored" in held.values(), (held, daemon.log()[-5000:])
+        assert set(held.values()) != {"scored"}, "the scheduler went before the queue was done"
+        dask_cluster.ensure()
+        assert daemon.wait_exit(300) == 0, daemon.log()[-3000:]
+    finally:
+        daemon.stop_hard()
+    log = daemon.log()
+    assert "circuit breaker closed" in log and "Traceback" not in log
+    assert set(states().values()) == {"scored"}, states()
+    rows = run_rows(dep.engine)
+    assert any(r.outcome == "held" for r in rows), rows
+    ids = {n: s.id for n, s in dep.summaries().items() if n in names}
+    for name, sid in ids.items():
+        retries = [r for r in rows if r.submission_id == sid and r.outcome == "retry"]
+        assert len(retries) < 3, (name, rows)  # the held attempts were not charged
+        assert_scored_once(dep.engine, sid)
 
 
 if __name__ == "__main__":  # pragma: no cover

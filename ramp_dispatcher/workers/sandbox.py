@@ -1,4 +1,6 @@
-"""The bubblewrap sandbox that ``ramp-test`` runs in (conda worker).
+"""The bubblewrap sandbox that ``ramp-test`` runs in (conda worker; dask
+worker, on the Dask worker's host, where the functions it uses arrive by
+value: all but :func:`check_bwrap` refer to the standard library only).
 
 A participant's code runs with what ``ramp-test`` needs and nothing else of
 the host: its own mount, PID, IPC, UTS, cgroup and network namespaces (and a
@@ -32,6 +34,7 @@ __all__ = [
     "SandboxError",
     "SandboxSpec",
     "bwrap_argv",
+    "bwrap_problem",
     "check_bwrap",
     "find_bwrap",
     "python_roots",
@@ -283,8 +286,19 @@ def find_bwrap() -> str | None:
 def check_bwrap(bwrap: str | None, allow_network: bool = False, timeout: float = 30.0) -> str:
     """Start an empty sandbox once; return bwrap's path or raise :class:`SandboxError`
     saying why the sandbox cannot start here (missing, namespaces refused)."""
+    problem = bwrap_problem(bwrap, allow_network, timeout)
+    if problem is not None:
+        raise SandboxError(problem)
+    assert bwrap is not None
+    return bwrap
+
+
+def bwrap_problem(bwrap: str | None, allow_network: bool = False, timeout: float = 30.0) -> str | None:
+    """Why an empty sandbox cannot start here, or None. Refers to nothing of
+    this package but its own module, so that the Dask worker, which has no
+    ramp_dispatcher, runs it (shipped by value)."""
     if bwrap is None:
-        raise SandboxError(
+        return (
             "bubblewrap (bwrap) is not installed: install it (Debian/Ubuntu: "
             "apt-get install bubblewrap) or set 'sandbox: none' to run without a sandbox"
         )
@@ -298,12 +312,12 @@ def check_bwrap(bwrap: str | None, allow_network: bool = False, timeout: float =
             argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env={"PATH": "/usr/bin:/bin"}
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SandboxError(f"cannot run {bwrap}: {exc}") from None
+        return f"cannot run {bwrap}: {exc}"
     if proc.returncode != 0:
         why = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise SandboxError(
+        return (
             f"{bwrap} cannot create a sandbox here ({' | '.join(why[-2:]) or f'exit {proc.returncode}'}); "
             "unprivileged user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone "
             "or user.max_user_namespaces, or an AppArmor restriction)"
         )
-    return bwrap
+    return None

@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ...configfile import ConfigError, InvalidSetting
+from .. import sandbox as sb
+from ..conda import DEFAULT_SANDBOX, SANDBOX_CHOICES
 
 if TYPE_CHECKING:
     from ...configfile import Section
@@ -52,6 +54,20 @@ class DaskConfig:
     tls_client_key: Path | None = None
     #: seconds one connection attempt to the scheduler may take
     connect_timeout: float = 10.0
+    #: seconds a run waits for an unreachable scheduler before it is an
+    #: infrastructure failure (retried; a streak opens the circuit breaker)
+    unreachable_timeout: float = 120.0
+    #: as the conda worker's: ``bwrap`` runs ramp-test in a bubblewrap sandbox
+    #: on the Dask worker (a host without a usable bwrap fails the run as the
+    #: platform's failure); ``none`` runs it as the Dask worker's user
+    sandbox: str = DEFAULT_SANDBOX
+    allow_network: bool = False
+    run_env: Mapping[str, str] = field(default_factory=dict)
+    #: processes, open files, file size and /tmp of one sandboxed run
+    #: (max_output_mb is the conda worker's post-run check: not applied here)
+    limits: sb.Limits = sb.DEFAULT_LIMITS
+    #: the event config file, named in messages
+    config_path: Path | None = None
 
     def __post_init__(self) -> None:
         if not _ADDRESS.match(self.dask_scheduler):
@@ -66,6 +82,14 @@ class DaskConfig:
             raise InvalidSetting("max_log_mb", f"must be positive, got {self.max_log_mb!r}")
         if not self.connect_timeout > 0:
             raise InvalidSetting("connect_timeout", f"must be positive, got {self.connect_timeout!r}")
+        if not self.unreachable_timeout > 0:
+            raise InvalidSetting(
+                "unreachable_timeout", f"must be positive, got {self.unreachable_timeout!r}"
+            )
+        if self.sandbox not in SANDBOX_CHOICES:
+            raise InvalidSetting(
+                "sandbox", f"must be one of {', '.join(SANDBOX_CHOICES)}, got {self.sandbox!r}"
+            )
         tls = (self.tls_ca_file, self.tls_client_cert, self.tls_client_key)
         if any(tls) and not all(tls):
             raise InvalidSetting(
@@ -81,6 +105,11 @@ class DaskConfig:
     @property
     def uses_tls(self) -> bool:
         return self.tls_ca_file is not None
+
+    def where(self, key: str) -> str:
+        """``<event config>: key 'worker.<key>'`` for messages."""
+        where = f"{self.config_path}: " if self.config_path else ""
+        return f"{where}key 'worker.{key}'"
 
     @classmethod
     def from_section(cls, section: Section) -> DaskConfig:
@@ -123,6 +152,40 @@ class DaskConfig:
                 connect_timeout=float(
                     section.optional("connect_timeout", float, "a number of seconds", 10.0)
                 ),
+                unreachable_timeout=float(
+                    section.optional("unreachable_timeout", float, "a number of seconds", 120.0)
+                ),
+                config_path=Path(section.path),
+                **_sandbox_settings(section),
             )
         except InvalidSetting as exc:
             raise section.invalid(exc) from None
+
+
+def _sandbox_settings(section: Section) -> dict[str, Any]:
+    """The sandbox keys, with the conda worker's names and meanings (but not
+    its post-run ones: ``verify_scores`` and ``max_output_mb`` stay unknown)."""
+    run_env = section.optional("run_env", lambda v: v, "a mapping", {})
+    if not isinstance(run_env, dict) or not all(
+        isinstance(k, str) and k and "=" not in k and isinstance(v, (str, int, float))
+        and not isinstance(v, bool)
+        for k, v in run_env.items()
+    ):
+        raise ConfigError(f"{section.where('run_env')} must be a mapping of variable names to strings")
+    limits: dict[str, Any] = {}
+    for key, kind, type_name in (
+        ("max_processes", int, "an integer"),
+        ("max_open_files", int, "an integer"),
+        ("max_file_size_mb", float, "a number of megabytes"),
+        ("tmp_size_mb", float, "a number of megabytes"),
+    ):
+        value = section.optional(key, kind, type_name, getattr(sb.DEFAULT_LIMITS, key))
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section.where(key)} must be positive")
+        limits[key] = value
+    return {
+        "sandbox": section.choice("sandbox", SANDBOX_CHOICES, DEFAULT_SANDBOX),
+        "allow_network": section.optional("allow_network", bool, "true or false", False),
+        "run_env": {k: str(v) for k, v in run_env.items()},
+        "limits": sb.Limits(**limits),
+    }

@@ -6,7 +6,9 @@ runs beside the task, not in the worker's single slot). Both are shipped to
 the Dask workers by value (cloudpickle), with the supervisor's source as
 text, so a Dask worker needs Python, ``distributed`` and ramp-test's
 environment, but no ramp_dispatcher. Hence standard library only here, plus
-``distributed`` imported inside the functions.
+``distributed`` imported inside the functions, and the sandbox's builders
+(``..sandbox``), shipped by value too: names imported from it one by one
+(a module object would be pickled by reference).
 
 The spec (a plain dict: it crosses to another Python) and the result are
 described in :func:`run_submission`.
@@ -28,6 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..sandbox import (
+    Limits,
+    SandboxSpec,
+    bwrap_argv,
+    bwrap_problem,
+    find_bwrap,
+    python_roots,
+    rlimit_args,
+    sandbox_env,
+    system_binds,
+)
 from .cache import TREE_PREFIX, install_tree, pack_tree, unpack
 
 #: scheduler metadata namespace: ``[NS, key, "started"]`` records the first
@@ -167,6 +180,10 @@ def run_submission(spec: dict[str, Any], submission: bytes | None) -> dict[str, 
     kit_digest and data_digest (trees published on the scheduler), with one
     kit_dir, data_dir, submissions_dir, log_path and status_path.
     ``submission`` is the packed submission folder (None when shared).
+    ``sandbox`` is None (``sandbox: none``) or a dict: where (the config key,
+    for messages), allow_network, run_env, limits (Limits' fields), n_threads
+    and hidden (paths never shown; with a shared filesystem, the event's
+    submissions, predictions and logs folders and its config).
 
     Returns ``{"status": <the supervisor's final status>, "worker", "host",
     "log_tail", "log_size", "output" (packed training_output or None),
@@ -230,8 +247,11 @@ def _run(
         log_path, status_path = run_dir / "log", run_dir / "status.json"
 
     ramp_test = _ramp_test(spec.get("conda_env"))
-    env = dict(spec.get("env") or {})
-    env["PATH"] = os.pathsep.join([str(ramp_test.parent), os.environ.get("PATH", "")])
+    command = [
+        str(ramp_test), "--submission", name, "--ramp-kit-dir", kit,
+        "--ramp-data-dir", data, "--ramp-submission-dir", str(submissions),
+        "--save-output", "--ignore-warning",
+    ]  # fmt: skip
     argv = [
         sys.executable, "-I", "-S", str(supervisor),
         "--log", str(log_path), "--status", str(status_path),
@@ -242,13 +262,39 @@ def _run(
         argv += ["--memory-limit-mb", repr(float(spec["memory_limit_mb"]))]
     if spec.get("max_log_mb") is not None:
         argv += ["--max-log-mb", repr(float(spec["max_log_mb"]))]
+    box = spec.get("sandbox")
+    if box:
+        bwrap = find_bwrap()
+        problem = bwrap_problem(bwrap, bool(box["allow_network"]))
+        if problem is not None:  # the host's fault: retried, never the participant's
+            return dict(base, status={"reason": "spawn_error", "message": f"{box['where']}: {problem}"})
+        output = submissions / name / "training_output"
+        output.mkdir(parents=True, exist_ok=True)  # the one folder it may write: bound, so it must exist
+        sandbox = SandboxSpec(
+            python_roots=python_roots(ramp_test.parent.parent),
+            kit_dir=Path(os.path.abspath(kit)),
+            data_dir=Path(os.path.abspath(data)),
+            submission_dir=Path(os.path.abspath(submissions / name)),
+            output_dir=Path(os.path.abspath(output)),
+            # other runs' folders, should the cache lie below a bound folder
+            hidden=tuple(Path(p) for p in box.get("hidden") or ()) + (root / "runs",),
+            system=system_binds(),
+            allow_network=bool(box["allow_network"]),
+            run_env=dict(box.get("run_env") or {}),
+            n_threads=box.get("n_threads"),
+            limits=Limits(**box["limits"]),
+            bwrap=str(bwrap),
+        )
+        command = bwrap_argv(sandbox, command)
+        env = sandbox_env(sandbox, os.environ)
+        argv.append("--clear-env")  # the Dask worker's environment stays outside
+        argv += rlimit_args(sandbox.limits)
+    else:
+        env = dict(spec.get("env") or {})
+        env["PATH"] = os.pathsep.join([str(ramp_test.parent), os.environ.get("PATH", "")])
     for var, value in env.items():
         argv += ["--setenv", f"{var}={value}"]
-    argv += [
-        "--", str(ramp_test), "--submission", name, "--ramp-kit-dir", kit,
-        "--ramp-data-dir", data, "--ramp-submission-dir", str(submissions),
-        "--save-output", "--ignore-warning",
-    ]  # fmt: skip
+    argv += ["--", *command]
     status_path.unlink(missing_ok=True)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644)
     parent = os.getpid()
@@ -282,6 +328,10 @@ def _run(
         "reason": "killed",
         "message": f"the supervisor exited with code {proc.returncode} without a status",
     }
+    code = status.get("exit_code")
+    if box and status.get("reason") == "exited" and isinstance(code, int) and code > 128:
+        # bwrap reports its command's death by signal N as exit code 128 + N
+        status = dict(status, exit_code=None, signal=code - 128)
     result = dict(base, status=status)
     if not spec["shared"]:
         tail, size = _tail(log_path, int(spec["log_tail_bytes"]))
@@ -303,6 +353,12 @@ def _kill_session(run_dir: Path, status_path: Path) -> None:
                 os.killpg(pid, signal.SIGKILL)  # both lead their own group
             except OSError:
                 pass
+
+
+def sandbox_problem(allow_network: bool) -> str | None:
+    """Why the sandbox cannot start on this Dask worker, or None (sent with
+    ``Client.run`` by the daemon's start-up check)."""
+    return bwrap_problem(find_bwrap(), allow_network)
 
 
 def stop_run(cache_dir: str | None, key: str) -> str:

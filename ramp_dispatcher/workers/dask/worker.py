@@ -12,10 +12,15 @@ Each task is published on the scheduler under its key, so it outlives the
 daemon: a restarted daemon finds it with ``get_dataset`` and collects it.
 Each run holds one ``ramp`` worker resource, so a Dask worker started with
 ``--resources ramp=1`` never runs two.
+
+About 600 lines: the Worker interface and the background jobs it hands
+work to share one state (``_Run``); the start-up checks and the task's
+side live in ``checks`` and ``remote``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -28,8 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker, WorkerError
-from . import cache, remote
+from .. import sandbox
+from ..base import (
+    FailureClass,
+    Handle,
+    RunOutcome,
+    RunRequest,
+    Wake,
+    Worker,
+    WorkerConfigError,
+    WorkerError,
+)
+from . import cache, checks, remote
 from .config import RESOURCE, DaskConfig
 
 log = logging.getLogger(__name__)
@@ -108,6 +123,7 @@ class DaskWorker(Worker):
         # Shipped by value: the Dask workers need no ramp_dispatcher.
         cloudpickle.register_pickle_by_value(remote)
         cloudpickle.register_pickle_by_value(cache)
+        cloudpickle.register_pickle_by_value(sandbox)
         self.config = config
         self.event_name = event_name or "event"
         self.daemon_id = daemon_id  # runs are named by event and deployment, not by daemon
@@ -115,6 +131,7 @@ class DaskWorker(Worker):
         self._runs: dict[str, _Run] = {}
         self._client: Any = None
         self._client_lock = threading.Lock()  # held while (re)connecting
+        self._unreachable_since: float | None = None  # monotonic; None while connected
         self._closed = threading.Event()
         self._jobs = _Jobs(N_JOBS)
         self._digests = cache.TreeDigests()
@@ -132,6 +149,12 @@ class DaskWorker(Worker):
                 "tls_ca_file, tls_client_cert and tls_client_key",
                 config.dask_scheduler,
             )
+        if config.sandbox == "none":
+            log.warning(
+                "%s is 'none': submissions run WITHOUT a sandbox on the Dask workers, as "
+                "their user, with their files, environment and network",
+                config.where("sandbox"),
+            )
 
     # ------------------------------------------------------------ connection
     def _security(self) -> Any:
@@ -146,9 +169,22 @@ class DaskWorker(Worker):
             require_encryption=True,
         )
 
+    def _connect(self) -> Any:
+        from distributed import Client
+
+        return Client(
+            self.config.dask_scheduler,
+            security=self._security(),
+            timeout=self.config.connect_timeout,
+            set_as_default=False,
+            name=f"ramp-dispatcher-{self.event_name}",
+        )
+
     def client(self) -> Any:
         """The connected client; waits (on a background thread) while the
-        cluster is unreachable. Raises WorkerError once the worker is closed."""
+        cluster is unreachable, up to ``unreachable_timeout`` counted from
+        when it stopped answering. Raises WorkerError once that has passed
+        (the run is then the platform's failure) or the worker is closed."""
         with self._client_lock:
             current = self._client
             if current is not None:
@@ -162,21 +198,22 @@ class DaskWorker(Worker):
                     current.close(timeout=2)
                 except Exception:
                     pass
-            from distributed import Client
-
             delay, last_warning = 0.5, 0.0
             while not self._closed.is_set():
                 try:
-                    client = Client(
-                        self.config.dask_scheduler,
-                        security=self._security(),
-                        timeout=self.config.connect_timeout,
-                        set_as_default=False,
-                        name=f"ramp-dispatcher-{self.event_name}",
-                    )
+                    client = self._connect()
                 except Exception as exc:  # OSError, TimeoutError, TLS errors
-                    if time.monotonic() - last_warning > WARN_EVERY_S:
-                        last_warning = time.monotonic()
+                    now = time.monotonic()
+                    if self._unreachable_since is None:
+                        self._unreachable_since = now
+                    down = now - self._unreachable_since
+                    if down >= self.config.unreachable_timeout:
+                        raise WorkerError(
+                            f"the Dask scheduler {self.config.dask_scheduler} has not answered "
+                            f"for {down:.0f} s ({exc})"
+                        ) from None
+                    if now - last_warning > WARN_EVERY_S:
+                        last_warning = now
                         log.warning(
                             "dask worker: cannot reach the scheduler %s (%s); runs wait",
                             self.config.dask_scheduler, exc,
@@ -185,9 +222,35 @@ class DaskWorker(Worker):
                     delay = min(delay * 2, 5.0)
                     continue
                 log.info("dask worker: connected to %s", self.config.dask_scheduler)
+                self._unreachable_since = None
                 self._client = client
                 return client
             raise WorkerError("the dask worker is closed")
+
+    # ------------------------------------------------------------ start-up check
+    def validate(self) -> None:
+        """Before serving: the TLS files load, the scheduler answers within
+        ``connect_timeout``; a cluster without a ``ramp`` slot yet, or whose
+        Dask workers cannot start the configured sandbox, is only warned about
+        (Dask workers come and go; their runs fail and are retried)."""
+        cfg = self.config
+        if cfg.uses_tls:
+            checks.check_tls_files(cfg)
+        try:
+            client = self._connect()
+        except Exception as exc:
+            raise WorkerConfigError(
+                "dask_scheduler",
+                f"the scheduler did not answer within {cfg.connect_timeout:g} s "
+                f"({type(exc).__name__}: {exc})",
+            ) from None
+        with self._client_lock:
+            if self._client is None:
+                self._client = client
+            else:
+                client.close(timeout=2)
+                client = self._client
+        checks.look_at_workers(client, cfg)
 
     # ------------------------------------------------------------ Worker API
     def start(self, request: RunRequest, wake: Wake) -> Handle:
@@ -258,6 +321,7 @@ class DaskWorker(Worker):
         link = ("dask_scheduler", "tls_ca_file", "tls_client_cert", "tls_client_key")
         if any(getattr(old, k) != getattr(config, k) for k in link):
             client, self._client = self._client, None
+            self._unreachable_since = None
             if client is not None:
                 threading.Thread(target=lambda: client.close(timeout=5), daemon=True).start()
 
@@ -316,6 +380,17 @@ class DaskWorker(Worker):
         env = {"PYTHONUNBUFFERED": "1"}
         if request.n_threads is not None:
             env.update({name: str(int(request.n_threads)) for name in THREAD_VARIABLES})
+        env.update(cfg.run_env)
+        box: dict[str, Any] | None = None
+        if cfg.sandbox != "none":
+            box = {
+                "where": cfg.where("sandbox"),
+                "allow_network": cfg.allow_network,
+                "run_env": dict(cfg.run_env),
+                "n_threads": request.n_threads,
+                "limits": dataclasses.asdict(cfg.limits),
+                "hidden": [],
+            }
         source, digest = self._supervisor
         spec: dict[str, Any] = {
             "key": run.key,
@@ -331,6 +406,7 @@ class DaskWorker(Worker):
             "supervisor_digest": digest,
             "log_tail_bytes": LOG_TAIL_BYTES,
             "shared": cfg.shared_filesystem,
+            "sandbox": box,
         }
         folder = request.submissions_dir / request.submission_name
         if cfg.shared_filesystem:
@@ -341,6 +417,10 @@ class DaskWorker(Worker):
                 log_path=os.path.abspath(request.log_path),
                 status_path=os.path.abspath(request.log_path.parent / f"run-{request.attempt}.json"),
             )
+            if box is not None:  # the deployment is there: what the run must not see
+                hidden = [request.submissions_dir, request.predictions_dir, request.logs_dir]
+                hidden += [cfg.config_path] if cfg.config_path is not None else []
+                box["hidden"] = [os.path.abspath(p) for p in hidden]
             return spec, None
         spec["kit_digest"] = self._publish_tree(client, Path(request.kit_dir))
         spec["data_digest"] = self._publish_tree(client, Path(request.data_dir))
@@ -435,7 +515,7 @@ class DaskWorker(Worker):
 
             client.cancel([Future(key, client)], force=True)
         except WorkerError:
-            pass  # closing: the next daemon's reaper releases it
+            pass  # closing, or the cluster gone: a later reap releases it
         except Exception as exc:
             log.warning("dask worker: could not release %s: %s", key, exc)
 
