@@ -171,16 +171,29 @@ class Dispatcher:
             self._loop.stop()
         # a stop in flight finishes; its cancel is written by the next daemon
         self._slow.shutdown(wait=True, cancel_futures=True)
-        try:
-            with self.engine.begin() as conn:
-                queries.release(conn, self.owner)
-        except DB_ERRORS as exc:
-            log.warning("could not release leases (%s); they expire in %s", first_line(exc), self.lease)
+        self._release_leases()
         self.worker.close()
         self.leaderboard.close()  # finishes a pending refresh, bounded
         self.metrics.close()
         if self.active:
             log.info("left %d run(s) running for the next start to re-attach", len(self.active))
+
+    def _release_leases(self) -> None:
+        """At a clean stop, let the next daemon take the runs over at once,
+        except runs that live on this host: a restart here re-attaches them
+        anyway (their owner's process is gone: ``owner_is_dead``), and a daemon
+        of another host must wait the full lease and its grace (it would call
+        them lost while they still run here)."""
+        if self.worker.runs_on_this_host():
+            if self.active:
+                log.info("leases kept until they lapse (within %s): the runs live on this host, "
+                         "another host waits that long plus a grace", self.lease)  # fmt: skip
+            return
+        try:
+            with self.engine.begin() as conn:
+                queries.release(conn, self.owner)
+        except DB_ERRORS as exc:
+            log.warning("could not release leases (%s); they expire in %s", first_line(exc), self.lease)
 
     def reload(self, config: EventConfig) -> None:
         """Apply a re-read event config (SIGHUP) without dropping runs.

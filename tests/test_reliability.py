@@ -516,7 +516,10 @@ def test_sigterm_drain_and_restart(empty_db_url: str, harness) -> None:
     for n in "ab":
         row = the_run(h, n)
         assert row.status == "running"
-        assert row.lease_expires_at <= now, "lease not released on SIGTERM"
+        # conda runs live on this host: the clean stop leaves their leases,
+        # which another host would wait out (plus a grace); this host's next
+        # daemon re-attaches at once all the same (the owner's pid is gone)
+        assert row.lease_expires_at > now + dt.timedelta(seconds=30), "lease shortened on SIGTERM"
 
     edit_event_config(h.dep.event_path, "dispatcher", hunger_policy="exit")
     d2 = h.daemon("second")

@@ -475,7 +475,8 @@ def heartbeat(
 
 
 def release(conn: Connection, owner: str) -> None:
-    """Give up our leases (clean stop) so the next daemon re-attaches at once."""
+    """Give up our leases (clean stop) so the next daemon re-attaches at once
+    (for workers whose runs do not live on the daemon's host)."""
     conn.execute(
         update(runs)
         .where(runs.c.owner == owner, runs.c.status.in_(ACTIVE_RUN_STATUSES))
