@@ -789,25 +789,54 @@ def test_late_collection_leaves_the_running_attempt_alone(pg_url: str, harness, 
 # --------------------------------------------------------------------------- a running submission set back to new
 
 
-def test_a_running_submission_set_back_to_new_is_not_claimed_again(empty_db_url: str, harness) -> None:
+def test_a_running_submission_set_back_to_new_is_stopped_and_run_again(empty_db_url: str, harness) -> None:
     """ramp-board's set-submission-state puts a running submission back to
-    ``new``: no second attempt starts beside the first, whose files and
-    result stay its own."""
+    ``new``: the admin's ``new`` wins. The daemon stops the running attempt
+    (and says so), closes its row without writing the submission's state or
+    scores, then runs it again as a fresh attempt; no second attempt ever
+    runs beside the first."""
     h = harness(empty_db_url, {"busy": GATED}, n_workers=2)
     a = h.daemon("a")
     wait_training(h, ["busy"])
     sid = h.sid("busy")
+    first = the_run(h, "busy")
     with h.dep.engine.begin() as conn:
         queries.set_state(conn, [sid], "new")  # what ramp-database's set_submission_state writes
-    poll = h.dep.event_config().dispatcher.poll_interval
-    time.sleep(5 * poll)  # several claim cycles with a free slot
-    assert [r.attempt for r in run_rows(h.dep.engine, sid)] == [1]
-    assert h.ramp_test_count("busy") == 1
+    a.wait_log("set back to new by an administrator while the run was in progress; stopping the run", 30)
+    wait_for(lambda: len(run_rows(h.dep.engine, sid)) == 2, 60, "attempt 2 claimed")
+    r1, r2 = run_rows(h.dep.engine, sid)
+    assert (r1.status, r1.outcome) == ("collected", "superseded"), r1
+    assert "set back to new" in r1.message and "result not written" in r1.message
+    assert r2.created_at >= r1.collected_at  # the first was closed before the second was claimed
+    assert not is_alive(first.handle["pid"]), "attempt 1's supervisor still runs beside attempt 2"
     h.open_gate()
-    assert a.wait_exit(60) == 0
-    [row] = run_rows(h.dep.engine, sid)
-    assert row.outcome == "scored"
-    assert h.ramp_test_count("busy") == 1
+    assert a.wait_exit(60) == 0, a.log()
+    rows = run_rows(h.dep.engine, sid)
+    assert [(r.attempt, r.outcome) for r in rows] == [(1, "superseded"), (2, "scored")]
+    assert h.ramp_test_count("busy") == 2  # attempt 1 (stopped), then attempt 2
+    assert_scored_once(h.dep.engine, sid)
+    h.assert_nothing_left()
+
+
+def test_a_submission_set_back_to_new_as_its_run_ends_keeps_the_admins_new(empty_db_url: str, harness) -> None:
+    """The admin's ``new`` lands while the run is ending, before the daemon
+    has looked for resets (its claim cycle is two minutes away): the run's
+    end and result are not written over it; the run's row alone is closed,
+    saying why, and the submission is run again as a fresh attempt."""
+    h = harness(empty_db_url, {"ending": GATED}, n_workers=1)
+    edit_event_config(h.dep.event_path, "dispatcher", poll_interval=120)
+    a = h.daemon("a")
+    wait_training(h, ["ending"])
+    sid = h.sid("ending")
+    with h.dep.engine.begin() as conn:
+        queries.set_state(conn, [sid], "new")
+    h.open_gate()  # attempt 1 ends now, and its collection finds the admin's new
+    a.wait_log("closed without writing its result", 60)
+    assert a.wait_exit(90) == 0, a.log()
+    rows = run_rows(h.dep.engine, sid)
+    assert [(r.attempt, r.outcome) for r in rows] == [(1, "superseded"), (2, "scored")], a.log()
+    assert "set back to new" in rows[0].message
+    assert h.ramp_test_count("ending") == 2
     assert_scored_once(h.dep.engine, sid)
     h.assert_nothing_left()
 
