@@ -18,6 +18,7 @@ Runs that must be "in progress" use gated submissions (see ``faults.py``):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -363,16 +364,28 @@ def _finish_takeover(h: Harness, a, sid: int, scored) -> None:
     h.assert_nothing_left()
 
 
+@contextlib.contextmanager
+def daemon_logs_on_failure(h: Harness) -> Iterator[None]:
+    """On a failure, print every daemon's whole log (pytest shows it)."""
+    try:
+        yield
+    except BaseException:
+        for d in h.daemons:
+            print(f"----- {d.log_path.name} (pid {d.pid})\n{d.log()}")
+        raise
+
+
 def test_lease_takeover_from_a_stopped_daemon(pg_url: str, harness) -> None:
     h = harness(pg_url, {"slow": GATED}, n_workers=1)
     sid = h.sid("slow")
-    a, b, _ = _take_over(h)
-    a.send(signal.SIGCONT)  # A wakes while the run still goes
-    a.wait_log("taken over by another daemon; dropped", 15)
-    h.open_gate()
-    assert b.wait_exit(60) == 0
-    assert "scored" in b.log()
-    _finish_takeover(h, a, sid, the_run(h, "slow"))
+    with daemon_logs_on_failure(h):
+        a, b, _ = _take_over(h)
+        a.send(signal.SIGCONT)  # A wakes while the run still goes
+        a.wait_log("taken over by another daemon; dropped", 15)
+        h.open_gate()
+        assert b.wait_exit(60) == 0
+        assert ": scored" in b.log()
+        _finish_takeover(h, a, sid, the_run(h, "slow"))
 
 
 def test_lease_takeover_daemon_resumes_after_the_run_was_collected(pg_url: str, harness) -> None:
@@ -382,16 +395,17 @@ def test_lease_takeover_daemon_resumes_after_the_run_was_collected(pg_url: str, 
     is not due: the result must not depend on which job runs first.)"""
     h = harness(pg_url, {"slow": GATED}, n_workers=1)
     sid = h.sid("slow")
-    a, b, _ = _take_over(h, poll_interval=120)
-    h.open_gate()
-    assert b.wait_exit(60) == 0
-    scored = the_run(h, "slow")
-    assert scored.outcome == "scored"
-    a.send(signal.SIGCONT)
-    try:
-        a.wait_log("taken over by another daemon; dropped", 3)
-    finally:
-        _finish_takeover(h, a, sid, scored)
+    with daemon_logs_on_failure(h):
+        a, b, _ = _take_over(h, poll_interval=120)
+        h.open_gate()
+        assert b.wait_exit(60) == 0
+        scored = the_run(h, "slow")
+        assert scored.outcome == "scored"
+        a.send(signal.SIGCONT)
+        try:
+            a.wait_log("taken over by another daemon; dropped", 3)
+        finally:
+            _finish_takeover(h, a, sid, scored)
 
 
 # --------------------------------------------------------------------------- 5. database outages
@@ -798,6 +812,7 @@ def test_a_running_submission_set_back_to_new_is_stopped_and_run_again(empty_db_
     h = harness(empty_db_url, {"busy": GATED}, n_workers=2)
     a = h.daemon("a")
     wait_training(h, ["busy"])
+    wait_for(lambda: h.ramp_test_count("busy") == 1, 30, "ramp-test running the submission")
     sid = h.sid("busy")
     first = the_run(h, "busy")
     with h.dep.engine.begin() as conn:
@@ -827,6 +842,7 @@ def test_a_submission_set_back_to_new_as_its_run_ends_keeps_the_admins_new(empty
     edit_event_config(h.dep.event_path, "dispatcher", poll_interval=120)
     a = h.daemon("a")
     wait_training(h, ["ending"])
+    wait_for(lambda: h.ramp_test_count("ending") == 1, 30, "ramp-test running the submission")
     sid = h.sid("ending")
     with h.dep.engine.begin() as conn:
         queries.set_state(conn, [sid], "new")
@@ -894,3 +910,36 @@ def test_a_local_run_of_another_host_is_requeued_after_a_grace_not_reattached(
     assert "elsewhere.example" in (rows[0].message or "")
     assert asked == []  # attempt 1 was neither checked, stopped nor searched for here
     assert_scored_once(h.dep.engine, sid)
+
+
+def test_a_clean_stop_does_not_shorten_what_another_host_waits(empty_db_url: str, harness, monkeypatch) -> None:
+    """A daemon (here one that calls itself a daemon of another host, by its
+    owner id) stops cleanly while its conda run goes on: it leaves the run's
+    lease to lapse on its own (a restart on its host re-attaches at once
+    anyway), so a daemon of this host leaves the run alone, files and all,
+    for the lease plus the grace, not just the grace after the stop."""
+    h = harness(empty_db_url, {"far": GATED}, n_workers=1)
+    sid = h.sid("far")
+    edit_event_config(h.dep.event_path, "dispatcher", hunger_policy="sleep")
+    far = _in_process(h, monkeypatch)
+    far.owner = OTHER_HOST_OWNER
+    far.start()
+    try:
+        wait_training(h, ["far"])
+        run = the_run(h, "far")
+        wait_for(lambda: far._request(sid, 1).output_dir.is_dir(), 30, "the run's training_output")
+    finally:
+        far.stop()
+    stopped_at = naive_utcnow()
+    row = the_run(h, "far")
+    assert row.owner == OTHER_HOST_OWNER and row.status == "running"
+    assert row.lease_expires_at >= stopped_at + far.lease - dt.timedelta(seconds=15), (
+        f"the clean stop cut the lease short: it ends {row.lease_expires_at}, the stop was at {stopped_at}"
+    )
+    here = _in_process(h, monkeypatch)
+    here._event = _load_event(h)
+    here._housekeeping_and_claim()
+    assert the_run(h, "far") == row  # not taken over, nothing written
+    assert is_alive(run.handle["pid"]) and far._request(sid, 1).output_dir.is_dir()
+    h.open_gate()
+    wait_for(lambda: not is_alive(run.handle["pid"]), 60, "the run to end")

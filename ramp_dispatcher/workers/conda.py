@@ -552,9 +552,11 @@ class CondaWorker(Worker):
         return True
 
     def forget(self, request: RunRequest, handle: Handle) -> None:
-        # the waiter thread still reaps the supervisor; it just wakes nobody's run
+        # the waiter thread still reaps the supervisor; it neither checks the
+        # run's output nor wakes anyone
         with self._procs_lock:
             self._procs.pop((request.submission_id, request.attempt), None)
+            self._wakes.pop((request.submission_id, request.attempt), None)
 
     def reports_end(self, request: RunRequest) -> bool:
         # a waiter thread wakes the loop when a supervisor we spawned exits;
@@ -590,8 +592,14 @@ class CondaWorker(Worker):
     ) -> None:
         proc.wait()  # also reaps the supervisor
         with self._procs_lock:
-            if self._procs.get(key) is proc:
+            ours = self._procs.get(key) is proc
+            if ours:
                 del self._procs[key]
+        if not ours:
+            # Forgotten (another daemon took the run over) or this daemon is
+            # stopping: the run's holder runs the post-run checks when it
+            # checks the run; two daemons must not run them on one output.
+            return
         status = _read_status(status_path) or {}
         if status.get("reason") == "exited" and self._exit_code(status) == 0:
             # Before the wake, so the check it triggers finds the outcome whole.
