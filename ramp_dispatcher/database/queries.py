@@ -403,8 +403,6 @@ class _RunStatements:
     note_error: Update
     #: which of ``:run_ids`` (not collected) have their submission ``new``
     reset_by_admin: Select[tuple[int]]
-    #: the state of ``:for_submission``
-    submission_state: Select[tuple[str]]
 
 
 @cache
@@ -436,9 +434,6 @@ def _run_stmts() -> _RunStatements:
         .join(submissions, submissions.c.id == runs.c.submission_id)
         .where(ids, runs.c.status != RUN_COLLECTED, submissions.c.state == "new")
         .order_by(runs.c.id),
-        submission_state=select(submissions.c.state).where(
-            submissions.c.id == bindparam("for_submission")
-        ),
     )
 
 
@@ -489,10 +484,15 @@ def submission_was_reset(conn: Connection, submission_id: int) -> bool:
     BEGIN IMMEDIATE excludes other writers): the admin's change and the
     result written next happen one after the other, so a ``new`` set after
     this look stands over the result."""
-    query = _run_stmts().submission_state
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(of=submissions)
+    query = _submission_state_stmt(conn.dialect.name == "postgresql")
     return conn.execute(query, {"for_submission": submission_id}).scalar() == "new"
+
+
+@cache
+def _submission_state_stmt(lock: bool) -> Select[tuple[str]]:
+    """The state of ``:for_submission``; ``lock``: its row locked (PostgreSQL)."""
+    query = select(submissions.c.state).where(submissions.c.id == bindparam("for_submission"))
+    return query.with_for_update(of=submissions) if lock else query
 
 
 #: ``dispatcher_runs.outcome`` of a run closed without writing its result
