@@ -15,7 +15,7 @@ everything a run does in its worker; a run's life is the state machine of
 
 Between jobs the daemon sleeps: no busy loop.
 
-Why one file of about 800 lines: the ``Dispatcher`` is the loop's one object,
+Why one file of about 1000 lines: the ``Dispatcher`` is the loop's one object,
 and its methods are the run transitions' writes and what each tells (log,
 metrics, leaderboards, breaker); split, one run's life would be read across
 files. What is not the loop lives elsewhere (``service``: the ``run`` process).
@@ -28,7 +28,7 @@ import logging
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -51,7 +51,7 @@ from .retry import RetryPolicy
 from .runs import ActiveRun, RunState
 from .sdnotify import SystemdNotifier
 from .workers import make_worker
-from .workers.base import FailureClass, RunOutcome, RunRequest, Worker, WorkerError
+from .workers.base import FailureClass, Handle, RunOutcome, RunRequest, Worker, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,15 @@ DB_ERRORS = (DBAPIError,)
 #: tries of one run's step (record, check, write back) that raise before the
 #: run is closed as an infrastructure failure (retried per the retry policy)
 MAX_RUN_ERRORS = 3
+#: on the run's row when its submission was set back to ``new`` while it ran
+RESET_MESSAGE = "its submission was set back to new while the run was in progress; result not written"
+#: the longest one run's slow call (its start, the move of its output, its
+#: cleanup: see ``runs``) is waited for; past it the run goes on without the
+#: call's result, so that a hung call does not hold a slot for ever. Well
+#: above the slowest expected: ``conda info`` (60 s) behind another lookup.
+SLOW_CALL_LIMIT_S = 300.0
+#: threads for the slow calls: a hung one must leave the others room
+SLOW_THREADS = 8
 
 
 class Dispatcher:
@@ -95,9 +104,9 @@ class Dispatcher:
         self.leaderboard = LeaderboardService.for_event(engine, config)
         self.active: dict[int, ActiveRun] = {}
         self.breaker = CircuitBreaker()
-        #: slow calls of the worker (stopping a cancelled run waits for its
-        #: tree to exit), so that the loop keeps its period meanwhile
-        self._slow = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dispatcher-slow")
+        #: slow calls (a run's start, the move of its output, its cleanup or
+        #: stop), so that the loop keeps its period meanwhile
+        self._slow = ThreadPoolExecutor(max_workers=SLOW_THREADS, thread_name_prefix="dispatcher-slow")
         self.stopped = threading.Event()
         self._last_reap = -REAP_INTERVAL_S  # the first claim cycle reaps
         self._last_status = -STATUS_INTERVAL_S
@@ -169,18 +178,33 @@ class Dispatcher:
             self._listener.stop()
         if self._loop is not None:
             self._loop.stop()
-        # a stop in flight finishes; its cancel is written by the next daemon
+        # Slow calls in flight finish (each is bounded: a conda lookup by its
+        # timeout); what they leave is the next daemon's: a cancel or reset to
+        # write, a run to re-attach or to find. Those not begun are dropped.
         self._slow.shutdown(wait=True, cancel_futures=True)
-        try:
-            with self.engine.begin() as conn:
-                queries.release(conn, self.owner)
-        except DB_ERRORS as exc:
-            log.warning("could not release leases (%s); they expire in %s", first_line(exc), self.lease)
+        self._release_leases()
         self.worker.close()
         self.leaderboard.close()  # finishes a pending refresh, bounded
         self.metrics.close()
         if self.active:
             log.info("left %d run(s) running for the next start to re-attach", len(self.active))
+
+    def _release_leases(self) -> None:
+        """At a clean stop, let the next daemon take the runs over at once,
+        except runs that live on this host: a restart here re-attaches them
+        anyway (their owner's process is gone: ``owner_is_dead``), and a daemon
+        of another host must wait the full lease and its grace (it would call
+        them lost while they still run here)."""
+        if self.worker.runs_on_this_host():
+            if self.active:
+                log.info("leases kept until they lapse (within %s): the runs live on this host, "
+                         "another host waits that long plus a grace", self.lease)  # fmt: skip
+            return
+        try:
+            with self.engine.begin() as conn:
+                queries.release(conn, self.owner)
+        except DB_ERRORS as exc:
+            log.warning("could not release leases (%s); they expire in %s", first_line(exc), self.lease)
 
     def reload(self, config: EventConfig) -> None:
         """Apply a re-read event config (SIGHUP) without dropping runs.
@@ -280,23 +304,29 @@ class Dispatcher:
         """Renew leases, cancel what an admin cancelled, drop what another daemon
         took over, adopt orphans; then claim."""
         claims: list[queries.Claim] = []
+        # runs whose row is collected (their files being freed) are nobody's to renew
+        serving = [i for i, r in self.active.items() if r.state is not RunState.CLEANING]
         with self.engine.begin() as conn:
-            ours = queries.heartbeat(conn, self.owner, self.active, self.lease)
+            ours = queries.heartbeat(conn, self.owner, serving, self.lease)
             adopted = queries.adopt_orphaned_runs(
                 conn, self.event, self.owner, self.lease, self.active, owner_is_dead,
                 foreign=self._foreign, foreign_grace=self.lease,
             )
-            cancels = control.pending_cancels(conn, list(self.active))
+            cancels = control.pending_cancels(conn, serving)
+            resets = queries.reset_runs(conn, serving)
             # The usual cycle has nothing to stop, drop or take over: it claims
             # in the same transaction, one commit less.
-            settled = not adopted and not cancels and ours == set(self.active)
+            settled = not adopted and not cancels and not resets and ours == set(serving)
             if settled:
                 claims = self._claim(conn)
         if not settled:
             for run_id in cancels:
                 if run_id in self.active:
-                    self._stop_cancelled(self.active[run_id])
-            for run_id in set(self.active) - ours:
+                    self._stop(self.active[run_id], "cancel")
+            for run_id in resets:
+                if run_id in self.active and run_id not in cancels:
+                    self._stop(self.active[run_id], "reset")
+            for run_id in set(serving) - ours:
                 # Our lease lapsed (a long database outage) and another daemon
                 # took the run over: it is theirs to collect now.
                 self._drop(self.active[run_id])
@@ -313,7 +343,11 @@ class Dispatcher:
         if free > 0:
             allowed = self.breaker.allowed_claims(free, time.monotonic())
             if allowed:
-                claims = queries.claim(conn, self.event, allowed, self.owner, self.config.worker_type, self.lease)
+                # a submission whose last run's files are being freed waits for that
+                busy = [r.submission_id for r in self.active.values() if r.state is RunState.CLEANING]
+                claims = queries.claim(
+                    conn, self.event, allowed, self.owner, self.config.worker_type, self.lease, busy
+                )
             if claims and self.breaker.holding:
                 log.warning("circuit breaker: one run claimed as a probe of the platform")
         queries.update_queue_positions(conn, self.event)
@@ -321,31 +355,57 @@ class Dispatcher:
             self.metrics.set_queue_depth(queries.count_waiting(conn, self.event))
         return claims
 
-    def _stop_cancelled(self, run: ActiveRun) -> None:
-        """An admin asked (``ramp-dispatcher cancel``) to stop this run: the
-        worker stops it on a slow-call thread (it may wait seconds for the
-        run's tree to exit); :meth:`_cancel` closes it once stopped."""
+    def _stop(self, run: ActiveRun, reason: str) -> None:
+        """Stop a run an admin cancelled (``ramp-dispatcher cancel``), or whose
+        submission an admin set back to ``new`` (``reset``: the admin's
+        ``new`` wins over the run's result, and a fresh attempt follows).
+        The worker stops it on a slow-call thread (it may wait seconds for
+        the run's tree to exit); :meth:`_close_stopped` closes it once stopped."""
         if run.stopping is not None:
             return
-        log.info("%s: cancelled by an administrator; stopping the run", run.label())
-        run.stopping = self._slow.submit(self.worker.cleanup, run.request, run.handle or {})
+        if reason == "cancel":
+            log.info("%s: cancelled by an administrator; stopping the run", run.label())
+        else:
+            log.warning("%s: its submission was set back to new by an administrator while "
+                        "the run was in progress; stopping the run, whose result will not be "
+                        "written; the submission is then claimed again as a fresh attempt",
+                        run.label())  # fmt: skip
+        run.stop_reason = reason
+        run.stopping = self._slow.submit(self._stop_run, run.request, run.handle, run.slow)
         run.stopping.add_done_callback(lambda _f: self.wake("claim"))
 
-    def _close_stopped(self) -> None:
-        """Close the cancelled runs whose stop has finished."""
-        for run in [r for r in self.active.values() if r.stopping is not None and r.stopping.done()]:
-            self._cancel(run)
+    def _stop_run(self, request: RunRequest, handle: Handle | None, start: Future | None) -> None:
+        """On a slow-call thread: a start still in flight is waited for
+        (bounded), so that what it started is stopped too."""
+        if start is not None and handle is None:
+            try:
+                handle = start.result(timeout=SLOW_CALL_LIMIT_S)
+            except Exception:  # it did not start, or not in time: stop what can be found
+                handle = None
+        self.worker.cleanup(request, handle or {})
 
-    def _cancel(self, run: ActiveRun) -> None:
-        """A cancelled run is stopped: close it and make its submission final."""
+    def _close_stopped(self) -> None:
+        """Close the stopped runs (cancelled, or reset by an admin)."""
+        for run in [r for r in self.active.values() if r.stopping is not None and r.stopping.done()]:
+            self._close_stopped_run(run)
+
+    def _close_stopped_run(self, run: ActiveRun) -> None:
+        """A cancelled run is stopped: close it and make its submission final.
+        A reset one: close its row only; its submission stays ``new``."""
         assert run.stopping is not None
         if run.stopping.exception() is not None:
-            log.error("%s: stopping the cancelled run failed", run.label(), exc_info=run.stopping.exception())
+            log.error("%s: stopping the run failed", run.label(), exc_info=run.stopping.exception())
         with self.engine.begin() as conn:
-            done = control.write_cancelled(conn, run.run_id, run.submission_id)
-        if done:
+            if run.stop_reason == "cancel":
+                done = control.write_cancelled(conn, run.run_id, run.submission_id)
+            else:
+                done = queries.close_superseded(conn, run.run_id, self.owner, RESET_MESSAGE)
+        if done and run.stop_reason == "cancel":
             log.info("%s: checking_error (cancelled by an administrator)", run.label())
             self.metrics.outcome("cancelled")
+        elif done:
+            log.info("%s: stopped and closed without its result (%s)", run.label(), RESET_MESSAGE)
+        if done:
             self.leaderboard.request([run.submission_id])
         run.drop()
         del self.active[run.run_id]
@@ -415,33 +475,79 @@ class Dispatcher:
         )
 
     def _launch(self, claim: queries.Claim) -> None:
-        """A claimed run: STARTING -> STARTED (-> RUNNING once its handle is
-        recorded), or ENDED as an infrastructure failure if it cannot start."""
+        """A claimed run: the worker starts it on a slow-call thread (a conda
+        environment lookup may take a minute); collect takes it on from there
+        (:meth:`_started`)."""
         request = self._request(claim.submission_id, claim.attempt)
         run = ActiveRun(
             self.event.name, claim.run_id, claim.submission_id, claim.name, claim.attempt, request
         )
         self.active[run.run_id] = run
         log.info("%s: sent_to_training", run.label())
+        self._offload(run, self._start_run, run)
+
+    def _offload(self, run: ActiveRun, call: Callable[..., object], *args: object) -> None:
+        """Make the run's current step's slow call on a slow-call thread;
+        collect takes the run on when it is over (or overdue)."""
+        run.offload(self._slow.submit(call, *args), SLOW_CALL_LIMIT_S)
+        assert run.slow is not None
+        run.slow.add_done_callback(lambda _f: self.wake("collect"))
+
+    def _start_run(self, run: ActiveRun) -> Handle:
+        """On a slow-call thread: the worker's start."""
+        request = run.request
         submission_dir = request.submissions_dir / request.submission_name
-        try:
-            if not submission_dir.is_dir():
-                raise WorkerError(f"the submission's folder {submission_dir} does not exist")
-            run.started(self.worker.start(request, self._waker(run)))
-        except WorkerError as exc:
+        if not submission_dir.is_dir():
+            raise WorkerError(f"the submission's folder {submission_dir} does not exist")
+        return self.worker.start(request, self._waker(run))
+
+    def _take_slow(self, run: ActiveRun) -> bool:
+        """Whether the run may take its next step: no slow call in flight, or
+        the one in flight is over (its result applied here) or overdue."""
+        future = run.slow
+        if future is None:
+            return True
+        overdue = not future.done()
+        if overdue and time.monotonic() < run.slow_deadline:
+            return False
+        run.slow = None
+        if run.state is RunState.STARTING:
+            self._started(run, future, overdue)
+        elif run.state is RunState.FINISHED:
+            self._moved(run, future, overdue)
+        elif run.state is RunState.CLEANING:
+            self._cleaned(run, future, overdue)
+        return True
+
+    def _started(self, run: ActiveRun, future: Future, overdue: bool) -> None:
+        """STARTING -> STARTED (the handle is recorded next), or ENDED as an
+        infrastructure failure if it could not start, or not in time."""
+        if overdue:
+            log.error("%s: the worker did not start it within %g s; giving up on it",
+                      run.label(), SLOW_CALL_LIMIT_S)  # fmt: skip
+            run.fail_to_start(f"starting the run took more than {SLOW_CALL_LIMIT_S:g} s")
+            # what a late start still starts must not run unwatched
+            future.add_done_callback(lambda f: self._stop_late_start(run, f))
+            return
+        exc = future.exception()
+        if exc is None:
+            run.started(future.result())
+            log.info("%s: training", run.label())
+        elif isinstance(exc, WorkerError):
             run.fail_to_start(str(exc))
-            self.wake("collect")
-            return
-        except Exception as exc:  # a worker bug must not cost other runs
-            log.exception("%s: worker failed to start the run", run.label())
+        else:  # a worker bug must not cost other runs
+            log.error("%s: worker failed to start the run", run.label(), exc_info=exc)
             run.fail_to_start(f"worker error: {exc}")
-            self.wake("collect")
+
+    def _stop_late_start(self, run: ActiveRun, future: Future) -> None:
+        """A start given up on finished after all (on its own thread): stop it."""
+        if future.cancelled() or future.exception() is not None:
             return
-        log.info("%s: training", run.label())
+        log.warning("%s: its start finished after it was given up on; stopping it", run.label())
         try:
-            self._record_handle(run)
-        except Exception as exc:  # this run's problem: the other launches go on
-            self._contain(run, exc)
+            self.worker.cleanup(run.request, future.result() or {})
+        except Exception:
+            log.exception("%s: stopping the late start failed", run.label())
 
     def _record_handle(self, run: ActiveRun) -> None:
         """STARTED -> RUNNING: store the handle so a restarted daemon can find
@@ -526,14 +632,17 @@ class Dispatcher:
             self.wake("claim")
 
     def _advance(self, run: ActiveRun, tbc: float) -> None:
+        if not self._take_slow(run):
+            return  # its slow call goes on
         if run.state is RunState.STARTED:
             self._record_handle(run)
         now = time.monotonic()
         if run.check_due(now):
             self._check(run, now, tbc)
-        if run.state in (RunState.ENDED, RunState.FINISHED):
+        if run.state in (RunState.ENDED, RunState.FINISHED, RunState.CLEANING):
             self._finish(run)
-        run.errors = 0
+        if run.slow is None:  # a step handed to a slow call has not succeeded yet
+            run.errors = 0
 
     def _contain(self, run: ActiveRun, exc: BaseException) -> None:
         """One run's step raised: log it with the run's label, note it on the
@@ -597,14 +706,17 @@ class Dispatcher:
             run.end(outcome)
 
     def _finish(self, run: ActiveRun) -> None:
-        """ENDED -> FINISHED -> CLOSED, one commit each; then free what the run held.
+        """ENDED -> FINISHED -> CLEANING -> CLOSED, one commit each; then free
+        what the run held.
 
         The end is committed before the results are written, so that a crash or
         a failing write in between leaves the run ``finished`` with its outcome's
         class. Raises on database errors, keeping the run in its state for the
         next cycle: every step is safe to repeat. A run another daemon took
         over, or already collected, is dropped without touching anything on
-        disk: its files may already belong to a newer attempt.
+        disk: its files may already belong to a newer attempt. The move of a
+        successful output and the worker's cleanup are slow calls: this
+        returns while one is in flight, and collect calls it again after.
         """
         if run.state is RunState.ENDED:
             with self.engine.begin() as conn:
@@ -613,20 +725,84 @@ class Dispatcher:
                 self._drop(run)
                 return
             run.finished()
-        with self.engine.begin() as conn:
-            written = self._close(conn, run)
-        if not written:
-            self._drop(run)
+        if run.state is RunState.FINISHED:
+            if not self._output_kept(run):
+                return  # being moved
+            with self.engine.begin() as conn:
+                written = self._close(conn, run)
+            if not written:
+                self._drop(run)
+                return
+            # After the commit: a refresh that started before it would miss the result.
+            self.leaderboard.request([run.submission_id])
+            run.closed()
+            if run.keep_files:
+                run.cleaned()
+            else:
+                self._offload(run, self.worker.cleanup, run.request, run.handle or {})
+
+    def _cleaned(self, run: ActiveRun, future: Future, overdue: bool) -> None:
+        """CLEANING -> CLOSED once the worker freed what the run held, or the
+        bound passed: the slot is not held for ever."""
+        if overdue:
+            log.error("%s: the worker did not free what the run held within %g s; "
+                      "its slot is freed all the same", run.label(), SLOW_CALL_LIMIT_S)  # fmt: skip
+        elif future.exception() is not None:
+            log.error("%s: cleanup failed", run.label(), exc_info=future.exception())
+        run.cleaned()
+
+    def _output_kept(self, run: ActiveRun) -> bool:
+        """FINISHED with success: read the output where the run left it, then
+        move it to ``<predictions_dir>/submission_%09d`` on a slow-call thread
+        (it may copy across devices). True once it is there, or for a failure.
+        Output that cannot be read is an infrastructure failure (ramp-test
+        said it succeeded; the circuit breaker does not count it)."""
+        outcome = run.outcome
+        assert outcome is not None
+        if outcome.failure is not None or run.moved:
+            return True
+        request = run.request
+        kept = request.predictions_dir / request.submission_name
+        # A previous try may have moved the output already and then lost the database.
+        source = outcome.output_dir if outcome.output_dir and outcome.output_dir.is_dir() else kept
+        if run.results is None:
+            try:
+                if not source.is_dir():
+                    raise ResultsError(f"no training_output folder at {outcome.output_dir}")
+                # The scores recomputed outside the sandbox when the worker has them.
+                run.results = read_results(
+                    source, self.event.n_folds, self.event.score_names, outcome.trusted_scores
+                )
+            except ResultsError as exc:
+                run.replace_outcome(RunOutcome(
+                    FailureClass.INFRASTRUCTURE, f"unusable output: {exc}",
+                    exit_code=outcome.exit_code, max_ram_mb=outcome.max_ram_mb,
+                    log_path=outcome.log_path,
+                ))  # fmt: skip
+                run.output_unusable = True
+                return True
+        if source == kept:
+            run.moved = True
+            return True
+        self._offload(run, _replace_dir, source, kept)
+        return False
+
+    def _moved(self, run: ActiveRun, future: Future, overdue: bool) -> None:
+        """The output's move ended: FINISHED goes on to be written back. A move
+        that failed raises (the run's containment tries again, then gives up);
+        one that did not end in time is given up on at once."""
+        if overdue:
+            message = f"moving its output took more than {SLOW_CALL_LIMIT_S:g} s"
+            log.error("%s: %s; closing it as an infrastructure failure", run.label(), message)
+            outcome = run.outcome
+            assert outcome is not None
+            run.replace_outcome(RunOutcome(
+                FailureClass.INFRASTRUCTURE, message, exit_code=outcome.exit_code,
+                max_ram_mb=outcome.max_ram_mb, log_path=outcome.log_path,
+            ))  # fmt: skip
             return
-        # After the commit: a refresh that started before it would miss the result.
-        self.leaderboard.request([run.submission_id])
-        run.closed()
-        if run.keep_files:
-            return
-        try:
-            self.worker.cleanup(run.request, run.handle or {})
-        except Exception:
-            log.exception("%s: cleanup failed", run.label())
+        future.result()  # raises the move's error
+        run.moved = True
 
     def _record_end(self, conn: Connection, run: ActiveRun) -> bool:
         """ENDED -> FINISHED: the run's row says ``finished``, with the outcome's
@@ -657,40 +833,29 @@ class Dispatcher:
         commit says it again at the next try."""
         outcome = run.outcome
         assert outcome is not None
+        if queries.submission_was_reset(conn, run.submission_id):
+            return self._supersede(conn, run)
         if outcome.failure is not None:
-            return self._store_failure(conn, run, outcome)
-        try:
-            return self._store_results(conn, run, outcome)
-        except ResultsError as exc:
-            # ramp-test said it succeeded but its output is unusable: not the
-            # participant's doing, so it is ours to retry.
-            unusable = RunOutcome(
-                FailureClass.INFRASTRUCTURE,
-                f"unusable output: {exc}",
-                exit_code=outcome.exit_code,
-                max_ram_mb=outcome.max_ram_mb,
-                log_path=outcome.log_path,
-            )
-            run.replace_outcome(unusable)
-            # ramp-test ran and exited 0: this submission's output is at fault,
-            # not the platform, so the circuit breaker does not count it.
-            return self._store_failure(conn, run, unusable, platform_ran=True)
+            # ramp-test exited 0 with an unusable output: the submission's
+            # output is at fault, not the platform (the breaker does not count it)
+            return self._store_failure(conn, run, outcome, platform_ran=run.output_unusable)
+        return self._store_results(conn, run, outcome)
+
+    def _supersede(self, conn: Connection, run: ActiveRun) -> bool:
+        """The submission was set back to ``new`` behind our back (an admin,
+        ramp-database's ``set-submission-state``) before the run was written
+        back: the admin's ``new`` stands. Only the run's row is closed, and
+        the submission is claimed again as a fresh attempt."""
+        done = queries.close_superseded(conn, run.run_id, self.owner, RESET_MESSAGE)
+        if done:
+            log.warning("%s: closed without writing its result: %s; the submission is "
+                        "claimed again as a fresh attempt", run.label(), RESET_MESSAGE)  # fmt: skip
+        return done
 
     def _store_results(self, conn: Connection, run: ActiveRun, outcome: RunOutcome) -> bool:
-        request = run.request
-        kept = request.predictions_dir / request.submission_name
-        # A previous try may have moved the output already and then lost the database.
-        source = outcome.output_dir if outcome.output_dir and outcome.output_dir.is_dir() else kept
-        if not source.is_dir():
-            raise ResultsError(f"no training_output folder at {outcome.output_dir}")
-        # The scores recomputed outside the sandbox when the worker has them.
-        results, note = read_results(
-            source, self.event.n_folds, self.event.score_names, outcome.trusted_scores
-        )
+        results, note = run.results
         if note:
             log.warning("%s: %s", run.label(), note)
-        if source != kept:
-            _replace_dir(source, kept)
         written = queries.write_results(
             conn, self.event, run.run_id, self.owner, run.submission_id, results,
             outcome.max_ram_mb, note=note,

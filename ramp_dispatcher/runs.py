@@ -6,18 +6,29 @@ daemon keeps each run it serves as an :class:`ActiveRun`; its ``state`` says
 which step comes next, and each transition below names what the dispatcher
 writes to the database when it makes it::
 
-    STARTING ──start──> STARTED ──record_handle──> RUNNING
-       │                   │                          │
-       └──start failed──> ENDED <────────check────────┘
-                            │
-                       record_end
-                            v
-                         FINISHED ──close──> CLOSED (leaves the active set)
+    STARTING ──start*──> STARTED ──record_handle──> RUNNING
+       │                    │                          │
+       └──start failed*──> ENDED <────────check────────┘
+                             │
+                        record_end
+                             v
+                          FINISHED ──(move*)──close──> CLEANING ──cleanup*──> CLOSED
+                                                                 (leaves the active set)
 
-A run taken over by another daemon, or cancelled by an admin, goes to CLOSED
-from any state (``drop`` / ``cancel``). The database keeps its own, coarser
-``status`` per run (starting, running, finished, collected); a restarted daemon
-re-attaches from it (:meth:`ActiveRun.reattached`).
+The steps marked * are slow calls (the worker's ``start``: a conda environment
+lookup; moving a successful run's output to the predictions folder, which
+may copy across devices; the worker's ``cleanup``, which may wait for a
+process tree to exit): the dispatcher makes them on a slow-call thread, the
+run waits in its state with :attr:`ActiveRun.slow` set, and the loop goes on.
+Each is waited for at most a bound, so that a hung call cannot hold a slot
+for ever. A CLEANING run keeps its slot, and its submission is not claimed
+again, until its files are freed.
+
+A run taken over by another daemon, or cancelled by an admin, or whose
+submission an admin set back to ``new``, goes to CLOSED from any state
+(``drop``; the last two after the worker stopped it). The database keeps its
+own, coarser ``status`` per run (starting, running, finished, collected); a
+restarted daemon re-attaches from it (:meth:`ActiveRun.reattached`).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import enum
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from .database.dispatcher_schema import RUN_STARTING
 from .workers.base import FailureClass, Handle, RunOutcome, RunRequest
@@ -43,7 +55,9 @@ class RunState(enum.Enum):
     ENDED = "ended"
     #: the runs table says it finished; the submission's rows are not written yet
     FINISHED = "finished"
-    #: written back (or dropped, or cancelled): it leaves the active set
+    #: written back; the worker frees what the run held (files, process)
+    CLEANING = "cleaning"
+    #: done (or dropped, or stopped): it leaves the active set
     CLOSED = "closed"
 
 
@@ -78,8 +92,24 @@ class ActiveRun:
     taken_at: float = field(default_factory=time.monotonic)
     #: taken over from another host: closed without touching its files
     keep_files: bool = False
-    #: an admin cancelled it: the worker is stopping it off the loop thread
+    #: an admin cancelled it, or set its submission back to ``new``
+    #: (:attr:`stop_reason`): the worker is stopping it off the loop thread
     stopping: Future[None] | None = None
+    #: why it is being stopped: ``cancel`` or ``reset``
+    stop_reason: str = ""
+    #: a slow call of the current step in flight (see the module's doc); the
+    #: run takes no other step until it is over or :attr:`slow_deadline` passed
+    slow: Future[Any] | None = None
+    #: monotonic time after which :attr:`slow` is given up on
+    slow_deadline: float = 0.0
+    #: FINISHED with success: the parsed output and the parser's note, read
+    #: before the output is moved to the predictions folder
+    results: Any = None
+    #: FINISHED with success: the output is in the predictions folder
+    moved: bool = False
+    #: ramp-test exited 0 but its output was unusable: the submission's fault,
+    #: not the platform's (the circuit breaker does not count it)
+    output_unusable: bool = False
 
     def label(self) -> str:
         return (
@@ -145,13 +175,25 @@ class ActiveRun:
         self.outcome = outcome
 
     def closed(self) -> None:
-        """FINISHED -> CLOSED. The dispatcher wrote the result (``scored``), the
-        final failure or the requeue, and closed the run's row (``collected``)."""
-        self._move((RunState.FINISHED,), RunState.CLOSED)
+        """FINISHED -> CLEANING. The dispatcher wrote the result (``scored``), the
+        final failure or the requeue, and closed the run's row (``collected``);
+        or closed only the row (the submission was set back to ``new``)."""
+        self._move((RunState.FINISHED,), RunState.CLEANING)
+
+    def cleaned(self) -> None:
+        """CLEANING -> CLOSED: the worker freed what the run held (or the
+        dispatcher stopped waiting for it). Writes nothing."""
+        self._move((RunState.CLEANING,), RunState.CLOSED)
+
+    def offload(self, future: Future[Any], bound_s: float) -> None:
+        """The current step's slow call is in flight on another thread."""
+        self.slow = future
+        self.slow_deadline = time.monotonic() + bound_s
 
     def drop(self) -> None:
         """any -> CLOSED without writing: another daemon holds the run now, or
-        an admin's cancel closed it (the dispatcher wrote ``write_cancelled``)."""
+        an admin's cancel or reset closed it (the dispatcher wrote
+        ``write_cancelled`` or ``close_superseded``)."""
         self.state = RunState.CLOSED
 
     # ---------------------------------------------------------------- checks

@@ -326,3 +326,46 @@ def test_submissions_table_untouched_by_a_refused_action(empty_db_url: str, tmp_
     assert main(cli(dep, "retry", "fresh", "--event", EVENT)) == 2
     with dep.engine.connect() as conn:
         assert conn.execute(select(submissions).order_by(submissions.c.id)).all() == before
+
+
+def test_a_submission_set_back_to_new_while_its_run_is_in_progress_database_side(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    """The statements behind "the admin's new wins": the daemon finds the run
+    (reset_runs), its own writes of training/tested leave the admin's new
+    alone, closing it as superseded touches only the run's row (and only
+    once, and only by its owner), and the next claim is a fresh attempt."""
+    dep = Deployment(tmp_path / "deploy", empty_db_url, {"busy": GOOD, "other": GOOD})
+    owner, lease = "host:1:1:daemon", dt.timedelta(seconds=60)
+    with dep.engine.begin() as conn:
+        event = queries.load_event(conn, EVENT)
+        claims = {c.name: c for c in queries.claim(conn, event, 2, owner, "conda", lease)}
+        queries.mark_running(conn, claims["other"].run_id, {"pid": 2})
+    busy, sid = claims["busy"], claims["busy"].submission_id
+    with dep.engine.begin() as conn:
+        assert queries.reset_runs(conn, [busy.run_id, claims["other"].run_id]) == []
+        queries.set_state(conn, [sid], "new")  # what ramp-database's set_submission_state writes
+    with dep.engine.begin() as conn:
+        assert queries.reset_runs(conn, [busy.run_id, claims["other"].run_id]) == [busy.run_id]
+        assert queries.mark_running(conn, busy.run_id, {"pid": 1}) is True  # the handle is kept...
+        assert queries.mark_finished(conn, busy.run_id, owner, None, "", succeeded=True) is True
+        assert queries.submission_was_reset(conn, sid) is True
+        assert queries.submission_was_reset(conn, claims["other"].submission_id) is False
+    assert dep.summaries()["busy"].state == "new"  # ...but the admin's new stands
+    assert fold_states(dep, sid) == {("new", "")}
+    with dep.engine.begin() as conn:
+        assert queries.close_superseded(conn, busy.run_id, "host:2:2:another", "m") is False
+        assert queries.close_superseded(conn, busy.run_id, owner, "set back to new") is True
+        assert queries.close_superseded(conn, busy.run_id, owner, "set back to new") is False
+        assert queries.reset_runs(conn, [busy.run_id]) == []
+    assert run_rows(dep, sid) == [(1, "collected", queries.SUPERSEDED, None)]
+    assert dep.summaries()["busy"].state == "new"
+    with dep.engine.begin() as conn:
+        [again] = queries.claim(conn, event, 1, owner, "conda", lease)
+        assert (again.submission_id, again.attempt) == (sid, 2)
+        # a superseded run ends the streak of retries: a fresh budget
+        assert control.attempt_in_budget(conn, sid, 2) == 1
+        # while a daemon still frees a run's files, its submission is not claimed
+        queries.requeue(conn, again.run_id, owner, sid, "infrastructure", "x", queries.utcnow())
+        assert queries.claim(conn, event, 1, owner, "conda", lease, busy=[sid]) == []
+        assert [c.attempt for c in queries.claim(conn, event, 1, owner, "conda", lease)] == [3]

@@ -249,14 +249,19 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
 
 
 def test_supervisor_status_is_read_as_the_conda_worker_reads_it(tmp_path: Path) -> None:
-    from ramp_dispatcher.workers.dask.worker import outcome_from_status
+    from ramp_dispatcher.workers.dask.worker import _Run
 
-    cfg = DaskConfig("tcp://h:1", timeout=60, memory_limit_mb=300)
-    log, out = tmp_path / "log", tmp_path / "training_output"
+    cfg = DaskConfig("tcp://h:1", timeout=60, memory_limit_mb=300, shared_filesystem=True)
     times = {"started_at": 100.0, "finished_at": 112.5, "max_ram_mb": 151.2}
+    request = RunRequest(7, "submission_000000007", 1, tmp_path, tmp_path, tmp_path / "subs",
+                         tmp_path / "logs", tmp_path / "preds")  # fmt: skip
+    log, out = request.log_path, request.output_dir
+    worker = DaskWorker.__new__(DaskWorker)  # only the outcome reading: no cluster
+    worker.config = cfg
 
     def read(**status: Any):
-        return outcome_from_status({**times, **status}, log, out, cfg, "on h (tcp://w:1)")
+        result = {"status": {**times, **status}, "host": "h", "worker": "tcp://w:1"}
+        return worker._outcome(_Run("key", request), result)
 
     ok = read(reason="exited", exit_code=0)
     assert (ok.failure, ok.output_dir, ok.max_ram_mb, ok.duration_s, ok.log_path) == (None, out, 151.2, 12.5, log)

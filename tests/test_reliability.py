@@ -18,6 +18,7 @@ Runs that must be "in progress" use gated submissions (see ``faults.py``):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -363,16 +364,28 @@ def _finish_takeover(h: Harness, a, sid: int, scored) -> None:
     h.assert_nothing_left()
 
 
+@contextlib.contextmanager
+def daemon_logs_on_failure(h: Harness) -> Iterator[None]:
+    """On a failure, print every daemon's whole log (pytest shows it)."""
+    try:
+        yield
+    except BaseException:
+        for d in h.daemons:
+            print(f"----- {d.log_path.name} (pid {d.pid})\n{d.log()}")
+        raise
+
+
 def test_lease_takeover_from_a_stopped_daemon(pg_url: str, harness) -> None:
     h = harness(pg_url, {"slow": GATED}, n_workers=1)
     sid = h.sid("slow")
-    a, b, _ = _take_over(h)
-    a.send(signal.SIGCONT)  # A wakes while the run still goes
-    a.wait_log("taken over by another daemon; dropped", 15)
-    h.open_gate()
-    assert b.wait_exit(60) == 0
-    assert "scored" in b.log(), f"daemon B:\n{b.log()}\ndaemon A:\n{a.log()}"
-    _finish_takeover(h, a, sid, the_run(h, "slow"))
+    with daemon_logs_on_failure(h):
+        a, b, _ = _take_over(h)
+        a.send(signal.SIGCONT)  # A wakes while the run still goes
+        a.wait_log("taken over by another daemon; dropped", 15)
+        h.open_gate()
+        assert b.wait_exit(60) == 0
+        assert ": scored" in b.log()
+        _finish_takeover(h, a, sid, the_run(h, "slow"))
 
 
 def test_lease_takeover_daemon_resumes_after_the_run_was_collected(pg_url: str, harness) -> None:
@@ -382,16 +395,17 @@ def test_lease_takeover_daemon_resumes_after_the_run_was_collected(pg_url: str, 
     is not due: the result must not depend on which job runs first.)"""
     h = harness(pg_url, {"slow": GATED}, n_workers=1)
     sid = h.sid("slow")
-    a, b, _ = _take_over(h, poll_interval=120)
-    h.open_gate()
-    assert b.wait_exit(60) == 0
-    scored = the_run(h, "slow")
-    assert scored.outcome == "scored"
-    a.send(signal.SIGCONT)
-    try:
-        a.wait_log("taken over by another daemon; dropped", 3)
-    finally:
-        _finish_takeover(h, a, sid, scored)
+    with daemon_logs_on_failure(h):
+        a, b, _ = _take_over(h, poll_interval=120)
+        h.open_gate()
+        assert b.wait_exit(60) == 0
+        scored = the_run(h, "slow")
+        assert scored.outcome == "scored"
+        a.send(signal.SIGCONT)
+        try:
+            a.wait_log("taken over by another daemon; dropped", 3)
+        finally:
+            _finish_takeover(h, a, sid, scored)
 
 
 # --------------------------------------------------------------------------- 5. database outages
@@ -516,7 +530,10 @@ def test_sigterm_drain_and_restart(empty_db_url: str, harness) -> None:
     for n in "ab":
         row = the_run(h, n)
         assert row.status == "running"
-        assert row.lease_expires_at <= now, "lease not released on SIGTERM"
+        # conda runs live on this host: the clean stop leaves their leases,
+        # which another host would wait out (plus a grace); this host's next
+        # daemon re-attaches at once all the same (the owner's pid is gone)
+        assert row.lease_expires_at > now + dt.timedelta(seconds=30), "lease shortened on SIGTERM"
 
     edit_event_config(h.dep.event_path, "dispatcher", hunger_policy="exit")
     d2 = h.daemon("second")
@@ -786,25 +803,56 @@ def test_late_collection_leaves_the_running_attempt_alone(pg_url: str, harness, 
 # --------------------------------------------------------------------------- a running submission set back to new
 
 
-def test_a_running_submission_set_back_to_new_is_not_claimed_again(empty_db_url: str, harness) -> None:
+def test_a_running_submission_set_back_to_new_is_stopped_and_run_again(empty_db_url: str, harness) -> None:
     """ramp-board's set-submission-state puts a running submission back to
-    ``new``: no second attempt starts beside the first, whose files and
-    result stay its own."""
+    ``new``: the admin's ``new`` wins. The daemon stops the running attempt
+    (and says so), closes its row without writing the submission's state or
+    scores, then runs it again as a fresh attempt; no second attempt ever
+    runs beside the first."""
     h = harness(empty_db_url, {"busy": GATED}, n_workers=2)
     a = h.daemon("a")
     wait_training(h, ["busy"])
+    wait_for(lambda: h.ramp_test_count("busy") == 1, 30, "ramp-test running the submission")
     sid = h.sid("busy")
+    first = the_run(h, "busy")
     with h.dep.engine.begin() as conn:
         queries.set_state(conn, [sid], "new")  # what ramp-database's set_submission_state writes
-    poll = h.dep.event_config().dispatcher.poll_interval
-    time.sleep(5 * poll)  # several claim cycles with a free slot
-    assert [r.attempt for r in run_rows(h.dep.engine, sid)] == [1]
-    assert h.ramp_test_count("busy") == 1
+    a.wait_log("set back to new by an administrator while the run was in progress; stopping the run", 30)
+    wait_for(lambda: len(run_rows(h.dep.engine, sid)) == 2, 60, "attempt 2 claimed")
+    r1, r2 = run_rows(h.dep.engine, sid)
+    assert (r1.status, r1.outcome) == ("collected", "superseded"), r1
+    assert "set back to new" in r1.message and "result not written" in r1.message
+    assert r2.created_at >= r1.collected_at  # the first was closed before the second was claimed
+    assert not is_alive(first.handle["pid"]), "attempt 1's supervisor still runs beside attempt 2"
     h.open_gate()
-    assert a.wait_exit(60) == 0
-    [row] = run_rows(h.dep.engine, sid)
-    assert row.outcome == "scored"
-    assert h.ramp_test_count("busy") == 1
+    assert a.wait_exit(60) == 0, a.log()
+    rows = run_rows(h.dep.engine, sid)
+    assert [(r.attempt, r.outcome) for r in rows] == [(1, "superseded"), (2, "scored")]
+    assert h.ramp_test_count("busy") == 2  # attempt 1 (stopped), then attempt 2
+    assert_scored_once(h.dep.engine, sid)
+    h.assert_nothing_left()
+
+
+def test_a_submission_set_back_to_new_as_its_run_ends_keeps_the_admins_new(empty_db_url: str, harness) -> None:
+    """The admin's ``new`` lands while the run is ending, before the daemon
+    has looked for resets (its claim cycle is two minutes away): the run's
+    end and result are not written over it; the run's row alone is closed,
+    saying why, and the submission is run again as a fresh attempt."""
+    h = harness(empty_db_url, {"ending": GATED}, n_workers=1)
+    edit_event_config(h.dep.event_path, "dispatcher", poll_interval=120)
+    a = h.daemon("a")
+    wait_training(h, ["ending"])
+    wait_for(lambda: h.ramp_test_count("ending") == 1, 30, "ramp-test running the submission")
+    sid = h.sid("ending")
+    with h.dep.engine.begin() as conn:
+        queries.set_state(conn, [sid], "new")
+    h.open_gate()  # attempt 1 ends now, and its collection finds the admin's new
+    a.wait_log("closed without writing its result", 60)
+    assert a.wait_exit(90) == 0, a.log()
+    rows = run_rows(h.dep.engine, sid)
+    assert [(r.attempt, r.outcome) for r in rows] == [(1, "superseded"), (2, "scored")], a.log()
+    assert "set back to new" in rows[0].message
+    assert h.ramp_test_count("ending") == 2
     assert_scored_once(h.dep.engine, sid)
     h.assert_nothing_left()
 
@@ -862,3 +910,36 @@ def test_a_local_run_of_another_host_is_requeued_after_a_grace_not_reattached(
     assert "elsewhere.example" in (rows[0].message or "")
     assert asked == []  # attempt 1 was neither checked, stopped nor searched for here
     assert_scored_once(h.dep.engine, sid)
+
+
+def test_a_clean_stop_does_not_shorten_what_another_host_waits(empty_db_url: str, harness, monkeypatch) -> None:
+    """A daemon (here one that calls itself a daemon of another host, by its
+    owner id) stops cleanly while its conda run goes on: it leaves the run's
+    lease to lapse on its own (a restart on its host re-attaches at once
+    anyway), so a daemon of this host leaves the run alone, files and all,
+    for the lease plus the grace, not just the grace after the stop."""
+    h = harness(empty_db_url, {"far": GATED}, n_workers=1)
+    sid = h.sid("far")
+    edit_event_config(h.dep.event_path, "dispatcher", hunger_policy="sleep")
+    far = _in_process(h, monkeypatch)
+    far.owner = OTHER_HOST_OWNER
+    far.start()
+    try:
+        wait_training(h, ["far"])
+        run = the_run(h, "far")
+        wait_for(lambda: far._request(sid, 1).output_dir.is_dir(), 30, "the run's training_output")
+    finally:
+        far.stop()
+    stopped_at = naive_utcnow()
+    row = the_run(h, "far")
+    assert row.owner == OTHER_HOST_OWNER and row.status == "running"
+    assert row.lease_expires_at >= stopped_at + far.lease - dt.timedelta(seconds=15), (
+        f"the clean stop cut the lease short: it ends {row.lease_expires_at}, the stop was at {stopped_at}"
+    )
+    here = _in_process(h, monkeypatch)
+    here._event = _load_event(h)
+    here._housekeeping_and_claim()
+    assert the_run(h, "far") == row  # not taken over, nothing written
+    assert is_alive(run.handle["pid"]) and far._request(sid, 1).output_dir.is_dir()
+    h.open_gate()
+    wait_for(lambda: not is_alive(run.handle["pid"]), 60, "the run to end")

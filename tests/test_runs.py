@@ -28,6 +28,8 @@ def test_the_usual_life_in_order() -> None:
     assert not run.check_due(time.monotonic())  # ended runs are not asked again
     run.finished()
     run.closed()
+    assert run.state is RunState.CLEANING  # written back; the worker frees its files
+    run.cleaned()
     assert run.state is RunState.CLOSED
 
 

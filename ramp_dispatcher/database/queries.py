@@ -15,7 +15,7 @@ value for that column, so bind parameters are named for their role instead:
 submission a statement is about, ``run_id`` and ``run_ids`` for the runs'
 primary keys.
 
-Why one file of about 800 lines: the daemon's statements sit together on
+Why one file of about 900 lines: the daemon's statements sit together on
 purpose, so that one can read them all, check each against its index, and
 keep them built once.
 """
@@ -175,19 +175,35 @@ class _StateStatements:
 
 
 @cache
-def _set_state_stmts(columns: tuple[str, ...], one: bool) -> _StateStatements:
+def _set_state_stmts(columns: tuple[str, ...], one: bool, unless_new: bool = False) -> _StateStatements:
     """For ``:submission_ids`` (a list), or ``:for_submission`` when ``one``: an
-    expanding IN is rendered anew at each execution, an ``=`` is not."""
+    expanding IN is rendered anew at each execution, an ``=`` is not.
+    ``unless_new``: leave a submission whose state is ``new``."""
     folds = submission_on_cv_folds
     if one:
         sub, fold = (c == bindparam("for_submission") for c in (submissions.c.id, folds.c.submission_id))
     else:
         sub, fold = (c.in_(bindparam("submission_ids", expanding=True))
                      for c in (submissions.c.id, folds.c.submission_id))  # fmt: skip
+    if unless_new:
+        sub = and_(sub, submissions.c.state != "new")
     return _StateStatements(
         submissions=update(submissions).where(sub).values(**_set_clause(("state", *columns))),
         folds=update(folds).where(fold).values(**_set_clause(("state",))),
     )
+
+
+def _advance_state(conn: Connection, submission_id: int, state: str, **values: Any) -> bool:
+    """A running submission's next state (``training``, ``tested``), unless an
+    admin set it back to ``new`` meanwhile: the admin's ``new`` stands (the
+    daemon then stops the run: :func:`reset_runs`). False if it was left."""
+    columns, params = _new_values(values)
+    stmts = _set_state_stmts(columns, True, unless_new=True)
+    which = {"for_submission": submission_id, "new_state": state}
+    if conn.execute(stmts.submissions, {**which, **params}).rowcount != 1:
+        return False
+    conn.execute(stmts.folds, which)
+    return True
 
 
 def set_state(conn: Connection, submission_ids: Sequence[int], state: str, **values: Any) -> None:
@@ -209,17 +225,22 @@ def claim(
     owner: str,
     worker_type: str,
     lease: dt.timedelta,
+    busy: Sequence[int] = (),
 ) -> list[Claim]:
     """Take up to ``limit`` waiting submissions and record a run for each.
 
     PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets two daemons claim side by side
     without ever taking the same row. SQLite: the transaction began with
-    ``BEGIN IMMEDIATE``, so only one writer is here at a time.
+    ``BEGIN IMMEDIATE``, so only one writer is here at a time. ``busy``:
+    submissions whose last run, though collected, still has its files being
+    freed by this daemon: not claimed until that is done.
     """
     if limit <= 0:
         return []
-    stmts = _claim_stmts(conn.dialect.name)
+    stmts = _claim_stmts(conn.dialect.name, bool(busy))
     params = _params(event, limit=limit)
+    if busy:
+        params["busy"] = list(busy)
     now = params["now"]
     rows = conn.execute(stmts.oldest_waiting, params).all()
     if not rows:
@@ -256,10 +277,15 @@ class _ClaimStatements:
 
 
 @cache
-def _claim_stmts(dialect: str) -> _ClaimStatements:
+def _claim_stmts(dialect: str, skip_busy: bool = False) -> _ClaimStatements:
+    """``skip_busy``: also leave out ``:busy`` (an expanding list, rendered at
+    each execution: used only while some run's files are being freed)."""
+    waiting = _waiting()
+    if skip_busy:
+        waiting = and_(waiting, submissions.c.id.not_in(bindparam("busy", expanding=True)))
     oldest = (
         select(submissions.c.id, submissions.c.name)
-        .where(_waiting())
+        .where(waiting)
         .order_by(submissions.c.submission_timestamp, submissions.c.id)
         .limit(bindparam("limit", type_=Integer))
     )
@@ -353,7 +379,7 @@ def mark_running(conn: Connection, run_id: int, handle: dict[str, Any]) -> bool:
     ).scalar()
     if sid is None:
         return False
-    set_state(conn, [sid], "training", training_timestamp=now)
+    _advance_state(conn, sid, "training", training_timestamp=now)
     return True
 
 
@@ -375,6 +401,8 @@ class _RunStatements:
     unfinished_of_event: Select[tuple[int, str, dt.datetime]]
     #: ``:new_message`` on a run ``:daemon`` holds and has not collected
     note_error: Update
+    #: which of ``:run_ids`` (not collected) have their submission ``new``
+    reset_by_admin: Select[tuple[int]]
 
 
 @cache
@@ -402,6 +430,10 @@ def _run_stmts() -> _RunStatements:
         note_error=update(runs)
         .where(run, held, runs.c.status != RUN_COLLECTED)
         .values(**_set_clause(("message",))),
+        reset_by_admin=select(runs.c.id)
+        .join(submissions, submissions.c.id == runs.c.submission_id)
+        .where(ids, runs.c.status != RUN_COLLECTED, submissions.c.state == "new")
+        .order_by(runs.c.id),
     )
 
 
@@ -430,8 +462,50 @@ def mark_finished(
         },
     ).scalar()
     if sid is not None and succeeded:
-        set_state(conn, [sid], "tested")
+        _advance_state(conn, sid, "tested")
     return sid is not None
+
+
+def reset_runs(conn: Connection, run_ids: Iterable[int]) -> list[int]:
+    """Of the given runs (this daemon's), those not collected whose submission
+    is ``new`` again: an admin set it back while the run was in progress
+    (ramp-database's ``set-submission-state``). The daemon's own requeue
+    writes ``new`` in the transaction that collects the run, so its runs never
+    show here. A primary-key lookup per run."""
+    ids = list(run_ids)
+    if not ids:
+        return []
+    return list(conn.execute(_run_stmts().reset_by_admin, {"run_ids": ids}).scalars())
+
+
+def submission_was_reset(conn: Connection, submission_id: int) -> bool:
+    """Whether the submission is ``new`` (set back by an admin while its run
+    was in progress), its row locked until commit on PostgreSQL (SQLite's
+    BEGIN IMMEDIATE excludes other writers): the admin's change and the
+    result written next happen one after the other, so a ``new`` set after
+    this look stands over the result."""
+    query = _submission_state_stmt(conn.dialect.name == "postgresql")
+    return conn.execute(query, {"for_submission": submission_id}).scalar() == "new"
+
+
+@cache
+def _submission_state_stmt(lock: bool) -> Select[tuple[str]]:
+    """The state of ``:for_submission``; ``lock``: its row locked (PostgreSQL)."""
+    query = select(submissions.c.state).where(submissions.c.id == bindparam("for_submission"))
+    return query.with_for_update(of=submissions) if lock else query
+
+
+#: ``dispatcher_runs.outcome`` of a run closed without writing its result
+#: because its submission was set back to ``new`` while it was in progress
+SUPERSEDED = "superseded"
+
+
+def close_superseded(conn: Connection, run_id: int, owner: str, message: str) -> bool:
+    """Close a run whose submission an admin set back to ``new``: only the
+    run's row (``superseded``, with ``message``); the submission stays as the
+    admin left it and is claimed again as a fresh attempt. False if the run
+    is not ours or already collected."""
+    return _close_run(conn, run_id, owner, outcome=SUPERSEDED, message=message)
 
 
 def note_run_error(conn: Connection, run_id: int, owner: str, message: str) -> bool:
@@ -475,7 +549,8 @@ def heartbeat(
 
 
 def release(conn: Connection, owner: str) -> None:
-    """Give up our leases (clean stop) so the next daemon re-attaches at once."""
+    """Give up our leases (clean stop) so the next daemon re-attaches at once
+    (for workers whose runs do not live on the daemon's host)."""
     conn.execute(
         update(runs)
         .where(runs.c.owner == owner, runs.c.status.in_(ACTIVE_RUN_STATUSES))

@@ -42,6 +42,7 @@ from .base import (
     WorkerConfigError,
     WorkerError,
 )
+from .outcome import outcome_from_status
 from .post_run import (
     PostRunCheck,
     env_python,
@@ -551,9 +552,11 @@ class CondaWorker(Worker):
         return True
 
     def forget(self, request: RunRequest, handle: Handle) -> None:
-        # the waiter thread still reaps the supervisor; it just wakes nobody's run
+        # the waiter thread still reaps the supervisor; it neither checks the
+        # run's output nor wakes anyone
         with self._procs_lock:
             self._procs.pop((request.submission_id, request.attempt), None)
+            self._wakes.pop((request.submission_id, request.attempt), None)
 
     def reports_end(self, request: RunRequest) -> bool:
         # a waiter thread wakes the loop when a supervisor we spawned exits;
@@ -593,8 +596,9 @@ class CondaWorker(Worker):
             if ours:
                 del self._procs[key]
         if not ours:
-            # Forgotten: another daemon took the run over, and its post-run
-            # checks are its own. Running ours too would race it on the run's files.
+            # Forgotten (another daemon took the run over) or this daemon is
+            # stopping: the run's holder runs the post-run checks when it
+            # checks the run; two daemons must not run them on one output.
             return
         status = _read_status(status_path) or {}
         if status.get("reason") == "exited" and self._exit_code(status) == 0:
@@ -718,80 +722,16 @@ class CondaWorker(Worker):
     def _outcome(
         self, request: RunRequest, handle: Handle, status: dict[str, Any], log_path: Path
     ) -> RunOutcome:
-        reason = status.get("reason")
-        exit_code = status.get("exit_code")
-        sig = status.get("signal")
-        if handle.get("sandbox") == "bwrap" and isinstance(exit_code, int) and exit_code > 128:
-            # bwrap reports its command's death by signal N as exit code 128 + N
-            sig, exit_code = exit_code - 128, None
-        if exit_code is None and isinstance(sig, int):
-            exit_code = -sig  # subprocess's convention for "killed by signal"
-        try:
-            duration: float | None = float(status["finished_at"]) - float(status["started_at"])
-        except (KeyError, TypeError, ValueError):
-            duration = None
-        max_ram = status.get("max_ram_mb")
-        common: dict[str, Any] = {
-            "exit_code": exit_code,
-            "max_ram_mb": float(max_ram) if isinstance(max_ram, (int, float)) else None,
-            "log_path": log_path,
-            "duration_s": duration,
-        }
-        if reason == "exited":
-            if exit_code == 0:
-                # Whether the output is usable is the results parser's call: the
-                # dispatcher may already have moved it before a crash.
-                return RunOutcome(None, "", output_dir=request.output_dir, **common)
-            if _lost_ramp_test(handle):
-                # e.g. the sandbox could not exec it: the platform broke, not the code
-                return RunOutcome(
-                    FailureClass.INFRASTRUCTURE,
-                    "the environment lost its bin/ramp-test during the run",
-                    **common,
-                )
-            if isinstance(sig, int):
-                name = _signal_name(sig)
-                hint = ""
-                if sig == signal.SIGKILL:  # what the kernel's OOM killer sends
-                    hint = " (possibly by the system for lack of memory)"
-                return RunOutcome(
-                    FailureClass.PARTICIPANT, f"ramp-test was killed by {name}{hint}", **common
-                )
-            return RunOutcome(
-                FailureClass.PARTICIPANT, f"ramp-test exited with code {exit_code}", **common
-            )
-        if reason == "timeout":
-            limit = handle.get("timeout", self.config.timeout)
-            return RunOutcome(
-                FailureClass.TIMEOUT,
-                f"Training stopped: the time limit of {float(limit):g} s was reached.",
-                **common,
-            )
-        if reason == "memory":
-            limit = handle.get("memory_limit_mb") or self.config.memory_limit_mb
-            return RunOutcome(
-                FailureClass.MEMORY,
-                f"Training stopped: the memory limit of {float(limit or 0):g} MB was exceeded.",
-                **common,
-            )
-        if reason == "spawn_error":
-            return RunOutcome(
-                FailureClass.INFRASTRUCTURE,
-                f"could not start ramp-test: {status.get('message', '')}",
-                **common,
-            )
-        if reason == "killed":
-            return RunOutcome(
-                FailureClass.INFRASTRUCTURE,
-                "the run was stopped before it finished "
-                f"({status.get('message') or 'its supervisor was signalled'})",
-                **common,
-            )
-        return RunOutcome(
-            FailureClass.INFRASTRUCTURE,
-            f"unknown run status {reason!r} in {handle.get('status_path')}",
-            **common,
-        )
+        # the limits the run was started with (a reload may have changed the config since)
+        timeout = float(handle.get("timeout", self.config.timeout))
+        memory = float(handle.get("memory_limit_mb") or self.config.memory_limit_mb or 0)
+        return outcome_from_status(
+            status, log_path, request.output_dir,
+            time_limit=f"the time limit of {timeout:g} s was reached",
+            memory_limit=f"the memory limit of {memory:g} MB was exceeded",
+            bwrap=handle.get("sandbox") == "bwrap",
+            lost_ramp_test=_lost_ramp_test(handle),
+        )  # fmt: skip
 
     def cleanup(self, request: RunRequest, handle: Handle) -> None:
         pid = handle.get("pid")
@@ -845,9 +785,3 @@ class CondaWorker(Worker):
         with self._procs_lock:
             self._procs.clear()
 
-
-def _signal_name(sig: int) -> str:
-    try:
-        return f"{signal.Signals(sig).name} (signal {sig})"
-    except ValueError:
-        return f"signal {sig}"

@@ -26,7 +26,6 @@ import logging
 import os
 import queue
 import shutil
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from ..base import (
     WorkerConfigError,
     WorkerError,
 )
+from ..outcome import outcome_from_status
 from . import cache, checks, remote
 from .config import RESOURCE, DaskConfig
 
@@ -556,58 +556,12 @@ class DaskWorker(Worker):
                 shutil.rmtree(request.output_dir)
             if result.get("output"):
                 cache.unpack(result["output"], request.output_dir)
-        return outcome_from_status(status, log_path, request.output_dir, cfg, where)
-
-
-def outcome_from_status(
-    status: dict[str, Any], log_path: Path, output_dir: Path, cfg: DaskConfig, where: str = ""
-) -> RunOutcome:
-    """The supervisor's final status (supervise.py) as a RunOutcome; the same
-    reading as the conda worker's, plus ``worker_lost``."""
-    reason = status.get("reason")
-    exit_code, sig = status.get("exit_code"), status.get("signal")
-    if exit_code is None and isinstance(sig, int):
-        exit_code = -sig
-    try:
-        duration: float | None = float(status["finished_at"]) - float(status["started_at"])
-    except (KeyError, TypeError, ValueError):
-        duration = None
-    max_ram = status.get("max_ram_mb")
-    common: dict[str, Any] = {
-        "exit_code": exit_code,
-        "max_ram_mb": float(max_ram) if isinstance(max_ram, (int, float)) else None,
-        "log_path": log_path,
-        "duration_s": duration,
-    }
-    if reason == "exited":
-        if exit_code == 0:
-            return RunOutcome(None, "", output_dir=output_dir, **common)
-        if isinstance(sig, int):
-            try:
-                name = f"{signal.Signals(sig).name} (signal {sig})"
-            except ValueError:
-                name = f"signal {sig}"
-            hint = " (possibly by the system for lack of memory)" if sig == signal.SIGKILL else ""
-            return RunOutcome(FailureClass.PARTICIPANT, f"ramp-test was killed by {name}{hint}", **common)
-        return RunOutcome(FailureClass.PARTICIPANT, f"ramp-test exited with code {exit_code}", **common)
-    # The supervisor's own words name the limit the run had (a reload may
-    # have changed the config since).
-    if reason == "timeout":
-        said = status.get("message") or f"the time limit of {cfg.timeout:g} s was reached"
-        return RunOutcome(FailureClass.TIMEOUT, f"Training stopped: {said}.", **common)
-    if reason == "memory":
-        said = status.get("message") or (
-            f"the memory limit of {float(cfg.memory_limit_mb or 0):g} MB was exceeded"
-        )
-        return RunOutcome(FailureClass.MEMORY, f"Training stopped: {said}.", **common)
-    if reason == "worker_lost":
-        return _infra(str(status.get("message") or "the Dask worker running it was lost"), **common)
-    if reason == "spawn_error":
-        return _infra(f"could not start ramp-test {where}: {status.get('message', '')}", **common)
-    if reason == "killed":
-        return _infra(
-            f"the run was stopped before it finished {where} "
-            f"({status.get('message') or 'its supervisor was signalled'})",
-            **common,
-        )
-    return _infra(f"unknown run status {reason!r} {where}", **common)
+        # The supervisor's own words name the limit the run had (a reload may
+        # have changed the config since).
+        memory = float(cfg.memory_limit_mb or 0)
+        return outcome_from_status(
+            status, log_path, request.output_dir,
+            time_limit=status.get("message") or f"the time limit of {cfg.timeout:g} s was reached",
+            memory_limit=status.get("message") or f"the memory limit of {memory:g} MB was exceeded",
+            where=where,
+        )  # fmt: skip
