@@ -36,9 +36,9 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import messages
-from .breaker import CircuitBreaker
+from .breaker import BreakerSnapshot, CircuitBreaker
 from .config import EventConfig
-from .database import control, queries, reports
+from .database import control, daemons, queries, reports
 from .database.failures import is_unavailable, statement_of
 from .jobloop import JobLoop
 from .leaderboards.refresher import LeaderboardService
@@ -95,6 +95,9 @@ class Dispatcher:
         self.leaderboard = LeaderboardService.for_event(engine, config)
         self.active: dict[int, ActiveRun] = {}
         self.breaker = CircuitBreaker()
+        #: the breaker as our ``dispatcher_daemons`` row last said it
+        self._breaker_shown: tuple | None = None
+        self._started_at: dt.datetime | None = None
         #: slow calls of the worker (stopping a cancelled run waits for its
         #: tree to exit), so that the loop keeps its period meanwhile
         self._slow = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dispatcher-slow")
@@ -131,9 +134,14 @@ class Dispatcher:
         return self._event
 
     def start(self) -> None:
+        self._started_at = queries.utcnow()
         with self.engine.begin() as conn:
             self._event = queries.load_event(conn, self.config.ramp.event_name)
             queries.update_queue_positions(conn, self.event, full=True)
+            gone = daemons.register(conn, self._presence(), self.lease, self._breaker_now(), owner_is_dead)
+        self._breaker_shown = self.breaker.key()
+        for owner in gone:
+            log.info("daemon %s stopped without saying so: its row in dispatcher_daemons removed", owner)
         log.info(
             "dispatcher %s serving event %r: %d worker(s) of type %s",
             self.owner,
@@ -174,6 +182,7 @@ class Dispatcher:
         try:
             with self.engine.begin() as conn:
                 queries.release(conn, self.owner)
+                daemons.unregister(conn, self.owner)
         except DB_ERRORS as exc:
             log.warning("could not release leases (%s); they expire in %s", first_line(exc), self.lease)
         self.worker.close()
@@ -282,6 +291,7 @@ class Dispatcher:
         claims: list[queries.Claim] = []
         with self.engine.begin() as conn:
             ours = queries.heartbeat(conn, self.owner, self.active, self.lease)
+            self._heartbeat(conn)
             adopted = queries.adopt_orphaned_runs(
                 conn, self.event, self.owner, self.lease, self.active, owner_is_dead,
                 foreign=self._foreign, foreign_grace=self.lease,
@@ -314,8 +324,11 @@ class Dispatcher:
             allowed = self.breaker.allowed_claims(free, time.monotonic())
             if allowed:
                 claims = queries.claim(conn, self.event, allowed, self.owner, self.config.worker_type, self.lease)
+                if not claims:
+                    self.breaker.probe_not_claimed()  # an empty queue: probe next cycle
             if claims and self.breaker.holding:
                 log.warning("circuit breaker: one run claimed as a probe of the platform")
+            self._show_breaker(conn)
         queries.update_queue_positions(conn, self.event)
         if self.metrics.serving:
             self.metrics.set_queue_depth(queries.count_waiting(conn, self.event))
@@ -387,6 +400,26 @@ class Dispatcher:
             self.notifier.status(summary)
         except DB_ERRORS as exc:
             log.debug("status summary skipped: %s", first_line(exc))
+
+    def _presence(self) -> daemons.Presence:
+        return daemons.Presence(
+            self.owner, self.event.id, self.config.worker_type, self._started_at or queries.utcnow()
+        )
+
+    def _breaker_now(self) -> BreakerSnapshot:
+        return self.breaker.snapshot(time.monotonic(), queries.utcnow())
+
+    def _heartbeat(self, conn: Connection) -> None:
+        """Our ``dispatcher_daemons`` row, refreshed with the leases."""
+        daemons.heartbeat(conn, self._presence(), self.lease, self._breaker_now())
+        self._breaker_shown = self.breaker.key()
+
+    def _show_breaker(self, conn: Connection) -> None:
+        """The breaker on our row when it changed, in the caller's transaction
+        (a rolled-back one is made good by the next heartbeat)."""
+        if self.breaker.key() != self._breaker_shown:
+            daemons.show_breaker(conn, self.owner, self._breaker_now())
+            self._breaker_shown = self.breaker.key()
 
     def _reap(self) -> None:
         """Let the worker free resources of runs nobody owns (e.g. instances)."""
@@ -615,6 +648,7 @@ class Dispatcher:
             run.finished()
         with self.engine.begin() as conn:
             written = self._close(conn, run)
+            self._show_breaker(conn)
         if not written:
             self._drop(run)
             return
