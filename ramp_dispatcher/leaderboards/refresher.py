@@ -226,12 +226,12 @@ class LeaderboardService:
                 self._refresh(work)
                 ok = True
             except Exception as exc:  # the database away, or a bug: never fatal
-                self.failures += 1
                 log.error(
                     "leaderboard refresh failed (%s); retrying in %.0f s",
                     f"{type(exc).__name__}: {exc}".splitlines()[0], RETRY_DELAY,
                     exc_info=not _is_db_error(exc),
                 )
+                self.failures += 1  # after the log line: whoever sees the count finds it logged
                 self._ctx = None  # read the event's facts again next time
             with self._cond:
                 self._running = False
