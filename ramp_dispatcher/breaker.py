@@ -7,11 +7,17 @@ nothing, the queue waits, and the failures met meanwhile do not use up any
 submission's attempts. After a delay it lets one run through as a probe
 (*half-open*); the probe failing opens it again with a longer delay (doubled,
 capped), and any run that does not fail for the platform's reasons closes it.
+
+Its state lives in the daemon; :meth:`CircuitBreaker.snapshot` gives it in
+wall-clock time for the daemon's row in ``dispatcher_daemons``, which
+``ramp-dispatcher status`` reads.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
+import time
 from dataclasses import dataclass, field
 
 #: infrastructure failures in a row, of different submissions, that open it
@@ -19,6 +25,17 @@ THRESHOLD = 3
 #: seconds before the first probe; doubled after each failed probe, up to the cap
 FIRST_PROBE_S = 10.0
 MAX_PROBE_S = 600.0
+
+
+@dataclass(frozen=True)
+class BreakerSnapshot:
+    """The breaker as ``status`` shows it; times are naive UTC."""
+
+    state: str  # a BreakerState value
+    since: dt.datetime | None  # when it opened, or closed again (None: closed since start)
+    cause: str | None  # the last infrastructure failure's message, while not closed
+    failures: int | None  # the infrastructure failures in a row that opened it
+    next_probe_at: dt.datetime | None  # open: when a probe run may be claimed
 
 
 class BreakerState(enum.Enum):
@@ -38,6 +55,8 @@ class CircuitBreaker:
     probe_delay_s: float = 0.0
     probe_at: float = 0.0  # monotonic
     opened_at: float = 0.0  # monotonic, when it last opened from closed
+    #: monotonic, when it last opened from closed or closed again (None: never)
+    since: float | None = None
     #: what the last failure said, for the log and the status line
     cause: str = ""
 
@@ -55,6 +74,13 @@ class CircuitBreaker:
             return 1
         return 0
 
+    def probe_not_claimed(self) -> None:
+        """The probe :meth:`allowed_claims` let through found nothing to claim
+        (an empty queue): still open, and the next claim cycle probes. Left
+        half-open with no probe in flight, it would never claim again."""
+        if self.state is BreakerState.HALF_OPEN:
+            self.state = BreakerState.OPEN
+
     def failed(self, submission_id: int, cause: str, now: float) -> bool:
         """An infrastructure failure; True when it opens the breaker."""
         self.cause = cause
@@ -66,12 +92,12 @@ class CircuitBreaker:
         if submission_id not in self.streak:
             self.streak.append(submission_id)
         if len(self.streak) >= self.threshold:
-            self.opened_at = now
+            self.opened_at = self.since = now
             self._open(now, self.first_probe_s)
             return True
         return False
 
-    def succeeded(self, started_at: float | None = None) -> bool:
+    def succeeded(self, started_at: float | None = None, now: float | None = None) -> bool:
         """A run the platform did not fail (claimed at monotonic ``started_at``);
         True when it closes the breaker. A run claimed before the breaker
         opened proves nothing about the platform now: it closes nothing."""
@@ -83,12 +109,36 @@ class CircuitBreaker:
         self.streak.clear()
         self.state = BreakerState.CLOSED
         self.probe_delay_s = 0.0
+        self.since = time.monotonic() if now is None else now
         return True
 
     def _open(self, now: float, delay: float) -> None:
         self.state = BreakerState.OPEN
         self.probe_delay_s = delay
         self.probe_at = now + delay
+
+    def key(self) -> tuple:
+        """What :meth:`snapshot` shows, on the monotonic clock: equal keys,
+        equal snapshots (a closed breaker's streak is not shown)."""
+        if self.state is BreakerState.CLOSED:
+            return (self.state, self.since)
+        return (self.state, self.since, self.probe_at, self.cause, len(self.streak))
+
+    def snapshot(self, now: float, wall_now: dt.datetime) -> BreakerSnapshot:
+        """The state in wall-clock time (``wall_now`` is the wall clock at
+        monotonic ``now``), for other processes to read."""
+
+        def wall(t: float | None) -> dt.datetime | None:
+            return None if t is None else wall_now - dt.timedelta(seconds=now - t)
+
+        closed = self.state is BreakerState.CLOSED
+        return BreakerSnapshot(
+            state=self.state.value,
+            since=wall(self.since),
+            cause=None if closed else self.cause,
+            failures=None if closed else len(self.streak),
+            next_probe_at=wall(self.probe_at) if self.state is BreakerState.OPEN else None,
+        )
 
     def describe(self, now: float) -> str:
         """One line for the log and systemd's STATUS."""

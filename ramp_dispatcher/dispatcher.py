@@ -36,9 +36,9 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import messages
-from .breaker import CircuitBreaker
+from .breaker import BreakerSnapshot, CircuitBreaker
 from .config import EventConfig
-from .database import control, queries, reports
+from .database import control, daemons, queries, reports
 from .database.failures import is_unavailable, statement_of
 from .jobloop import JobLoop
 from .leaderboards.refresher import LeaderboardService
@@ -104,6 +104,9 @@ class Dispatcher:
         self.leaderboard = LeaderboardService.for_event(engine, config)
         self.active: dict[int, ActiveRun] = {}
         self.breaker = CircuitBreaker()
+        #: the breaker as our ``dispatcher_daemons`` row last said it
+        self._breaker_shown: tuple | None = None
+        self._started_at: dt.datetime | None = None
         #: slow calls (a run's start, the move of its output, its cleanup or
         #: stop), so that the loop keeps its period meanwhile
         self._slow = ThreadPoolExecutor(max_workers=SLOW_THREADS, thread_name_prefix="dispatcher-slow")
@@ -140,9 +143,14 @@ class Dispatcher:
         return self._event
 
     def start(self) -> None:
+        self._started_at = queries.utcnow()
         with self.engine.begin() as conn:
             self._event = queries.load_event(conn, self.config.ramp.event_name)
             queries.update_queue_positions(conn, self.event, full=True)
+            gone = daemons.register(conn, self._presence(), self.lease, self._breaker_now(), owner_is_dead)
+        self._breaker_shown = self.breaker.key()
+        for owner in gone:
+            log.info("daemon %s stopped without saying so: its row in dispatcher_daemons removed", owner)
         log.info(
             "dispatcher %s serving event %r: %d worker(s) of type %s",
             self.owner,
@@ -194,17 +202,19 @@ class Dispatcher:
         except runs that live on this host: a restart here re-attaches them
         anyway (their owner's process is gone: ``owner_is_dead``), and a daemon
         of another host must wait the full lease and its grace (it would call
-        them lost while they still run here)."""
-        if self.worker.runs_on_this_host():
-            if self.active:
-                log.info("leases kept until they lapse (within %s): the runs live on this host, "
-                         "another host waits that long plus a grace", self.lease)  # fmt: skip
-            return
+        them lost while they still run here). Our ``dispatcher_daemons`` row goes."""
+        keep = self.worker.runs_on_this_host()
+        if keep and self.active:
+            log.info("leases kept until they lapse (within %s): the runs live on this host, "
+                     "another host waits that long plus a grace", self.lease)  # fmt: skip
         try:
             with self.engine.begin() as conn:
-                queries.release(conn, self.owner)
+                if not keep:
+                    queries.release(conn, self.owner)
+                daemons.unregister(conn, self.owner)
         except DB_ERRORS as exc:
-            log.warning("could not release leases (%s); they expire in %s", first_line(exc), self.lease)
+            log.warning("could not release leases or unregister (%s); they expire in %s",
+                        first_line(exc), self.lease)  # fmt: skip
 
     def reload(self, config: EventConfig) -> None:
         """Apply a re-read event config (SIGHUP) without dropping runs.
@@ -308,6 +318,7 @@ class Dispatcher:
         serving = [i for i, r in self.active.items() if r.state is not RunState.CLEANING]
         with self.engine.begin() as conn:
             ours = queries.heartbeat(conn, self.owner, serving, self.lease)
+            self._heartbeat(conn)
             adopted = queries.adopt_orphaned_runs(
                 conn, self.event, self.owner, self.lease, self.active, owner_is_dead,
                 foreign=self._foreign, foreign_grace=self.lease,
@@ -348,8 +359,11 @@ class Dispatcher:
                 claims = queries.claim(
                     conn, self.event, allowed, self.owner, self.config.worker_type, self.lease, busy
                 )
+                if not claims:
+                    self.breaker.probe_not_claimed()  # an empty queue: probe next cycle
             if claims and self.breaker.holding:
                 log.warning("circuit breaker: one run claimed as a probe of the platform")
+            self._show_breaker(conn)
         queries.update_queue_positions(conn, self.event)
         if self.metrics.serving:
             self.metrics.set_queue_depth(queries.count_waiting(conn, self.event))
@@ -447,6 +461,26 @@ class Dispatcher:
             self.notifier.status(summary)
         except DB_ERRORS as exc:
             log.debug("status summary skipped: %s", first_line(exc))
+
+    def _presence(self) -> daemons.Presence:
+        return daemons.Presence(
+            self.owner, self.event.id, self.config.worker_type, self._started_at or queries.utcnow()
+        )
+
+    def _breaker_now(self) -> BreakerSnapshot:
+        return self.breaker.snapshot(time.monotonic(), queries.utcnow())
+
+    def _heartbeat(self, conn: Connection) -> None:
+        """Our ``dispatcher_daemons`` row, refreshed with the leases."""
+        daemons.heartbeat(conn, self._presence(), self.lease, self._breaker_now())
+        self._breaker_shown = self.breaker.key()
+
+    def _show_breaker(self, conn: Connection) -> None:
+        """The breaker on our row when it changed, in the caller's transaction
+        (a rolled-back one is made good by the next heartbeat)."""
+        if self.breaker.key() != self._breaker_shown:
+            daemons.show_breaker(conn, self.owner, self._breaker_now())
+            self._breaker_shown = self.breaker.key()
 
     def _reap(self) -> None:
         """Let the worker free resources of runs nobody owns (e.g. instances)."""
@@ -730,6 +764,7 @@ class Dispatcher:
                 return  # being moved
             with self.engine.begin() as conn:
                 written = self._close(conn, run)
+                self._show_breaker(conn)
             if not written:
                 self._drop(run)
                 return

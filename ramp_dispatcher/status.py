@@ -15,9 +15,10 @@ from typing import Any, Sequence
 
 from sqlalchemy import Connection, Engine
 
+from .breaker import BreakerSnapshot
 from .config import Section, read_yaml
 from .database import reports
-from .database.reports import EventReport
+from .database.reports import DaemonReport, EventReport
 from .errors import UserError
 
 __all__ = ["format_report", "printable", "report_to_json", "resolve_event_name", "status_text"]
@@ -154,6 +155,53 @@ def _time(value: dt.datetime | None) -> str:
     return "-" if value is None else f"{value:%Y-%m-%d %H:%M:%S}"
 
 
+def _ago(now: dt.datetime, then: dt.datetime | None) -> float | None:
+    return None if then is None else max((now - then).total_seconds(), 0.0)
+
+
+def _breaker(b: BreakerSnapshot, now: dt.datetime) -> str:
+    """``closed``; ``open 2m 05s (since ...), next probe in 40s``; ``half-open ...``."""
+    if b.state == "closed":
+        return "closed"
+    held = b.state
+    if b.since is not None:
+        held += f" {duration(_ago(now, b.since))} (since {_time(b.since)})"
+    if b.state != "open":
+        return f"{held}, probe run in flight"
+    wait = None if b.next_probe_at is None else (b.next_probe_at - now).total_seconds()
+    probe = "next probe due" if wait is None or wait <= 0 else f"next probe in {duration(wait)}"
+    return f"{held}, {probe}"
+
+
+def _daemons(daemons: Sequence[DaemonReport], now: dt.datetime) -> list[str]:
+    serving = sum(not d.stale for d in daemons)
+    stale = len(daemons) - serving
+    out = [f"Daemons ({serving} serving" + (f", {stale} stale):" if stale else "):")]
+    if not daemons:
+        return out + ["  none: no daemon serves this event"]
+    rows = [
+        [
+            f"{d.host}:{d.pid if d.pid is not None else '?'}", d.worker_type, _time(d.started_at),
+            f"{duration(_ago(now, d.heartbeat_at))} ago", "STALE" if d.stale else "serving",
+            # a stale daemon claims nothing: its breaker is history
+            f"{d.breaker.state} when last seen" if d.stale else _breaker(d.breaker, now),
+        ]
+        for d in daemons
+    ]
+    out += _table(["daemon", "worker", "started (UTC)", "heartbeat", "state", "circuit breaker"], rows)
+    for d, row in zip(daemons, rows):
+        b = d.breaker
+        if b.state != "closed" and not d.stale:
+            failures = "" if b.failures is None else f"{b.failures} infrastructure failures in a row; "
+            out.append(f"  {printable(row[0])}: queue held, {failures}last: {_clip(b.cause or '?')}")
+        if d.stale:
+            out.append(
+                f"  {printable(row[0])}: stale, it stopped without saying so "
+                f"(no heartbeat since {_time(d.heartbeat_at)} UTC)"
+            )
+    return out
+
+
 def format_report(report: EventReport) -> str:
     c = report.counts
     out = [
@@ -164,6 +212,7 @@ def format_report(report: EventReport) -> str:
         out.append(
             "  by state: " + ", ".join(f"{s} {n}" for s, n in sorted(c.by_state.items()))
         )
+    out += ["", *_daemons(report.daemons, report.generated_at)]
 
     out += ["", f"Waiting ({report.n_waiting}):"]
     if report.waiting:

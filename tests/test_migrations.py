@@ -25,13 +25,14 @@ from ramp_dispatcher.database.dispatcher_schema import (
     OUR_INDEX_PREFIX,
     SUBMISSION_SCORES_INDEX,
     SUBMISSIONS_STATE_INDEX,
+    daemons,
     runs,
 )
 from ramp_dispatcher.database.engine import make_engine, normalise_url
 from ramp_dispatcher.errors import UserError
 from rampboard import build_rampboard_db
 
-OUR_TABLES = {migrate.VERSION_TABLE, migrate.MARKER_TABLE, runs.name}
+OUR_TABLES = {migrate.VERSION_TABLE, migrate.MARKER_TABLE, runs.name, daemons.name}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -122,6 +123,7 @@ def pg_objects(eng: Engine) -> dict[str, bool]:
 
 def assert_our_objects(eng: Engine, present: bool) -> None:
     assert (runs.name in table_names(eng)) is present
+    assert (daemons.name in table_names(eng)) is present
     indexes = {i["name"] for i in inspect(eng).get_indexes("submissions")}
     assert (SUBMISSIONS_STATE_INDEX in indexes) is present
     indexes = {i["name"] for i in inspect(eng).get_indexes("submission_scores")}
@@ -265,7 +267,8 @@ def test_migrations_match_dispatcher_schema(empty_db_url: str, other_db_url: str
         ramp_schema.metadata.create_all(live)  # ramp-board's tables and dispatcher_runs
         migrate.upgrade(ours)
         assert migrate.current(ours) == migrate.HEAD
-        assert describe(ours, {runs.name}) == describe(live, {runs.name})
+        ours_ = {runs.name, daemons.name}
+        assert describe(ours, ours_) == describe(live, ours_)
     finally:
         live.dispose()
         ours.dispose()
@@ -322,10 +325,49 @@ def _run_rows(eng: Engine, submission_ids: list[int], event_id: int) -> None:
             )
 
 
+def _daemon_row(eng: Engine, event_id: int) -> None:
+    with eng.begin() as conn:
+        conn.execute(
+            insert(daemons).values(
+                owner="h:1:2:x", event_id=event_id, worker_type="conda",
+                started_at=datetime(2024, 1, 1), heartbeat_at=datetime(2024, 1, 1),
+                stale_after=datetime(2024, 1, 1, 0, 1), breaker_state="closed",
+            )
+        )
+
+
+def test_migration_0007_adds_and_removes_the_daemons_table(engine: Engine) -> None:
+    """0007 on a database with runs: the table appears (empty) and goes on
+    downgrade, the runs kept; on SQLite its trigger goes with it."""
+    migrate.upgrade(engine, "0006_runs_cascade")
+    ids = insert_minimal_event(engine)[0]
+    assert daemons.name not in table_names(engine)
+    lines = migrate.upgrade(engine)
+    assert any("applied 0007_dispatcher_daemons" in line for line in lines)
+    _daemon_row(engine, ids["event_id"])
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT owner, breaker_state FROM dispatcher_daemons")).all() == [
+            ("h:1:2:x", "closed")
+        ]
+    lines = migrate.downgrade(engine, "0006_runs_cascade")
+    assert any("reverted 0007_dispatcher_daemons" in line for line in lines)
+    assert daemons.name not in table_names(engine) and runs.name in table_names(engine)
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            assert conn.execute(
+                text("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name LIKE '%daemons%'")
+            ).scalar_one() == 0
+        # ramp-database's DELETE of an event still works without the table
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM event_teams"))
+            conn.execute(text("DELETE FROM events"))
+
+
 def test_ramp_database_delete_event_takes_the_runs_along(empty_db_url: str, tmp_path: Path) -> None:
     """ramp-database 0.10.1's own delete_event on an event the dispatcher ran:
     before 0006 PostgreSQL refuses it (and SQLite keeps orphan runs); from 0006
-    on, the event goes and so do its runs, on both backends and back again."""
+    on, the event goes and so do its runs (and from 0007 its daemons' rows), on
+    both backends and back again."""
     from ramp_database.tools.event import delete_event
     from sqlalchemy.exc import IntegrityError
     from sqlalchemy.orm import Session
@@ -344,12 +386,14 @@ def test_ramp_database_delete_event_takes_the_runs_along(empty_db_url: str, tmp_
         # down and up again: the downgrade restores 0005's constraints cleanly
         migrate.downgrade(eng, "0005_waiting_index")
         migrate.upgrade(eng)
+        _daemon_row(eng, info["event_id"])  # 0007's table: its rows go with the event too
         with Session(theirs) as session:
             delete_event(session, info["event"])
         with eng.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM events")).scalar_one() == 0
             assert conn.execute(text("SELECT count(*) FROM submissions")).scalar_one() == 0
             assert conn.execute(text("SELECT count(*) FROM dispatcher_runs")).scalar_one() == 0
+            assert conn.execute(text("SELECT count(*) FROM dispatcher_daemons")).scalar_one() == 0
         if eng.dialect.name == "postgresql":
             fks = inspect(eng).get_foreign_keys(runs.name)
             assert sorted((f["referred_table"], f["options"].get("ondelete")) for f in fks) == [
@@ -383,7 +427,7 @@ def test_adopt_rampboard_database_changes_no_row(empty_db_url: str, tmp_path: Pa
         assert migrate.current(eng) == migrate.HEAD
         assert dump(eng) == rows_before
         assert describe(eng) == schema_before  # not one column or constraint changed
-        assert table_names(eng) == tables_before | {migrate.VERSION_TABLE, runs.name}
+        assert table_names(eng) == tables_before | {migrate.VERSION_TABLE, runs.name, daemons.name}
         assert_our_objects(eng, present=True)
         assert "nothing to do" in migrate.upgrade(eng)[0]
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import signal
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,12 +17,14 @@ from sqlalchemy import insert
 from ramp_dispatcher.cli import main
 from ramp_dispatcher.database import admin, migrate, queries, reports
 from ramp_dispatcher.database import ramp_schema as rs
-from ramp_dispatcher.database.dispatcher_schema import runs
+from ramp_dispatcher.database.dispatcher_schema import daemons, runs
 from ramp_dispatcher.database.engine import make_engine
 from ramp_dispatcher.demo import EVENT, PROBLEM, write_submission
 from ramp_dispatcher.status import duration, format_report
 
 from deployment import GOOD, RAISES, Deployment
+from faults import Daemon, edit_event_config, kill_marked
+from helpers import wait_for
 
 
 def test_status_of_a_real_deployment(
@@ -142,6 +147,98 @@ def test_status_table_escapes_control_characters(
     data = json.loads(capsys.readouterr().out)
     assert [w["name"] for w in data["waiting"]] == [hostile]
     assert [f["name"] for f in data["finished"]] == [hostile]
+
+
+def _daemons(capsys: pytest.CaptureFixture[str], dep: Deployment) -> list[dict]:
+    assert main(["status", "--config", str(dep.server_path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["daemons"]
+
+
+def _text(capsys: pytest.CaptureFixture[str], dep: Deployment) -> str:
+    assert main(["status", "--config", str(dep.server_path)]) == 0
+    return capsys.readouterr().out
+
+
+def test_status_shows_serving_stale_and_stopped_daemons(
+    empty_db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real ``ramp-dispatcher run`` processes: one serving is shown serving with
+    its breaker closed; killed (-9) it is shown stale, not serving; the next
+    daemon to start removes its row; a clean stop removes the daemon's own."""
+    dep = Deployment(tmp_path / "deploy", empty_db_url, {})
+    edit_event_config(dep.event_path, "dispatcher", hunger_policy="sleep")
+    marker = uuid.uuid4().hex
+    procs: list[Daemon] = []
+
+    def daemon(label: str) -> Daemon:
+        procs.append(Daemon(dep, marker, tmp_path / f"{label}.log"))
+        return procs[-1]
+
+    def only(d: Daemon) -> list[dict] | None:
+        rows = _daemons(capsys, dep)
+        return rows if [r["pid"] for r in rows] == [d.pid] else None
+
+    first = daemon("first")
+    try:
+        [row] = wait_for(lambda: only(first), 60, "the daemon's row")
+        assert (row["pid"], row["worker_type"], row["stale"]) == (first.pid, "conda", False)
+        assert row["host"] == socket.gethostname() and row["owner"].startswith(f"{row['host']}:{first.pid}:")
+        assert row["breaker"] == {"state": "closed", "since": None, "cause": None, "failures": None,
+                                  "next_probe_at": None}  # fmt: skip
+        started = dt.datetime.fromisoformat(row["started_at"])
+        assert started <= dt.datetime.fromisoformat(row["heartbeat_at"]) < dt.datetime.fromisoformat(row["stale_after"])
+        text = _text(capsys, dep)
+        assert "Daemons (1 serving):" in text and re.search(rf"{row['host']}:{first.pid}\s+conda\s.*\sserving\s+closed", text), text
+
+        first.kill9()  # no clean stop: the row stays, and must not read as serving
+        [row] = _daemons(capsys, dep)
+        assert row["pid"] == first.pid and row["stale"] is True
+        text = _text(capsys, dep)
+        assert "Daemons (0 serving, 1 stale):" in text and "STALE" in text
+        assert f"{row['host']}:{first.pid}: stale, it stopped without saying so" in text
+
+        second = daemon("second")  # takes the event over: the stale row goes
+        [row] = wait_for(lambda: only(second), 60, "the second daemon's row alone")
+        assert row["stale"] is False
+        second.send(signal.SIGTERM)
+        assert second.wait_exit(60) == 0
+        assert _daemons(capsys, dep) == []
+        assert "Daemons (0 serving):\n  none: no daemon serves this event" in _text(capsys, dep)
+    finally:
+        for d in procs:
+            d.stop_hard()
+        kill_marked(marker)
+
+
+def test_a_daemon_of_another_host_is_stale_once_its_heartbeat_lapsed(
+    empty_db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rows as a daemon on another host leaves them (written here by hand: no
+    second host in a test). Its process cannot be seen from here: only its
+    ``stale_after`` tells; an open breaker is shown with its cause and probe."""
+    dep = Deployment(tmp_path / "deploy", empty_db_url, {})
+    now = queries.utcnow()
+    breaker = dict(breaker_state="open", breaker_since=now - dt.timedelta(seconds=125),
+                   breaker_cause="conda environment 'x' has no bin/ramp-test", breaker_failures=3,
+                   breaker_next_probe_at=now + dt.timedelta(seconds=300))  # fmt: skip
+    with dep.engine.begin() as conn:
+        for owner, beat in (("alive.example:41:7:aa", now), ("lost.example:42:7:bb", now - dt.timedelta(minutes=5))):
+            conn.execute(insert(daemons).values(
+                owner=owner, event_id=1, worker_type="aws", started_at=now - dt.timedelta(hours=1),
+                heartbeat_at=beat, stale_after=beat + dt.timedelta(seconds=60), **breaker,
+            ))  # fmt: skip
+    rows = {r["host"]: r for r in _daemons(capsys, dep)}
+    assert (rows["alive.example"]["stale"], rows["lost.example"]["stale"]) == (False, True)
+    assert rows["alive.example"]["pid"] == 41
+    assert rows["alive.example"]["breaker"]["state"] == "open"
+    assert rows["alive.example"]["breaker"]["failures"] == 3
+    text = _text(capsys, dep)
+    assert "Daemons (1 serving, 1 stale):" in text
+    assert re.search(r"alive.example:41 .* serving\s+open 2m 0[5-9]s \(since .*\), next probe in (4m 5\ds|5m 00s)", text), text
+    assert re.search(r"lost.example:42 .* 5m 0\ds ago\s+STALE\s+open when last seen", text), text
+    assert ("alive.example:41: queue held, 3 infrastructure failures in a row; "
+            "last: conda environment 'x' has no bin/ramp-test") in text  # fmt: skip
+    assert "lost.example:42: stale" in text and "lost.example:42: queue held" not in text
 
 
 def test_duration_format() -> None:

@@ -1,8 +1,9 @@
 """The dispatcher's own objects, added beside ramp-board's tables.
 
-Everything here is additive: a table of runs, an index that keeps the claim
-query cheap on large events, and (PostgreSQL only) a trigger that NOTIFYs the
-daemon when a submission becomes ``new``. ``db downgrade`` removes exactly these.
+Everything here is additive: a table of runs, a table of the daemons serving
+each event, an index that keeps the claim query cheap on large events, and
+(PostgreSQL only) a trigger that NOTIFYs the daemon when a submission becomes
+``new``. ``db downgrade`` removes exactly these.
 """
 
 from __future__ import annotations
@@ -87,3 +88,27 @@ SUBMISSIONS_STATE_INDEX = "ix_dispatcher_submissions_state_name"
 SUBMISSION_SCORES_INDEX = "ix_dispatcher_submission_scores_submission"
 #: Indexes we add to ramp-board's tables (all named ix_dispatcher_*).
 OUR_INDEX_PREFIX = "ix_dispatcher_"
+
+#: One row per serving daemon (migration 0007), so that ``status``, which reads
+#: only the database, can show what lives in the daemon: its circuit breaker.
+#: Written at start, on the lease heartbeat (once per poll interval) and when
+#: the breaker changes, never per run; deleted on a clean stop. A row whose
+#: ``stale_after`` passed (or whose process on this host is gone) is a daemon
+#: that stopped without saying so: ``status`` shows it as stale.
+daemons = Table(
+    "dispatcher_daemons",
+    metadata,
+    Column("owner", String(200), primary_key=True),  # as on its runs: host:pid:start:random
+    # goes with its event (PostgreSQL: the cascade; SQLite: 0007's trigger)
+    Column("event_id", Integer, ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
+    Column("worker_type", String(32), nullable=False),
+    Column("started_at", DateTime, nullable=False),
+    Column("heartbeat_at", DateTime, nullable=False),
+    Column("stale_after", DateTime, nullable=False),
+    # the circuit breaker (breaker.BreakerSnapshot)
+    Column("breaker_state", String(16), nullable=False),
+    Column("breaker_since", DateTime),
+    Column("breaker_cause", Text),
+    Column("breaker_failures", Integer),
+    Column("breaker_next_probe_at", DateTime),
+)

@@ -5,17 +5,32 @@ SQLite gets WAL (readers never block the writer), a busy timeout, and
 write lock up front is what makes a claim atomic between two daemons, and it
 avoids the "database is locked" error of a deferred read upgraded to a write.
 Read-only work can opt out with ``engine.connect().execution_options(sqlite_readonly=True)``.
+
+Connections dropped by the server (a restart, a terminated backend) are
+replaced before use when they have been idle a while (:data:`PING_AFTER_IDLE_S`).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, make_url
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: A pooled connection unused for longer than this is pinged (``SELECT 1``)
+#: when it is checked out, and replaced, with every other pooled connection,
+#: if the server dropped it. SQLAlchemy's ``pool_pre_ping`` pings at every
+#: checkout: one round trip more per transaction, a sixth of the daemon's
+#: while runs come and go (bench/RESULTS.md). A connection used less than this
+#: ago is handed out as is: if the server dropped it in that moment, the
+#: transaction fails as a disconnect, SQLAlchemy invalidates the pool, and the
+#: caller's next try (the loop's next cycle) gets a new connection.
+PING_AFTER_IDLE_S = 2.0
+#: ``ConnectionPoolEntry.info`` key: when the connection was last checked in
+_LAST_USED = "ramp_dispatcher_last_used"
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -51,10 +66,36 @@ def url_from_sqlalchemy_section(section: dict[str, Any], base_dir: Path) -> URL:
 def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     url = normalise_url(url)
     if url.get_backend_name() == "sqlite":
-        engine = create_engine(url, pool_pre_ping=True, **kwargs)
+        engine = create_engine(url, **kwargs)
         _configure_sqlite(engine)
-        return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    else:
+        # LIFO: the connection used last is used again, the others stay idle
+        # (and are pinged when they are needed again)
+        engine = create_engine(url, **{"pool_use_lifo": True, **kwargs})
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection at checkout when it was idle for more than
+    :data:`PING_AFTER_IDLE_S`; one the server dropped is replaced."""
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_conn: Any, record: Any) -> None:
+        if dbapi_conn is not None:  # None: invalidated
+            record.info[_LAST_USED] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        last = record.info.get(_LAST_USED)  # None: a new connection (info is cleared on reconnect)
+        if last is None or time.monotonic() - last < PING_AFTER_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as error:
+            # the pool replaces this connection and every older one, as its
+            # own pre-ping does, and checks out again
+            raise exc.InvalidatePoolError(f"idle connection dropped by the server: {error}") from error
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -124,8 +124,9 @@ DISPATCHER_TABLES: tuple[str, ...] = (
 NOTIFY_FUNCTION = "ramp_dispatcher_notify_new_submission"
 NOTIFY_TRIGGER = "ramp_dispatcher_new_submission"
 RUNS_TABLE = "dispatcher_runs"
+DAEMONS_TABLE = "dispatcher_daemons"
 
-_OUR_TABLES = frozenset({VERSION_TABLE, MARKER_TABLE, RUNS_TABLE})
+_OUR_TABLES = frozenset({VERSION_TABLE, MARKER_TABLE, RUNS_TABLE, DAEMONS_TABLE})
 # Arbitrary constant key ("RDMG") for pg_advisory_xact_lock: serialises migrations.
 _PG_LOCK_KEY = 0x52444D47
 

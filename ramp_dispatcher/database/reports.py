@@ -8,7 +8,8 @@ number of rows shown but at most with the event's size, and stays small there:
   first ``limit`` in queue order;
 * running: ``dispatcher_runs`` by (event_id, status)
   (``ix_dispatcher_runs_event_status``);
-* last finished: the same index, newest ``limit`` collected runs.
+* last finished: the same index, newest ``limit`` collected runs;
+* daemons: ``dispatcher_daemons`` of the event (a row per daemon, a handful).
 
 Nothing here writes: the admin's command must never get in the daemon's way.
 On SQLite the connection skips ``BEGIN IMMEDIATE`` (no write lock taken).
@@ -23,12 +24,15 @@ from typing import Any, Iterator
 
 from sqlalchemy import Connection, Engine, and_, func, or_, select
 
+from ..breaker import BreakerSnapshot
 from ..errors import UserError
-from .dispatcher_schema import ACTIVE_RUN_STATUSES, RUN_COLLECTED, runs
+from ..owner import Owner, owner_is_dead
+from .dispatcher_schema import ACTIVE_RUN_STATUSES, RUN_COLLECTED, daemons, runs
 from .queries import utcnow
 from .ramp_schema import event_teams, events, submissions, teams
 
 __all__ = [
+    "DaemonReport",
     "EventReport",
     "FinishedRun",
     "RunningRun",
@@ -129,6 +133,23 @@ class FinishedRun:
 
 
 @dataclass(frozen=True)
+class DaemonReport:
+    """A daemon serving the event, as its ``dispatcher_daemons`` row says."""
+
+    owner: str  # host:pid:start:random, as on its runs
+    host: str
+    pid: int | None
+    worker_type: str
+    started_at: dt.datetime
+    heartbeat_at: dt.datetime
+    stale_after: dt.datetime
+    #: it stopped without removing its row: no heartbeat since ``stale_after``,
+    #: or (a daemon of this host) its process is gone
+    stale: bool
+    breaker: BreakerSnapshot  # as of its last heartbeat or change
+
+
+@dataclass(frozen=True)
 class EventReport:
     event: str
     generated_at: dt.datetime  # naive UTC, like ramp-board's timestamps
@@ -137,6 +158,7 @@ class EventReport:
     waiting: list[WaitingSubmission] = field(default_factory=list)
     running: list[RunningRun] = field(default_factory=list)
     finished: list[FinishedRun] = field(default_factory=list)
+    daemons: list[DaemonReport] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- queries
@@ -316,6 +338,25 @@ def _finished(conn: Connection, event_id: int, limit: int) -> list[FinishedRun]:
     ]
 
 
+def _daemons(conn: Connection, event_id: int, now: dt.datetime) -> list[DaemonReport]:
+    d = daemons.c
+    out = []
+    for r in conn.execute(select(daemons).where(d.event_id == event_id).order_by(d.started_at, d.owner)):
+        who = Owner.parse(r.owner)
+        breaker = BreakerSnapshot(
+            r.breaker_state, r.breaker_since, r.breaker_cause, r.breaker_failures,
+            r.breaker_next_probe_at,
+        )
+        out.append(
+            DaemonReport(
+                r.owner, who.host, int(who.pid) if who.pid.isdigit() else None, r.worker_type,
+                r.started_at, r.heartbeat_at, r.stale_after,
+                r.stale_after < now or owner_is_dead(r.owner), breaker,
+            )
+        )
+    return out
+
+
 def event_report(conn: Connection, event_name: str, limit: int = 20) -> EventReport:
     """Everything ``status`` shows, ``limit`` rows at most per list."""
     limit = max(int(limit), 0)
@@ -330,6 +371,7 @@ def event_report(conn: Connection, event_name: str, limit: int = 20) -> EventRep
         waiting=_waiting(conn, ev.id, ev.ramp_sandbox_name, limit, now) if limit else [],
         running=_running(conn, ev.id, now),
         finished=_finished(conn, ev.id, limit) if limit else [],
+        daemons=_daemons(conn, ev.id, now),
     )
 
 

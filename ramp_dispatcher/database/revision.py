@@ -22,6 +22,7 @@ REVISIONS: tuple[str, ...] = (
     "0004_lookup_indexes",
     "0005_waiting_index",
     "0006_runs_cascade",
+    "0007_dispatcher_daemons",
 )
 #: Revision that stands for ramp-board 0.10.1's schema as ramp-database creates it.
 BASELINE = REVISIONS[0]
