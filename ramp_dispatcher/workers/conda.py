@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..configfile import ConfigError, InvalidSetting
+from . import cgroups as cg
 from . import sandbox as sb
 from . import supervise
 from .base import (
@@ -350,6 +351,8 @@ class CondaWorker(Worker):
         self._procs: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
         self._bwrap: str | None = None  # checked once: validate() or the first run
         self._system_binds: tuple[tuple[str, str], ...] | None = None
+        self._cgroups: cg.RunCgroups | None = None  # per-run cgroups, when delegated
+        self._cgroups_checked = False
         # post-run checks in progress, and the wake callback of each run
         self._post_runs: dict[tuple[int, int], threading.Thread] = {}
         self._wakes: dict[tuple[int, int], Wake] = {}
@@ -426,6 +429,19 @@ class CondaWorker(Worker):
         except WorkerError as exc:
             raise WorkerConfigError("conda_env", str(exc)) from None
         self._check_sandbox()
+        self._run_cgroups()
+
+    def _run_cgroups(self) -> cg.RunCgroups | None:
+        """Per-run cgroups where the service's cgroup is delegated (checked once)."""
+        if not self._cgroups_checked:
+            self._cgroups_checked = True
+            self._cgroups, why = cg.detect()
+            if self._cgroups is not None:
+                log.info("conda worker: each run gets its own cgroup (memory, pids) under %s",
+                         self._cgroups.root)
+            else:
+                log.info("conda worker: no per-run cgroups (%s); run limits are rlimits", why)
+        return self._cgroups
 
     def start(self, request: RunRequest, wake: Wake) -> Handle:
         try:
@@ -495,7 +511,11 @@ class CondaWorker(Worker):
             argv.append("--clear-env")  # the daemon's environment stays outside
         for name, value in setenv.items():
             argv += ["--setenv", f"{name}={value}"]
-        argv += sb.rlimit_args(self.config.limits)
+        cgroups = self._run_cgroups()
+        argv += cg.limit_args(
+            cgroups, request.submission_name, request.attempt, self.config.limits,
+            self.config.memory_limit_mb, tmp_counted=sandboxed,
+        )
         argv += ["--", *command]
 
         try:
@@ -545,6 +565,8 @@ class CondaWorker(Worker):
             "timeout": float(self.config.timeout),
             "memory_limit_mb": self.config.memory_limit_mb,
             "sandbox": self.config.sandbox,
+            "cgroup": str(cgroups.run_dir(request.submission_name, request.attempt))
+            if cgroups is not None else None,
         }
 
     def runs_on_this_host(self) -> bool:
@@ -581,6 +603,8 @@ class CondaWorker(Worker):
             "timeout": float(self.config.timeout),
             "memory_limit_mb": self.config.memory_limit_mb,
             "sandbox": self.config.sandbox,
+            "cgroup": str(cgroups.run_dir(request.submission_name, request.attempt))
+            if (cgroups := self._run_cgroups()) is not None else None,
         }
 
     def _wait_and_wake(
@@ -815,6 +839,8 @@ class CondaWorker(Worker):
             except subprocess.TimeoutExpired:
                 pass
         self._kill_orphaned_run(handle)
+        if handle.get("cgroup"):  # a lost supervisor cannot remove it any more
+            cg.remove_run_cgroup(Path(handle["cgroup"]))
         try:
             if request.output_dir.exists():
                 shutil.rmtree(request.output_dir)

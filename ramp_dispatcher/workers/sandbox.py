@@ -200,10 +200,11 @@ def sandbox_env(spec: SandboxSpec, host_env: Mapping[str, str]) -> dict[str, str
     return env
 
 
-def rlimit_args(limits: Limits) -> list[str]:
-    """The supervisor's ``--rlimit NAME=VALUE`` options for these limits."""
+def rlimit_args(limits: Limits, nproc: bool = True) -> list[str]:
+    """The supervisor's ``--rlimit NAME=VALUE`` options for these limits;
+    without ``nproc`` the process count is left to the run's cgroup (:mod:`.cgroups`)."""
     values = {
-        "NPROC": limits.max_processes,
+        "NPROC": limits.max_processes if nproc else None,
         "NOFILE": limits.max_open_files,
         "FSIZE": None if limits.max_file_size_mb is None else int(limits.max_file_size_mb * 2**20),
     }
