@@ -106,6 +106,21 @@ def load_event(conn: Connection, event_name: str) -> EventInfo:
     return EventInfo(row.id, event_name, row.ramp_sandbox_name, n_folds, scores)
 
 
+def submission_folds(conn: Connection, submission_id: int) -> list[tuple[Any, Any]]:
+    """The event's cv folds of a submission as (train_is, test_is), in the order
+    ramp-test's ``fold_<i>`` map to them (its fold rows sorted by id)."""
+    from .ramp_schema import cv_folds
+
+    folds = submission_on_cv_folds
+    rows = conn.execute(
+        select(cv_folds.c.train_is, cv_folds.c.test_is)
+        .join(folds, folds.c.cv_fold_id == cv_folds.c.id)
+        .where(folds.c.submission_id == submission_id)
+        .order_by(folds.c.id)
+    )
+    return [(r.train_is, r.test_is) for r in rows]
+
+
 def _event_submissions() -> ColumnElement[bool]:
     """Submissions of the event ``:event_id`` (ids of its event_teams)."""
     return submissions.c.event_team_id.in_(

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..configfile import ConfigError, InvalidSetting
 from . import cgroups as cg
@@ -148,7 +148,7 @@ def from_section(section: Section) -> CondaConfig:
 
 
 def create_worker(config: CondaConfig, context: WorkerContext) -> CondaWorker:
-    return CondaWorker(config)
+    return CondaWorker(config, cv_folds=context.cv_folds)
 
 
 def sandbox_settings(section: Section) -> dict[str, Any]:
@@ -342,8 +342,13 @@ class CondaWorker(Worker):
 
     type_name = "conda"
 
-    def __init__(self, config: CondaConfig) -> None:
+    def __init__(
+        self, config: CondaConfig, cv_folds: Callable[[int], list[tuple[Any, Any]]] | None = None
+    ) -> None:
         self.config = config
+        # the event's folds of a submission (the database's), for re-scoring;
+        # None (a worker used without a database) re-scores on the kit's get_cv
+        self._cv_folds = cv_folds
         self._env_lock = threading.Lock()  # held while conda runs
         self._procs_lock = threading.Lock()
         self._env_cache: tuple[Path, float] | None = None  # prefix, expiry (monotonic)
@@ -687,8 +692,11 @@ class CondaWorker(Worker):
                 python = env_python(prefix)
             except WorkerError as exc:
                 python = Path(f"(environment unavailable: {exc})")
+            folds = None
+            if self.config.verify_scores and self._cv_folds is not None:
+                folds = self._cv_folds(request.submission_id)
             run_post_run_checks(
-                request, python, self.config.limits.max_output_mb, self.config.verify_scores
+                request, python, self.config.limits.max_output_mb, self.config.verify_scores, folds
             )
         except Exception:
             log.exception("conda worker: post-run checks of %s failed", request.submission_name)
