@@ -165,8 +165,8 @@ def _check_run(cgroup: Path, result: dict, out: Path) -> None:
 
 
 def test_run_tree_in_its_own_cgroup_as_root(delegated: Path, tmp_path: Path) -> None:
-    """Root needs systemd's delegation mark; with it the run gets its cgroup
-    (stand-in controller: hugetlb, see the module docstring)."""
+    """Root may write any cgroup: only systemd's delegation mark makes one the
+    daemon's; with it the run gets its cgroup (stand-in controller: hugetlb)."""
     unmarked = _drive(delegated, sys.executable, None, tmp_path)
     assert "delegation mark" in unmarked["why"]
     assert not (delegated / cg.SUPERVISOR_GROUP).exists(), "nothing rearranged without the mark"
@@ -175,8 +175,8 @@ def test_run_tree_in_its_own_cgroup_as_root(delegated: Path, tmp_path: Path) -> 
 
 
 def test_run_tree_in_its_own_cgroup_as_service_user(delegated: Path) -> None:
-    """A non-root daemon whose cgroup was chowned to it, as systemd delegates
-    to a unit's User= (stand-in controller: hugetlb)."""
+    """A non-root daemon whose cgroup was chowned to it and marked, as systemd
+    delegates to a unit's User= (stand-in controller: hugetlb)."""
     hostile_setup = pytest.importorskip("hostile_setup")
     try:
         user = hostile_setup.hostile_user()
@@ -187,6 +187,11 @@ def test_run_tree_in_its_own_cgroup_as_service_user(delegated: Path) -> None:
     out = Path(tempfile.mkdtemp(prefix="ramp-cgroup-"))
     try:
         os.chown(out, user.uid, user.gid)
+        # writable is not delegated: a user's own session cgroups are writable too
+        unmarked = _drive(delegated, str(user.python), (user.uid, user.gid), out)
+        assert "delegation mark" in unmarked["why"]
+        assert not (delegated / cg.SUPERVISOR_GROUP).exists()
+        os.setxattr(delegated, "user.delegate", b"1")  # systemd's mark, readable by the user
         _check_run(delegated, _drive(delegated, str(user.python), (user.uid, user.gid), out), out)
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -20,11 +20,12 @@ Layout, with D the delegated cgroup (the unit's)::
 cgroup v2 lets no process live in a cgroup that hands controllers to its
 children ("no internal processes"), hence the ``supervisor`` leaf.
 
-Delegation is judged, never assumed: D must be writable by this process and
-offer the ``memory`` and ``pids`` controllers; and for root, who may write
-anywhere, D must carry systemd's delegation mark (the ``trusted.delegate`` or
-``user.delegate`` extended attribute), so a root daemon never rearranges a
-cgroup that systemd (or someone else) manages.
+Delegation is judged, never assumed: D must offer the ``memory`` and
+``pids`` controllers, be writable by this process, and carry the mark systemd
+(252 and later) sets on the cgroups it delegates: the ``trusted.delegate``
+or ``user.delegate`` extended attribute. Writable alone is not enough: root
+may write anywhere, and a user's desktop session cgroups are the user's
+own, yet neither is handed to this daemon to rearrange.
 """
 
 from __future__ import annotations
@@ -155,10 +156,11 @@ def detect(required: tuple[str, ...] = REQUIRED) -> tuple[RunCgroups | None, str
         )
     if not _writable(path):
         return None, f"the cgroup {path} is not delegated to this user (not writable)"
-    if os.geteuid() == 0 and not _marked_delegated(path):
+    if not _marked_delegated(path):
         return None, (
-            f"the cgroup {path} carries no delegation mark (trusted.delegate); "
-            "root does not rearrange a cgroup it was not given (systemd: Delegate=)"
+            f"the cgroup {path} carries no delegation mark (trusted.delegate or "
+            "user.delegate, set by systemd 252+ for Delegate=); a cgroup that was "
+            "not delegated is not rearranged"
         )
     try:
         _enable(path, required)
