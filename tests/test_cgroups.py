@@ -4,9 +4,9 @@ What this machine can show, and what it cannot: its cgroup v2 hierarchy
 offers no ``memory`` nor ``pids`` controller (both are bound to cgroup v1
 hierarchies, and the memory one is in use by the machine's own process
 manager), so no run here can get ``memory.max`` or ``pids.max``. What is
-real here: a delegated subtree (marked as systemd marks it for root,
-chowned as systemd chowns it for a service user), the daemon's move into
-its ``supervisor`` leaf, a controller enabled for the runs (``hugetlb``, the
+real here: a delegated subtree (marked as systemd marks it, chowned as
+systemd chowns it for a service user, the daemon started in its
+``supervisor`` leaf as DelegateSubgroup= starts it), a controller enabled for the runs (``hugetlb``, the
 one controller this hierarchy offers, stands in for memory and pids: it is
 named so in each test), the run's whole tree in its own cgroup, what left
 the tree killed with it, and the cgroup removed after the run.
@@ -83,6 +83,7 @@ def delegated():
         root_control.write_text(f"+{STAND_IN}")
     path = point / f"ramp-test-{uuid.uuid4().hex[:8]}"
     path.mkdir()
+    (path / cg.SUPERVISOR_GROUP).mkdir()
     yield path
     for child in sorted(path.iterdir(), reverse=True):
         if child.is_dir():
@@ -133,8 +134,8 @@ print(json.dumps(result))
 
 
 def _drive(cgroup: Path, python: str, user: tuple[int, int] | None, out: Path) -> dict:
-    def enter() -> None:  # as systemd starts the service: in its (delegated) cgroup
-        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+    def enter() -> None:  # as systemd starts the service (DelegateSubgroup=supervisor)
+        (cgroup / cg.SUPERVISOR_GROUP / "cgroup.procs").write_text(str(os.getpid()))
 
     argv = [python, "-c", DRIVER, str(out), STAND_IN]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
@@ -151,7 +152,7 @@ def _drive(cgroup: Path, python: str, user: tuple[int, int] | None, out: Path) -
 
 def _check_run(cgroup: Path, result: dict, out: Path) -> None:
     assert result["why"] == "", result
-    # the daemon moved itself into the leaf; the controller is handed to the runs
+    # the daemon lives in the leaf; the controller is handed to the runs
     assert result["own"].endswith(f"/{cgroup.name}/{cg.SUPERVISOR_GROUP}")
     assert STAND_IN in (cgroup / "cgroup.subtree_control").read_text().split()
     status = json.loads((out / "status").read_text())
@@ -169,7 +170,7 @@ def test_run_tree_in_its_own_cgroup_as_root(delegated: Path, tmp_path: Path) -> 
     daemon's; with it the run gets its cgroup (stand-in controller: hugetlb)."""
     unmarked = _drive(delegated, sys.executable, None, tmp_path)
     assert "delegation mark" in unmarked["why"]
-    assert not (delegated / cg.SUPERVISOR_GROUP).exists(), "nothing rearranged without the mark"
+    assert (delegated / "cgroup.subtree_control").read_text().strip() == "", "nothing changed"
     os.setxattr(delegated, "trusted.delegate", b"1")  # what systemd's Delegate=yes sets
     _check_run(delegated, _drive(delegated, sys.executable, None, tmp_path), tmp_path)
 
@@ -182,15 +183,16 @@ def test_run_tree_in_its_own_cgroup_as_service_user(delegated: Path) -> None:
         user = hostile_setup.hostile_user()
     except hostile_setup.SetupError as exc:
         pytest.skip(str(exc))
-    for path in (delegated, *(delegated / n for n in ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads"))):
-        os.chown(path, user.uid, user.gid)
+    for group in (delegated, delegated / cg.SUPERVISOR_GROUP):
+        for path in (group, *(group / n for n in ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads"))):
+            os.chown(path, user.uid, user.gid)
     out = Path(tempfile.mkdtemp(prefix="ramp-cgroup-"))
     try:
         os.chown(out, user.uid, user.gid)
         # writable is not delegated: a user's own session cgroups are writable too
         unmarked = _drive(delegated, str(user.python), (user.uid, user.gid), out)
         assert "delegation mark" in unmarked["why"]
-        assert not (delegated / cg.SUPERVISOR_GROUP).exists()
+        assert (delegated / "cgroup.subtree_control").read_text().strip() == ""
         os.setxattr(delegated, "user.delegate", b"1")  # systemd's mark, readable by the user
         _check_run(delegated, _drive(delegated, str(user.python), (user.uid, user.gid), out), out)
     finally:
@@ -259,7 +261,7 @@ def test_limits_per_run(real_controllers: Path, tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-c", code, str(tmp_path)], check=True, timeout=300,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
-        preexec_fn=lambda: (real_controllers / "cgroup.procs").write_text(str(os.getpid())),
+        preexec_fn=lambda: (real_controllers / cg.SUPERVISOR_GROUP / "cgroup.procs").write_text(str(os.getpid())),
     )  # fmt: skip
     forked = int((tmp_path / "fork").read_text().split("forked ")[1].split()[0])
     assert forked < 10
@@ -267,3 +269,21 @@ def test_limits_per_run(real_controllers: Path, tmp_path: Path) -> None:
     grow = json.loads((tmp_path / "grow.json").read_text())
     # the supervisor's own (PSS) limit was set far above: the kernel's bound stopped it
     assert grow["reason"] == "memory", grow
+
+
+def test_a_daemon_outside_the_supervisor_leaf_is_left_where_it_is(delegated: Path, tmp_path: Path) -> None:
+    """systemd < 254 starts the daemon in the unit's cgroup itself: moving it
+    would close that cgroup to the next daemon systemd starts, so no per-run
+    cgroups there (and nothing moved)."""
+    os.setxattr(delegated, "trusted.delegate", b"1")
+
+    def enter() -> None:
+        (delegated / "cgroup.procs").write_text(str(os.getpid()))
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "from ramp_dispatcher.workers import cgroups as cg; print(cg.detect(('hugetlb',))[1])"],
+        capture_output=True, text=True, timeout=60, preexec_fn=enter,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert "is not the 'supervisor' subgroup of a delegated cgroup" in proc.stdout, proc
+    assert (delegated / "cgroup.subtree_control").read_text().strip() == ""

@@ -12,13 +12,14 @@ rlimits (:func:`.sandbox.rlimit_args`).
 Layout, with D the delegated cgroup (the unit's)::
 
     D/                  cgroup.subtree_control: +memory +pids; no process here
-    D/supervisor/       the daemon and the runs' supervisors (systemd's
-                        DelegateSubgroup=supervisor puts the daemon there;
-                        without it the daemon moves D's processes there)
+    D/supervisor/       the daemon and the runs' supervisors
     D/run-<submission>-<attempt>/   one run's tree: memory.max, pids.max
 
 cgroup v2 lets no process live in a cgroup that hands controllers to its
-children ("no internal processes"), hence the ``supervisor`` leaf.
+children ("no internal processes"), hence the ``supervisor`` leaf, where
+systemd (254+, ``DelegateSubgroup=supervisor``) starts the daemon. The daemon
+never moves itself there: with an older systemd, a restart while runs go
+would then find the unit's cgroup closed to the new daemon's process.
 
 Delegation is judged, never assumed: D must offer the ``memory`` and
 ``pids`` controllers, be writable by this process, and carry the mark systemd
@@ -119,7 +120,8 @@ def _writable(path: Path) -> bool:
 
 
 def locate() -> tuple[Path | None, str]:
-    """The candidate delegated cgroup D (see the module's docstring), or (None, why not)."""
+    """The candidate delegated cgroup D, the parent of the daemon's ``supervisor``
+    leaf (see the module's docstring), or (None, why not)."""
     mount = cgroup2_mount()
     if mount is None:
         return None, "no cgroup v2 hierarchy is mounted"
@@ -131,17 +133,20 @@ def locate() -> tuple[Path | None, str]:
     if rel is None or rel.startswith(".."):
         return None, f"this process's cgroup {own} is outside the cgroup2 mount at {point}"
     path = Path(os.path.normpath(point / rel))
-    if path.name == SUPERVISOR_GROUP:
-        path = path.parent  # already in the leaf (DelegateSubgroup=, or a previous start)
-    return path, ""
+    if path.name != SUPERVISOR_GROUP:
+        return None, (
+            f"the daemon's cgroup {own} is not the '{SUPERVISOR_GROUP}' subgroup of a "
+            f"delegated cgroup (systemd 254+: Delegate=memory pids, DelegateSubgroup={SUPERVISOR_GROUP})"
+        )
+    return path.parent, ""
 
 
 def detect(required: tuple[str, ...] = REQUIRED) -> tuple[RunCgroups | None, str]:
     """Prepare the delegated cgroup for per-run cgroups, or say why there is none.
 
-    Returns (RunCgroups, "") when runs can get their own cgroups (the daemon's
-    processes are then in ``D/supervisor`` and ``required`` is enabled for
-    D's children), else (None, a sentence for the start-up log).
+    Returns (RunCgroups, "") when runs can get their own cgroups (``required``
+    is then enabled for D's children), else (None, a sentence for the
+    start-up log).
     """
     path, why = locate()
     if path is None:
@@ -170,26 +175,18 @@ def detect(required: tuple[str, ...] = REQUIRED) -> tuple[RunCgroups | None, str
 
 
 def _enable(path: Path, required: tuple[str, ...]) -> None:
-    """Move D's own processes into D/supervisor, then enable ``required`` for D's children."""
-    leaf = path / SUPERVISOR_GROUP
-    leaf.mkdir(exist_ok=True)
+    """Enable ``required`` for D's children (kept from an earlier start)."""
     enabled = _read(path / "cgroup.subtree_control").split()
     wanted = " ".join(f"+{c}" for c in required if c not in enabled)
-    for _ in range(5):  # a process forked meanwhile lands in D: move it too
-        for pid in _read(path / "cgroup.procs").split():
-            try:
-                (leaf / "cgroup.procs").write_text(pid)
-            except ProcessLookupError:
-                pass  # it exited meanwhile
-        if not wanted:
-            return
-        try:
-            (path / "cgroup.subtree_control").write_text(wanted)
-            return
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise
-    raise OSError(errno.EBUSY, f"processes keep appearing in {path}")
+    if not wanted:
+        return
+    try:
+        (path / "cgroup.subtree_control").write_text(wanted)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise OSError(exc.errno, f"processes live in {path} itself, outside its "
+                          f"'{SUPERVISOR_GROUP}' subgroup") from None
+        raise
 
 
 def limit_args(
