@@ -70,10 +70,12 @@ class SandboxError(UserError):
 class Limits:
     """Per-run bounds applied where the run starts (rlimits) and in the sandbox.
 
-    ``None`` leaves a bound unset. The kernel checks the process count
-    against every process and thread of the daemon's user (across user
-    namespaces) when the run forks: it bounds a fork bomb, but is shared with
-    the daemon and the event's other runs, and never applies to root.
+    ``None`` leaves a bound unset. The process count is the run's own
+    ``pids.max`` where runs get cgroups (:mod:`.cgroups`); elsewhere it is
+    RLIMIT_NPROC, which the kernel checks against every process and thread of
+    the daemon's user (across user namespaces) when the run forks: it bounds
+    a fork bomb, but is shared with the daemon and the event's other runs,
+    and never applies to root.
     """
 
     #: processes and threads (RLIMIT_NPROC)
