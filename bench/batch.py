@@ -20,6 +20,12 @@ The batch is measured twice, each time on a fresh deployment:
   wait for the next poll before the first claim is reported apart); CPU is
   the daemon's from the release to the end. This is how the service is used.
 
+Each is measured with the conda worker's defaults (the bubblewrap sandbox and
+the trusted re-scoring, ``verify_scores``, on), with the sandbox alone, and
+with neither (``VARIANTS``; ``--quick``: the defaults only), against the same
+ideal (bare ramp-test), so the table shows what each adds to a batch. The
+load average before each measurement is printed and is a row of the table.
+
 ramp-engine 0.10.1 on such a batch (issue 3): 2.35x ideal, CPU = 100 % of wall.
 """
 
@@ -56,6 +62,24 @@ from .common import (
 )
 
 N_WORKERS = 2
+#: the conda worker's settings each batch runs with, by label: the defaults,
+#: then each protection turned off
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sandbox+verify": {},
+    "sandbox": {"verify_scores": False},
+    "no sandbox": {"sandbox": "none", "verify_scores": False},
+}
+DEFAULT_VARIANT = "sandbox+verify"
+
+
+def label(backend: str, variant: str) -> str:
+    return f"batch[{backend}; {variant}]"
+
+
+def load_row(backend: str, variant: str, what: str) -> Row:
+    one, five, _ = os.getloadavg()
+    say(f"  [{backend}; {variant}] load average before the {what}: {one:.2f} (1 min), {five:.2f} (5 min)")
+    return Row(label(backend, variant), f"{what}: load average before (1/5 min)", f"{one:.2f} / {five:.2f}")
 
 
 def _estimator(imports: str, make: str) -> str:
@@ -198,8 +222,8 @@ def fifo_makespan(durations: list[float], n_workers: int) -> float:
     return max(free)
 
 
-def run_backend(backend: str, quick: bool,
-                standalone: Standalone | None) -> tuple[list[Row], Standalone, float]:  # fmt: skip
+def run_backend(backend: str, quick: bool, standalone: Standalone | None,
+                variant: str = DEFAULT_VARIANT) -> tuple[list[Row], Standalone, float]:  # fmt: skip
     """One daemon run on a fresh deployment: (rows, standalone times, noise share)."""
     subs = batch(quick)
     with scratch_dir(f"batch-{backend}") as root, temp_database(backend, root) as url:
@@ -209,6 +233,7 @@ def run_backend(backend: str, quick: bool,
             # slots and finished runs wake the daemon, the timers are fallbacks
             dispatcher={"n_workers": N_WORKERS, "n_threads": 1, "hunger_policy": "exit",
                         "poll_interval": 5, "time_between_collection": 1},
+            worker=VARIANTS[variant],
         )  # fmt: skip
         try:
             ids = _ids(dep, list(subs))
@@ -217,9 +242,10 @@ def run_backend(backend: str, quick: bool,
                 standalone = run_standalone(dep, ids, root / "standalone", retries=not quick)
             ideal = standalone.total / N_WORKERS
             fifo = fifo_makespan([standalone.seconds[n] for n in subs], N_WORKERS)
-            say(f"  [{backend}] daemon: {len(subs)} submissions, n_workers={N_WORKERS} ...")
+            say(f"  [{backend}; {variant}] daemon: {len(subs)} submissions, n_workers={N_WORKERS} ...")
             daemon = Daemon(dep.daemon_command(), root / "daemon.log")
             settle()
+            load = load_row(backend, variant, "cold start")
             with CpuWindow() as window:
                 daemon.start()
                 try:
@@ -229,8 +255,9 @@ def run_backend(backend: str, quick: bool,
             say(f"  [{backend}] {window.describe()}")
             if daemon.returncode != 0:
                 raise RuntimeError(f"daemon exited with {daemon.returncode}: {daemon.tail()}")
-            rows = _figures(backend, dep, subs, ids, standalone, daemon, wall, ideal, fifo)
-            rows.append(Row(f"batch[{backend}]", "other processes' CPU during the run",
+            rows = [load, *_figures(backend, label(backend, variant), dep, subs, ids, standalone, daemon,
+                                    wall, ideal, fifo)]  # fmt: skip
+            rows.append(Row(label(backend, variant), "other processes' CPU during the run",
                             f"{100 * window.others_share:.0f}% of capacity"))  # fmt: skip
             return rows, standalone, window.others_share
         finally:
@@ -253,13 +280,15 @@ class ServiceRun:
     slots: SlotTimes
     others_share: float
     window: str
+    load: Row | None = None
 
     @property
     def cpu_per_run_ms(self) -> float:
         return 1000 * self.cpu_s / self.n_runs
 
 
-def measure_service(backend: str, quick: bool, timeout: float = 300.0) -> ServiceRun:
+def measure_service(backend: str, quick: bool, timeout: float = 300.0,
+                    variant: str = DEFAULT_VARIANT) -> ServiceRun:  # fmt: skip
     """Release the batch at once to a daemon that is already serving.
 
     The daemon is ``ramp-dispatcher run`` in a subprocess; its CPU is read
@@ -274,6 +303,7 @@ def measure_service(backend: str, quick: bool, timeout: float = 300.0) -> Servic
             root / "deployment", url, submissions=subs,
             dispatcher={"n_workers": N_WORKERS, "n_threads": 1, "hunger_policy": None,
                         "poll_interval": 5, "time_between_collection": 1},
+            worker=VARIANTS[variant],
         )  # fmt: skip
         try:
             ids = _ids(dep, list(subs))
@@ -286,6 +316,7 @@ def measure_service(backend: str, quick: bool, timeout: float = 300.0) -> Servic
                 wait_for(lambda: dep.states()[warm_up] == "scored", 120, 0.05, "the warm-up run")
                 time.sleep(1.0)  # let the collection after the warm-up settle
                 settle()
+                load = load_row(backend, variant, "running daemon")
                 say(f"  [{backend}] running daemon: releasing {len(subs)} submissions at once ...")
                 with CpuWindow(live=daemon.tree_cpu) as window:
                     daemon.sample()
@@ -308,17 +339,18 @@ def measure_service(backend: str, quick: bool, timeout: float = 300.0) -> Servic
         finally:
             dep.close()
     got = ServiceRun(len(batch_ids), cpu, released, first, last, slots, window.others_share,
-                     window.describe())  # fmt: skip
+                     window.describe(), load)  # fmt: skip
     say(f"  [{backend}] {got.window}")
     say(f"  [{backend}] daemon CPU (from /proc, outside): {1000 * cpu:.0f} ms for {got.n_runs} runs = "
         f"{got.cpu_per_run_ms:.1f} ms per run")
     return got
 
 
-def run_service(backend: str, quick: bool, standalone: Standalone) -> tuple[list[Row], float]:
+def run_service(backend: str, quick: bool, standalone: Standalone,
+                variant: str = DEFAULT_VARIANT) -> tuple[list[Row], float]:  # fmt: skip
     """The batch reaching a daemon that is already serving: (rows, noise share)."""
     subs = batch(quick)
-    got = measure_service(backend, quick, standalone.total * 3 + 120)
+    got = measure_service(backend, quick, standalone.total * 3 + 120, variant)
     first, last, released, cpu, slots = got.first, got.last, got.released, got.cpu_s, got.slots
     wall = last - first
     ideal = standalone.total / N_WORKERS
@@ -329,8 +361,9 @@ def run_service(backend: str, quick: bool, standalone: Standalone) -> tuple[list
         f"{fifo / ideal:.3f}x); daemon CPU {cpu:.2f} s = {100 * share:.2f}% of {last - released:.2f} s")
     say(f"  [{backend}] ramp-test time under the running daemon {slots.under_daemon:.2f} s vs "
         f"{standalone.total:.2f} s alone ({slots.under_daemon / standalone.total:.3f}x)")
-    b = f"batch[{backend}]"
+    b = label(backend, variant)
     return [
+        *([got.load] if got.load is not None else []),
         Row(b, "running daemon: wall / ideal", f"{ratio:.3f} ({wall:.1f} s / {ideal:.1f} s)",
             "<= 1.10", ratio <= 1.10),  # fmt: skip
         Row(b, "running daemon: own CPU / wall", f"{100 * share:.2f}% ({1000 * cpu:.0f} ms)",
@@ -408,7 +441,7 @@ def _run_rows(dep: Deployment, submission_ids: list[int] | None = None) -> list[
         return list(conn.execute(query).all())
 
 
-def _figures(backend: str, dep: Deployment, subs: dict[str, str], ids: dict[str, int],
+def _figures(backend: str, b: str, dep: Deployment, subs: dict[str, str], ids: dict[str, int],
              standalone: Standalone, daemon: Daemon, wall: float, ideal: float,
              fifo: float) -> list[Row]:  # fmt: skip
     from sqlalchemy import select
@@ -441,7 +474,6 @@ def _figures(backend: str, dep: Deployment, subs: dict[str, str], ids: dict[str,
         f"after start-up {steady_cpu:.2f} s = {100 * steady_cpu / steady_wall:.2f}% of "
         f"{steady_wall:.2f} s")  # fmt: skip
     say(f"  [{backend}] final states: " + ", ".join(f"{n}={s}" for n, s in states.items()))
-    b = f"batch[{backend}]"
     return [
         Row(b, f"cold start: wall / ideal ({len(subs)} subs, n_workers=2)",
             f"{ratio:.3f} ({wall:.1f} s / {ideal:.1f} s)", "<= 1.10", ratio <= 1.10),  # fmt: skip
@@ -492,18 +524,20 @@ def run(quick: bool, backends: list[str]) -> list[Row]:
     if quick and "sqlite" in backends:
         backends = ["sqlite"]  # quick: one backend; the daemon's loop is the same on both
     tries = 1 if quick else 2  # a run disturbed by other processes is done again
+    variants = [DEFAULT_VARIANT] if quick else list(VARIANTS)
     for backend in backends_to_run(backends):
+        for variant in variants:
 
-        def cold() -> tuple[list[Row], float]:
-            nonlocal standalone
-            got, standalone, noise = run_backend(backend, quick, standalone)
-            return got, noise
+            def cold() -> tuple[list[Row], float]:
+                nonlocal standalone
+                got, standalone, noise = run_backend(backend, quick, standalone, variant)
+                return got, noise
 
-        rows += _least_noisy(backend, "cold-start batch", tries, cold)
-        assert standalone is not None
-        measured = standalone
-        rows += _least_noisy(backend, "running-daemon batch", tries,
-                             lambda: run_service(backend, quick, measured))  # fmt: skip
+            rows += _least_noisy(backend, "cold-start batch", tries, cold)
+            assert standalone is not None
+            measured = standalone
+            rows += _least_noisy(backend, "running-daemon batch", tries,
+                                 lambda: run_service(backend, quick, measured, variant))  # fmt: skip
     return rows
 
 

@@ -6,9 +6,11 @@
   run. Target: under 20 ms.
 - A whole run: the conda worker (supervisor, ramp-test on the iris kit) with
   ``sandbox: bwrap`` and ``sandbox: none``, post-run checks off, median wall.
-- Trusted scoring: ``workers/rescore.py`` on a real output, for the demo's
-  iris kit (120 training rows) and the same problem with 20 000 rows, median
-  of 3; this is the cost of ``verify_scores`` per run (it runs off the
+- Trusted scoring: ``workers/rescore.py`` on a real output, on the event's
+  folds as the daemon hands them over (``--folds``; here the kit's ``get_cv``
+  folds, as deploying the event stores them), for the demo's iris kit (120
+  training rows) and the same problem with 20 000 rows, median of 3; this is
+  the cost of ``verify_scores`` per run (it runs off the
   daemon's loop, in a worker thread, and the run's slot stays taken meanwhile).
 """
 
@@ -148,7 +150,9 @@ def _whole_run(tmp: Path, kit: Path, n: int) -> list[Row]:
 
 
 def _rescore(tmp: Path, kit: Path, n_rows: int, n: int) -> list[Row]:
-    from ramp_dispatcher.workers.post_run import RESCORE_SCRIPT
+    from rampwf.utils.testing import assert_read_problem
+
+    from ramp_dispatcher.workers.post_run import RESCORE_SCRIPT, write_folds
 
     subs = tmp / f"rescore{n_rows}"
     name = "submission_000000001"
@@ -160,6 +164,9 @@ def _rescore(tmp: Path, kit: Path, n_rows: int, n: int) -> list[Row]:
          "--ignore-warning"],
         check=True, capture_output=True,
     )  # fmt: skip
+    problem = assert_read_problem(str(kit))
+    X_train, y_train = problem.get_train_data(path=str(kit))
+    write_folds(subs / "folds.npz", list(problem.get_cv(X_train, y_train)))
     times, cpus = [], []
     for _ in range(n):
         settle()
@@ -167,7 +174,8 @@ def _rescore(tmp: Path, kit: Path, n_rows: int, n: int) -> list[Row]:
         t0 = time.perf_counter()
         subprocess.run(
             [sys.executable, "-I", "-B", str(RESCORE_SCRIPT), "--kit-dir", str(kit), "--data-dir", str(kit),
-             "--output-dir", str(subs / name / "training_output"), "--json", str(subs / "scores.json")],
+             "--output-dir", str(subs / name / "training_output"), "--json", str(subs / "scores.json"),
+             "--folds", str(subs / "folds.npz")],
             check=True, capture_output=True,
         )  # fmt: skip
         times.append(time.perf_counter() - t0)

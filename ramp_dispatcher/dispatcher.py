@@ -30,7 +30,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -125,9 +125,14 @@ class Dispatcher:
     ) -> Dispatcher:
         """A dispatcher with its worker; the owner id also names the worker's resources."""
         owner = new_owner_id()
+
+        def cv_folds(submission_id: int) -> list[tuple[Any, Any]]:
+            with engine.connect().execution_options(sqlite_readonly=True) as conn:
+                return queries.submission_folds(conn, submission_id)
+
         worker = make_worker(
             config.worker_type, config.worker, event_name=config.ramp.event_name, daemon_id=owner,
-            database=engine.url.render_as_string(hide_password=True),
+            database=engine.url.render_as_string(hide_password=True), cv_folds=cv_folds,
         )
         return cls(engine, config, worker, owner=owner, notifier=notifier)
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
 
 from ramp_dispatcher.config import ConfigError, Section
@@ -432,3 +433,74 @@ def test_read_results_prefers_the_recomputed_scores(tmp_path: Path) -> None:
     # without recomputed scores the run's files are what there is
     results, note = read_results(tmp_path / "forged", 2, ["acc"], None)
     assert note == "" and results.bagged.last["acc"]["test"] == 1.0
+
+
+def test_rescoring_uses_the_events_folds(empty_db_url: str, tmp_path: Path) -> None:
+    """The event's folds (its cv_folds rows) are the truth, not the kit's get_cv
+    of today: here the rows were changed after deployment (each fold's train
+    and valid rows swapped), so the run's predictions were scored by ramp-test
+    on other folds than the event's. The daemon stores the scores on the
+    event's folds, computed outside the sandbox, and says they differ."""
+    from rampwf.utils.testing import assert_read_problem
+    from sqlalchemy import select, update
+
+    from deployment import GOOD, Deployment
+    from ramp_dispatcher.database.dispatcher_schema import runs
+    from ramp_dispatcher.database.ramp_schema import (
+        cv_folds, event_score_types, submission_on_cv_folds, submission_score_on_cv_folds,
+        submission_scores, submissions,
+    )  # fmt: skip
+
+    require_bwrap()
+    dep = Deployment(tmp_path / "deploy", empty_db_url, {"rf": GOOD})
+    with dep.engine.begin() as conn:
+        sid = conn.execute(select(submissions.c.id).where(submissions.c.name == "rf")).scalar_one()
+        rows = conn.execute(select(cv_folds.c.id, cv_folds.c.train_is, cv_folds.c.test_is)
+                            .order_by(cv_folds.c.id)).all()  # fmt: skip
+        for row in rows:
+            conn.execute(update(cv_folds).where(cv_folds.c.id == row.id)
+                         .values(train_is=row.test_is, test_is=row.train_is))  # fmt: skip
+    dep.run_until_done(timeout=240)
+    summary = dep.summaries()["rf"]
+    assert summary.state == "scored", summary
+
+    # What the event's folds say, computed here from the saved predictions.
+    ramp = dep.event_config().ramp
+    problem = assert_read_problem(str(ramp.kit_dir))
+    _, y_train = problem.get_train_data(path=str(ramp.data_dir))
+    acc = next(st for st in problem.score_types if st.name == "acc")
+    expected = []
+    for i, row in enumerate(rows):
+        valid_is = row.train_is  # the event's valid rows now
+        with np.load(ramp.predictions_dir / f"submission_{sid:09d}" / f"fold_{i}" / "y_pred_train.npz") as f:
+            y_pred = f["y_pred"]
+        expected.append(acc.score_function(problem.Predictions(y_true=y_train, fold_is=valid_is),
+                                           problem.Predictions(y_pred=y_pred, fold_is=valid_is)))  # fmt: skip
+    folds, scores, sscf, est = submission_on_cv_folds, submission_scores, submission_score_on_cv_folds, event_score_types
+    with dep.engine.connect() as conn:
+        stored = conn.execute(
+            select(sscf.c.valid_score)
+            .join(folds, folds.c.id == sscf.c.submission_on_cv_fold_id)
+            .join(scores, scores.c.id == sscf.c.submission_score_id)
+            .join(est, est.c.id == scores.c.event_score_type_id)
+            .where(folds.c.submission_id == sid, est.c.name == "acc")
+            .order_by(folds.c.id)
+        ).scalars().all()
+        message = conn.execute(select(runs.c.message).where(runs.c.submission_id == sid)).scalar_one()
+    assert stored == pytest.approx(expected)
+    assert message.startswith("scores recomputed outside the sandbox differ"), message
+    assert "valid nll" in message  # the training rows' likelihood is not the valid rows'
+
+
+def test_event_folds_that_do_not_fit_the_data_are_the_platforms(tmp_path: Path) -> None:
+    """A fold naming rows the data lacks (the data changed after the event was
+    deployed) is not the submission's error: rescore.py exits 1, not 3."""
+    from ramp_dispatcher.workers import rescore
+    from ramp_dispatcher.workers.post_run import write_folds
+
+    path = tmp_path / "folds.npz"
+    write_folds(path, [(np.arange(0, 80), np.arange(80, 100)), (np.arange(20, 100), np.arange(0, 20))])
+    cv = rescore.load_folds(str(path), 100)
+    assert [len(t) for t, _ in cv] == [80, 80] and cv[1][1].tolist() == list(range(20))
+    with pytest.raises(ValueError, match="the event's fold 0 \\(valid\\) names row 99, the training data has 90 rows"):
+        rescore.load_folds(str(path), 90)

@@ -106,6 +106,29 @@ def load_event(conn: Connection, event_name: str) -> EventInfo:
     return EventInfo(row.id, event_name, row.ramp_sandbox_name, n_folds, scores)
 
 
+def submission_folds(conn: Connection, submission_id: int) -> list[tuple[Any, Any]]:
+    """The cv folds of a submission's event as (train_is, test_is), in the order
+    ramp-test's ``fold_<i>`` map to them: the submission's fold rows sorted by
+    id. All the event's folds, also those a (damaged) submission has no fold
+    row for, last: writing the results reports fold rows that do not match."""
+    from .ramp_schema import cv_folds
+
+    folds = submission_on_cv_folds
+    event_id = (
+        select(event_teams.c.event_id)
+        .join(submissions, submissions.c.event_team_id == event_teams.c.id)
+        .where(submissions.c.id == submission_id)
+        .scalar_subquery()
+    )
+    rows = conn.execute(
+        select(cv_folds.c.train_is, cv_folds.c.test_is)
+        .outerjoin(folds, and_(folds.c.cv_fold_id == cv_folds.c.id, folds.c.submission_id == submission_id))
+        .where(cv_folds.c.event_id == event_id)
+        .order_by(folds.c.id.is_(None), folds.c.id, cv_folds.c.id)
+    )
+    return [(r.train_is, r.test_is) for r in rows]
+
+
 def _event_submissions() -> ColumnElement[bool]:
     """Submissions of the event ``:event_id`` (ids of its event_teams)."""
     return submissions.c.event_team_id.in_(

@@ -6,7 +6,7 @@ Importing this package loads none of them (nor YAML or SQLAlchemy).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .base import Worker
 from .registry import WORKER_TYPES, WorkerContext, create_worker, worker_config_from_section
@@ -21,7 +21,11 @@ def make_worker(
     event_name: str | None = None,
     daemon_id: str | None = None,
     database: str | None = None,
+    cv_folds: Callable[[int], list[tuple[Any, Any]]] | None = None,
 ) -> Worker:
     """Build the worker; ``event_name`` is required by the aws worker (instance tags),
-    ``database`` (the URL) names the deployment with it."""
-    return create_worker(worker_type, config, WorkerContext(event_name, daemon_id, database))
+    ``database`` (the URL) names the deployment with it; ``cv_folds`` reads a
+    submission's folds from the database (the conda worker's re-scoring)."""
+    return create_worker(
+        worker_type, config, WorkerContext(event_name, daemon_id, database, cv_folds)
+    )

@@ -27,9 +27,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..configfile import ConfigError, InvalidSetting
+from . import cgroups as cg
 from . import sandbox as sb
 from . import supervise
 from .base import (
@@ -148,7 +149,7 @@ def from_section(section: Section) -> CondaConfig:
 
 
 def create_worker(config: CondaConfig, context: WorkerContext) -> CondaWorker:
-    return CondaWorker(config)
+    return CondaWorker(config, cv_folds=context.cv_folds)
 
 
 def sandbox_settings(section: Section) -> dict[str, Any]:
@@ -342,8 +343,13 @@ class CondaWorker(Worker):
 
     type_name = "conda"
 
-    def __init__(self, config: CondaConfig) -> None:
+    def __init__(
+        self, config: CondaConfig, cv_folds: Callable[[int], list[tuple[Any, Any]]] | None = None
+    ) -> None:
         self.config = config
+        # the event's folds of a submission (the database's), for re-scoring;
+        # None (a worker used without a database) re-scores on the kit's get_cv
+        self._cv_folds = cv_folds
         self._env_lock = threading.Lock()  # held while conda runs
         self._procs_lock = threading.Lock()
         self._env_cache: tuple[Path, float] | None = None  # prefix, expiry (monotonic)
@@ -351,6 +357,8 @@ class CondaWorker(Worker):
         self._procs: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
         self._bwrap: str | None = None  # checked once: validate() or the first run
         self._system_binds: tuple[tuple[str, str], ...] | None = None
+        self._cgroups: cg.RunCgroups | None = None  # per-run cgroups, when delegated
+        self._cgroups_checked = False
         # post-run checks in progress, and the wake callback of each run
         self._post_runs: dict[tuple[int, int], threading.Thread] = {}
         self._wakes: dict[tuple[int, int], Wake] = {}
@@ -427,6 +435,19 @@ class CondaWorker(Worker):
         except WorkerError as exc:
             raise WorkerConfigError("conda_env", str(exc)) from None
         self._check_sandbox()
+        self._run_cgroups()
+
+    def _run_cgroups(self) -> cg.RunCgroups | None:
+        """Per-run cgroups where the service's cgroup is delegated (checked once)."""
+        if not self._cgroups_checked:
+            self._cgroups_checked = True
+            self._cgroups, why = cg.detect()
+            if self._cgroups is not None:
+                log.info("conda worker: each run gets its own cgroup (memory, pids) under %s",
+                         self._cgroups.root)
+            else:
+                log.info("conda worker: no per-run cgroups (%s); run limits are rlimits", why)
+        return self._cgroups
 
     def start(self, request: RunRequest, wake: Wake) -> Handle:
         try:
@@ -496,7 +517,11 @@ class CondaWorker(Worker):
             argv.append("--clear-env")  # the daemon's environment stays outside
         for name, value in setenv.items():
             argv += ["--setenv", f"{name}={value}"]
-        argv += sb.rlimit_args(self.config.limits)
+        cgroups = self._run_cgroups()
+        argv += cg.limit_args(
+            cgroups, request.submission_name, request.attempt, self.config.limits,
+            self.config.memory_limit_mb, tmp_counted=sandboxed,
+        )
         argv += ["--", *command]
 
         try:
@@ -546,6 +571,8 @@ class CondaWorker(Worker):
             "timeout": float(self.config.timeout),
             "memory_limit_mb": self.config.memory_limit_mb,
             "sandbox": self.config.sandbox,
+            "cgroup": str(cgroups.run_dir(request.submission_name, request.attempt))
+            if cgroups is not None else None,
         }
 
     def runs_on_this_host(self) -> bool:
@@ -584,6 +611,8 @@ class CondaWorker(Worker):
             "timeout": float(self.config.timeout),
             "memory_limit_mb": self.config.memory_limit_mb,
             "sandbox": self.config.sandbox,
+            "cgroup": str(cgroups.run_dir(request.submission_name, request.attempt))
+            if (cgroups := self._run_cgroups()) is not None else None,
         }
 
     def _wait_and_wake(
@@ -672,8 +701,11 @@ class CondaWorker(Worker):
                 python = env_python(prefix)
             except WorkerError as exc:
                 python = Path(f"(environment unavailable: {exc})")
+            folds = None
+            if self.config.verify_scores and self._cv_folds is not None:
+                folds = self._cv_folds(request.submission_id)
             run_post_run_checks(
-                request, python, self.config.limits.max_output_mb, self.config.verify_scores
+                request, python, self.config.limits.max_output_mb, self.config.verify_scores, folds
             )
         except Exception:
             log.exception("conda worker: post-run checks of %s failed", request.submission_name)
@@ -760,6 +792,8 @@ class CondaWorker(Worker):
             except subprocess.TimeoutExpired:
                 pass
         self._kill_orphaned_run(handle)
+        if handle.get("cgroup"):  # a lost supervisor cannot remove it any more
+            cg.remove_run_cgroup(Path(handle["cgroup"]))
         try:
             if request.output_dir.exists():
                 shutil.rmtree(request.output_dir)

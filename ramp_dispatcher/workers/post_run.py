@@ -6,7 +6,9 @@
    of the daemon reads it.
 2. Its size is checked against ``limits.max_output_mb``.
 3. With ``verify_scores``, :mod:`.rescore` scores the saved predictions again
-   with the environment's own Python.
+   with the environment's own Python, on the event's folds from the database
+   (handed over in a file, ``folds-<attempt>.npz`` beside the log, removed
+   after), not on whatever the kit's ``get_cv`` makes today.
 
 The result is a small JSON file beside the run's status file, so a restarted
 daemon reads it instead of doing the work again. This runs in a worker
@@ -22,6 +24,7 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 from .base import RunRequest
 
@@ -53,6 +56,23 @@ def post_run_path(request: RunRequest) -> Path:
 
 def scores_path(request: RunRequest) -> Path:
     return request.log_path.parent / f"scores-{request.attempt}.json"
+
+
+def folds_path(request: RunRequest) -> Path:
+    return request.log_path.parent / f"folds-{request.attempt}.npz"
+
+
+def write_folds(path: Path, folds: Sequence[tuple[Any, Any]]) -> None:
+    """The folds as plain arrays (``train_<i>``, ``test_<i>``): rescore.py loads
+    them without pickle."""
+    import numpy as np
+
+    arrays = {}
+    for i, (train_is, test_is) in enumerate(folds):
+        arrays[f"train_{i}"] = np.asarray(train_is)
+        arrays[f"test_{i}"] = np.asarray(test_is)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def read_post_run(path: Path) -> PostRunCheck | None:
@@ -123,9 +143,17 @@ def rescore_env() -> dict[str, str]:
 
 
 def run_post_run_checks(
-    request: RunRequest, python: Path, max_output_mb: float | None, verify: bool
+    request: RunRequest,
+    python: Path,
+    max_output_mb: float | None,
+    verify: bool,
+    folds: Sequence[tuple[Any, Any]] | None = None,
 ) -> PostRunCheck:
-    """Do the checks, write their result atomically to :func:`post_run_path`, return it."""
+    """Do the checks, write their result atomically to :func:`post_run_path`, return it.
+
+    ``folds``: the event's (train_is, test_is) in ramp-test's fold order; None
+    (a worker used without a database) scores on the kit's ``get_cv``.
+    """
     import time
 
     removed, size = sanitize_output(request.output_dir)
@@ -146,18 +174,23 @@ def run_post_run_checks(
         target = scores_path(request)
         target.unlink(missing_ok=True)
         t0 = time.monotonic()
+        argv = [
+            # -B: no __pycache__ written into the kit
+            str(python), "-I", "-B", str(RESCORE_SCRIPT),
+            "--kit-dir", os.path.abspath(request.kit_dir),
+            "--data-dir", os.path.abspath(request.data_dir),
+            "--output-dir", os.path.abspath(request.output_dir),
+            "--json", str(target),
+        ]  # fmt: skip
+        folds_file = folds_path(request)
+        if folds is not None:
+            write_folds(folds_file, folds)
+            argv += ["--folds", str(os.path.abspath(folds_file))]
         with tempfile.TemporaryDirectory(prefix="ramp-rescore-") as home:
             env = rescore_env() | {"HOME": home}
             try:
                 proc = subprocess.run(
-                    [
-                        # -B: no __pycache__ written into the kit
-                        str(python), "-I", "-B", str(RESCORE_SCRIPT),
-                        "--kit-dir", os.path.abspath(request.kit_dir),
-                        "--data-dir", os.path.abspath(request.data_dir),
-                        "--output-dir", os.path.abspath(request.output_dir),
-                        "--json", str(target),
-                    ],  # fmt: skip
+                    argv,
                     stdin=subprocess.DEVNULL,
                     capture_output=True,
                     cwd=home,
@@ -170,6 +203,7 @@ def run_post_run_checks(
                 code, err = -1, f"did not finish within {RESCORE_TIMEOUT_S:g} s"
             except OSError as exc:
                 code, err = -1, str(exc)
+        folds_file.unlink(missing_ok=True)
         elapsed = round(time.monotonic() - t0, 3)
         last = (err.splitlines() or [""])[-1]
         if code == 0 and target.is_file():

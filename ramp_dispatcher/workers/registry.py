@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..configfile import ConfigError
 
@@ -40,6 +40,9 @@ class WorkerContext:
     daemon_id: str | None = None
     #: the database URL (password hidden): with the event, names the deployment
     database: str | None = None
+    #: a submission's cv folds from the database, (train_is, test_is) in
+    #: ramp-test's fold order: the conda worker re-scores runs with them
+    cv_folds: Callable[[int], list[tuple[Any, Any]]] | None = None
 
 
 @dataclass(frozen=True)

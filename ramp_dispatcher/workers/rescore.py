@@ -4,14 +4,21 @@ Run with the event environment's own Python (it needs ramp-workflow and what
 the kit imports, which the daemon may not have), as a plain script::
 
     <env>/bin/python -I -B .../ramp_dispatcher/workers/rescore.py \\
-        --kit-dir K --data-dir D --output-dir S/<submission>/training_output --json OUT
+        --kit-dir K --data-dir D --output-dir S/<submission>/training_output \\
+        --folds FOLDS.npz --json OUT
 
 ramp-test scores inside the participant's process, so its ``scores.csv`` and
 ``bagged_scores.csv`` are whatever that process chose to write. Here the
-scores come from the kit's own ``problem.py`` (score types, data readers,
-``get_cv``) and the predictions ramp-test saved (``fold_<i>/y_pred_train.npz``,
+scores come from the kit's own ``problem.py`` (score types, data readers),
+the event's folds (``FOLDS.npz``: ``train_<i>``, ``test_<i>``, written by the
+daemon from the ``cv_folds`` rows; without ``--folds``, the kit's ``get_cv``)
+and the predictions ramp-test saved (``fold_<i>/y_pred_train.npz``,
 ``y_pred_test.npz``), exactly as ramp-workflow 0.7.0 computes them in
-``run_submission_on_cv_fold`` and ``bag_submissions``.
+``run_submission_on_cv_fold`` and ``bag_submissions``. Predictions made on
+other folds than the event's (a kit whose ``get_cv`` changed, or draws at
+random) are scored on the event's, so the stored scores differ from the
+reported ones and say so; predictions that do not have one row per row of
+the data are the submission's error.
 
 ``OUT`` receives ``{"folds": [{"train": {score: value}, "valid": ..., "test":
 ...}, ...], "bagged": {"valid": {score: [per n_bag]}, "test": ...}}``.
@@ -60,21 +67,53 @@ def _load(fold_dir: str, suffix: str):
         ) from None
 
 
-def rescore(kit_dir: str, data_dir: str, output_dir: str) -> dict:
+def load_folds(path: str, n_rows: int) -> list:
+    """The event's folds from the daemon's file, checked against the data: a
+    fold that names rows the data does not have is the platform's problem
+    (the event and its data disagree), not the submission's."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        n = len([k for k in data.files if k.startswith("train_")])
+        cv = [(np.asarray(data[f"train_{i}"]), np.asarray(data[f"test_{i}"])) for i in range(n)]
+    for i, fold in enumerate(cv):
+        for name, idx in zip(("train", "valid"), fold):
+            if idx.dtype == bool:
+                if len(idx) != n_rows:
+                    raise ValueError(f"the event's fold {i} ({name}) is a mask of {len(idx)} rows, "
+                                     f"the training data has {n_rows}")
+            elif idx.size and (idx.min() < 0 or idx.max() >= n_rows):
+                raise ValueError(f"the event's fold {i} ({name}) names row {idx.max()}, "
+                                 f"the training data has {n_rows} rows")
+    return cv
+
+
+def _check_rows(y_pred, n_rows: int, fold: int, suffix: str) -> None:
+    if len(y_pred) != n_rows:
+        raise BadPredictions(
+            f"fold_{fold}/y_pred_{suffix}.npz has {len(y_pred)} rows, the "
+            f"{'training' if suffix == 'train' else 'test'} data has {n_rows}"
+        )
+
+
+def rescore(kit_dir: str, data_dir: str, output_dir: str, folds_file: str | None = None) -> dict:
     from rampwf.utils.combine import get_score_cv_bags
     from rampwf.utils.testing import assert_read_problem
 
     problem = assert_read_problem(kit_dir)
     X_train, y_train = problem.get_train_data(path=data_dir)
     X_test, y_test = problem.get_test_data(path=data_dir)
-    cv = list(problem.get_cv(X_train, y_train))
+    if folds_file is not None:
+        cv, origin = load_folds(folds_file, len(y_train)), "the event has"
+    else:
+        cv, origin = list(problem.get_cv(X_train, y_train)), "the kit's get_cv makes"
     score_types = problem.score_types
     n_present = sum(
         1 for name in os.listdir(output_dir)
         if name.startswith("fold_") and os.path.isdir(os.path.join(output_dir, name))
     )  # fmt: skip
     if n_present != len(cv):
-        raise BadPredictions(f"{n_present} fold folders, the kit's get_cv makes {len(cv)} folds")
+        raise BadPredictions(f"{n_present} fold folders, {origin} {len(cv)} folds")
 
     folds = []
     valid_list, test_list = [], []
@@ -82,6 +121,8 @@ def rescore(kit_dir: str, data_dir: str, output_dir: str) -> dict:
         fold_dir = os.path.join(output_dir, f"fold_{i}")
         y_pred_train = _load(fold_dir, "train")
         y_pred_test = _load(fold_dir, "test")
+        _check_rows(y_pred_train, len(y_train), i, "train")
+        _check_rows(y_pred_test, len(y_test), i, "test")
         try:
             pairs = {
                 "train": (problem.Predictions(y_true=y_train, fold_is=train_is),
@@ -125,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--json", required=True, help="where the scores go")
+    parser.add_argument("--folds", default=None, help="the event's folds (.npz); default: get_cv")
     args = parser.parse_args(argv)
     try:
-        result = rescore(args.kit_dir, args.data_dir, args.output_dir)
+        result = rescore(args.kit_dir, args.data_dir, args.output_dir, args.folds)
     except BadPredictions as exc:
         print(f"rescore: {exc}", file=sys.stderr)
         return BAD_PREDICTIONS

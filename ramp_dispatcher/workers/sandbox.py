@@ -73,10 +73,12 @@ class SandboxError(UserError):
 class Limits:
     """Per-run bounds applied where the run starts (rlimits) and in the sandbox.
 
-    ``None`` leaves a bound unset. The kernel checks the process count
-    against every process and thread of the daemon's user (across user
-    namespaces) when the run forks: it bounds a fork bomb, but is shared with
-    the daemon and the event's other runs, and never applies to root.
+    ``None`` leaves a bound unset. The process count is the run's own
+    ``pids.max`` where runs get cgroups (:mod:`.cgroups`); elsewhere it is
+    RLIMIT_NPROC, which the kernel checks against every process and thread of
+    the daemon's user (across user namespaces) when the run forks: it bounds
+    a fork bomb, but is shared with the daemon and the event's other runs,
+    and never applies to root.
     """
 
     #: processes and threads (RLIMIT_NPROC)
@@ -203,10 +205,11 @@ def sandbox_env(spec: SandboxSpec, host_env: Mapping[str, str]) -> dict[str, str
     return env
 
 
-def rlimit_args(limits: Limits) -> list[str]:
-    """The supervisor's ``--rlimit NAME=VALUE`` options for these limits."""
+def rlimit_args(limits: Limits, nproc: bool = True) -> list[str]:
+    """The supervisor's ``--rlimit NAME=VALUE`` options for these limits;
+    without ``nproc`` the process count is left to the run's cgroup (:mod:`.cgroups`)."""
     values = {
-        "NPROC": limits.max_processes,
+        "NPROC": limits.max_processes if nproc else None,
         "NOFILE": limits.max_open_files,
         "FSIZE": None if limits.max_file_size_mb is None else int(limits.max_file_size_mb * 2**20),
     }

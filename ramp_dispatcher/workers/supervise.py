@@ -6,7 +6,7 @@ ramp_dispatcher.workers.supervise`` works as well)::
     python -I -S .../ramp_dispatcher/workers/supervise.py --log LOG --status STATUS \\
         --timeout SECONDS [--memory-limit-mb MB] [--max-log-mb MB] [--nice N] \\
         [--cwd DIR] [--clear-env] [--setenv NAME=VALUE ...] [--rlimit NAME=VALUE ...] \\
-        -- COMMAND [ARG ...]
+        [--cgroup DIR [--cgroup-set FILE=VALUE ...]] -- COMMAND [ARG ...]
 
 With ``--clear-env`` the command gets the ``--setenv`` variables only, none of
 this process's (the sandboxed runs: the daemon's environment may hold
@@ -14,11 +14,19 @@ secrets). Each ``--rlimit`` (``NPROC``, ``NOFILE``, ``FSIZE``, ...) is set in
 the command's process just before it starts, so the supervisor itself is not
 bound by it.
 
+With ``--cgroup`` (a child of a delegated cgroup v2, see
+``ramp_dispatcher/workers/cgroups.py``) the command's whole tree runs in that
+cgroup of its own: created here, each ``--cgroup-set`` written into it
+(``pids.max=512``, ``memory.max=...``), entered by the command's process
+before ``exec``, emptied (``cgroup.kill``) and removed after the run. The
+kernel's OOM kill there (``memory.events``) is reported as the memory limit
+it is; the times the run hit ``pids.max`` are said in the log.
+
 The conda worker starts this program in its own session, so it outlives the
 daemon that started it; the daemon (or a restarted one) learns the result
 from the status file only. Standard library only, with no import from this
 package: it must start fast, without site-packages. That is also why it is
-one file of about 700 lines: it runs as a lone script, on this host and, shipped
+one file of about 800 lines: it runs as a lone script, on this host and, shipped
 by value, on Dask workers that have no ramp_dispatcher.
 
 The command's output reaches the log through a pipe that this program reads,
@@ -279,6 +287,89 @@ def _size(n: int) -> str:
     return f"{n / (1024 * 1024):.0f} MiB"
 
 
+# ------------------------------------------------------------------ run cgroup
+class RunCgroup:
+    """The run's own cgroup v2: created, limited, entered by the command, removed."""
+
+    def __init__(self, path: Path, settings: dict[str, str]) -> None:
+        self.path = path
+        self.settings = settings
+        self.procs_fd = -1
+
+    def create(self) -> None:
+        """Make the cgroup and write its limits (OSError when it cannot be done)."""
+        try:
+            self.path.mkdir()
+        except FileExistsError:
+            if self.populated():  # a lost supervisor's run of the same attempt
+                self.kill()
+        for name, value in self.settings.items():
+            with open(self.path / name, "w") as f:
+                f.write(value)
+        # Opened before the fork: the child only writes "0" (itself) into it.
+        self.procs_fd = os.open(self.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+
+    def enter(self) -> None:
+        """In the command's process, before exec: so its whole tree is inside."""
+        os.write(self.procs_fd, b"0")
+
+    def close_fd(self) -> None:
+        if self.procs_fd >= 0:
+            os.close(self.procs_fd)
+            self.procs_fd = -1
+
+    def counters(self, name: str) -> dict[str, int]:
+        """A flat-keyed file such as memory.events or pids.events; {} when absent."""
+        found = {}
+        try:
+            with open(self.path / name) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if value.strip().isdigit():
+                        found[key] = int(value)
+        except OSError:
+            pass
+        return found
+
+    def populated(self) -> bool:
+        return self.counters("cgroup.events").get("populated", 0) == 1
+
+    def kill(self) -> None:
+        """SIGKILL everything in it at once (a fork between scan and kill included)."""
+        try:
+            with open(self.path / "cgroup.kill", "w") as f:
+                f.write("1")
+        except OSError:  # kernel < 5.14: signal what is listed, a few times
+            for _ in range(20):
+                try:
+                    pids = (self.path / "cgroup.procs").read_text().split()
+                except OSError:
+                    return
+                if not pids:
+                    return
+                for pid in pids:
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except (OSError, ValueError):
+                        pass
+                time.sleep(0.05)
+
+    def remove(self) -> bool:
+        """Empty and remove it; False when it could not be removed."""
+        self.close_fd()
+        for attempt in range(100):
+            try:
+                self.path.rmdir()
+                return True
+            except FileNotFoundError:
+                return True
+            except OSError:
+                if attempt == 0:
+                    self.kill()
+                time.sleep(0.02)  # killed tasks leave it asynchronously
+        return False
+
+
 # ------------------------------------------------------------------ supervisor
 class Supervisor:
     def __init__(
@@ -293,6 +384,7 @@ class Supervisor:
         max_log_mb: float | None = None,
         clear_env: bool = False,
         rlimits: dict[int, int] | None = None,
+        cgroup: RunCgroup | None = None,
     ):
         self.command = command
         self.log_path = log_path
@@ -303,6 +395,7 @@ class Supervisor:
         self.env = env or {}
         self.clear_env = clear_env
         self.rlimits = rlimits or {}
+        self.cgroup = cgroup
         self.stop_signal: int | None = None
         self.child: subprocess.Popen[bytes] | None = None
         self.child_status: int | None = None  # raw wait status once reaped
@@ -362,9 +455,11 @@ class Supervisor:
         # A reader sees either the old or the new file, never half of one.
         os.replace(tmp, self.status_path)
 
-    def _set_rlimits(self) -> None:
-        """In the child, before exec: lower soft and hard limits together, so
-        the command cannot raise them again."""
+    def _preexec(self) -> None:
+        """In the child, before exec: join the run's cgroup, then lower soft and
+        hard limits together, so the command cannot raise them again."""
+        if self.cgroup is not None:
+            self.cgroup.enter()
         for which, value in self.rlimits.items():
             soft, hard = resource.getrlimit(which)
             if hard != resource.RLIM_INFINITY:
@@ -435,6 +530,8 @@ class Supervisor:
                 break
             self.signal_tree(signal.SIGKILL)
             time.sleep(0.05)
+        if self.cgroup is not None and self.cgroup.populated():
+            self.cgroup.kill()  # what left our tree (e.g. through a setuid helper)
 
     def wait_child(self, pidfd: int | None, seconds: float) -> None:
         """Sleep up to ``seconds``, waking early when the child exits."""
@@ -462,6 +559,11 @@ class Supervisor:
             limit = None
             if self.max_log_mb is not None:
                 limit = int(self.max_log_mb * 1024 * 1024)
+            if self.cgroup is not None:
+                try:
+                    self.cgroup.create()
+                except OSError as exc:
+                    raise OSError(f"cannot set up the run's cgroup {self.cgroup.path}: {exc}") from None
             self.capture = LogCapture(self.log_fd, limit, f" (max_log_mb: {self.max_log_mb:g})"
                                       if self.max_log_mb is not None else "")
             # The output comes through us, so the log can be bounded.
@@ -481,10 +583,12 @@ class Supervisor:
                     env=env,
                     close_fds=True,
                     process_group=0,  # its own group: one killpg stops it all
-                    preexec_fn=self._set_rlimits if self.rlimits else None,
+                    preexec_fn=self._preexec if self.rlimits or self.cgroup else None,
                 )
             finally:
                 os.close(out_w)
+                if self.cgroup is not None:
+                    self.cgroup.close_fd()
         except (OSError, subprocess.SubprocessError) as exc:  # the latter: a failed rlimit
             self.note(f"could not start ramp-test: {exc}")
             return self.finish("spawn_error", f"could not start {self.command[0]}: {exc}")
@@ -541,9 +645,35 @@ class Supervisor:
         # Also after a normal exit: a submission must leave no process behind.
         self.stop_tree(TERM_GRACE_S)
         self.drain(until_eof=True)
+        if self.cgroup is not None:
+            reason, message = self.cgroup_verdict(reason, message)
         return self.finish(reason, message)
 
+    def cgroup_verdict(self, reason: str, message: str) -> tuple[str, str]:
+        """What the run's cgroup saw: the kernel's OOM kill at memory.max is the
+        memory limit (memory grown between two samples); hitting pids.max is
+        said in the log, since the forks that failed explain the run's errors."""
+        assert self.cgroup is not None
+        hits = self.cgroup.counters("pids.events").get("max", 0)
+        if hits:
+            bound = self.cgroup.settings.get("pids.max", "its bound")
+            self.note(f"The run reached its process limit ({bound}) {hits} times: "
+                      "starting a process or thread failed then.")
+        ooms = self.cgroup.counters("memory.events")
+        if reason == "exited" and (ooms.get("oom_kill", 0) or ooms.get("oom_group_kill", 0)):
+            limit = self.memory_limit_mb
+            reason = "memory"
+            message = (
+                f"the memory limit of {limit:g} MB was exceeded (the system stopped the run "
+                "when its memory grew past the limit faster than it is sampled)"
+                if limit is not None else "the run's cgroup ran out of memory"
+            )
+            self.note(f"Training stopped: {message}.")
+        return reason, message
+
     def finish(self, reason: str, message: str) -> int:
+        if self.cgroup is not None and not self.cgroup.remove():
+            self.note(f"the run's cgroup {self.cgroup.path} could not be removed")
         if self.out_fd >= 0:  # a writer outside our tree holds the pipe: stop reading
             os.close(self.out_fd)
             self.out_fd = -1
@@ -590,12 +720,12 @@ def _become_subreaper() -> bool:
         return False
 
 
-def _parse_setenv(items: Sequence[str]) -> dict[str, str]:
+def _parse_setenv(items: Sequence[str], option: str = "--setenv") -> dict[str, str]:
     env = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise argparse.ArgumentTypeError(f"--setenv wants NAME=VALUE, got {item!r}")
+            raise argparse.ArgumentTypeError(f"{option} wants NAME=VALUE, got {item!r}")
         env[name] = value
     return env
 
@@ -630,6 +760,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--setenv", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--clear-env", action="store_true", help="pass on --setenv variables only")
     parser.add_argument("--rlimit", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--cgroup", type=Path, default=None,
+                        help="the run's own cgroup v2 (created and removed here)")
+    parser.add_argument("--cgroup-set", action="append", default=[], metavar="FILE=VALUE",
+                        help="a limit written into --cgroup (pids.max=512, memory.max=...)")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = list(args.command)
@@ -640,8 +774,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         env = _parse_setenv(args.setenv)
         rlimits = _parse_rlimits(args.rlimit)
+        settings = _parse_setenv(args.cgroup_set, "--cgroup-set")
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
+    if settings and args.cgroup is None:
+        parser.error("--cgroup-set needs --cgroup")
+    if any("/" in name or not name.startswith(("memory.", "pids.")) for name in settings):
+        parser.error("--cgroup-set names a memory.* or pids.* file of the run's cgroup")
 
     sup = Supervisor(
         command=command,
@@ -654,6 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_log_mb=args.max_log_mb,
         clear_env=args.clear_env,
         rlimits=rlimits,
+        cgroup=None if args.cgroup is None else RunCgroup(args.cgroup, settings),
     )
     # Installed before spawning so an early cancel is not lost.
     signal.signal(signal.SIGTERM, sup.on_signal)
