@@ -51,7 +51,7 @@ from .retry import RetryPolicy
 from .runs import ActiveRun, RunState
 from .sdnotify import SystemdNotifier
 from .workers import make_worker
-from .workers.base import FailureClass, Handle, RunOutcome, RunRequest, Worker, WorkerError
+from .workers.base import FailureClass, Handle, RunOutcome, RunRequest, TryLater, Worker, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,13 @@ class Dispatcher:
         owner = new_owner_id()
 
         def cv_folds(submission_id: int) -> list[tuple[Any, Any]]:
-            with engine.connect().execution_options(sqlite_readonly=True) as conn:
-                return queries.submission_folds(conn, submission_id)
+            try:
+                with engine.connect().execution_options(sqlite_readonly=True) as conn:
+                    return queries.submission_folds(conn, submission_id)
+            except DB_ERRORS as exc:
+                if is_unavailable(exc):
+                    raise TryLater(f"the database is unavailable ({first_line(exc)})") from exc
+                raise
 
         worker = make_worker(
             config.worker_type, config.worker, event_name=config.ramp.event_name, daemon_id=owner,

@@ -12,6 +12,7 @@ cached under /var/cache; the package itself is copied in on every session
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import pwd
@@ -94,21 +95,38 @@ def ensure_venv() -> Path:
     return venv
 
 
+def _package_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "ramp_dispatcher").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def install_package(venv: Path) -> None:
-    """Copy this worktree's package into the venv (no build, no egg-info in the tree)."""
+    """Copy this worktree's package into the venv (no build, no egg-info in the
+    tree), unless the same code is there already: a test process running in
+    parallel may be running a daemon from it."""
     site = next((venv / "lib").glob("python3.*/site-packages"))
     dest = site / "ramp_dispatcher"
+    stamp = site / "ramp_dispatcher.digest"
+    digest = _package_digest()
+    if dest.is_dir() and stamp.is_file() and stamp.read_text() == digest:
+        return
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(ROOT / "ramp_dispatcher", dest, ignore=shutil.ignore_patterns("__pycache__"))
     for path in [dest, *dest.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
+    stamp.write_text(digest)
 
 
 def hostile_user() -> HostileUser:
-    uid, gid = ensure_user()
-    venv = ensure_venv()
-    install_package(venv)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".setup.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test processes in parallel set up one at a time
+        uid, gid = ensure_user()
+        venv = ensure_venv()
+        install_package(venv)
     return HostileUser(USER, uid, gid, venv)
 
 

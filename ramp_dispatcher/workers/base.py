@@ -81,6 +81,12 @@ class WorkerError(Exception):
     """An infrastructure failure while starting or checking a run."""
 
 
+class TryLater(Exception):
+    """What the worker asked of the daemon's side (the event's folds from the
+    database) is out of reach for a passing reason (an outage): not the run's
+    failure; the worker asks again later."""
+
+
 class WorkerConfigError(WorkerError):
     """The worker's config cannot work on this host; ``key`` is the
     ``worker`` section's key to fix (raised by :meth:`Worker.validate`)."""

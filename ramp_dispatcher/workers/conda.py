@@ -38,6 +38,7 @@ from .base import (
     Handle,
     RunOutcome,
     RunRequest,
+    TryLater,
     Wake,
     Worker,
     WorkerConfigError,
@@ -72,6 +73,8 @@ _SUPERVISOR_ARGS = {str(SUPERVISOR).encode(), b"ramp_dispatcher.workers.supervis
 CONDA_INFO_TIMEOUT_S = 60.0
 #: how long :meth:`CondaWorker.cleanup` waits for a stopping supervisor
 STOP_WAIT_S = 10.0
+#: seconds between two tries of post-run checks that wait for the database
+TRY_LATER_PAUSE_S = 2.0
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 #: ``sandbox`` values; bubblewrap exists on Linux only
 SANDBOX_CHOICES = ("bwrap", "none")
@@ -703,7 +706,14 @@ class CondaWorker(Worker):
                 python = Path(f"(environment unavailable: {exc})")
             folds = None
             if self.config.verify_scores and self._cv_folds is not None:
-                folds = self._cv_folds(request.submission_id)
+                try:
+                    folds = self._cv_folds(request.submission_id)
+                except TryLater as exc:
+                    # Nothing recorded: the next check() starts the checks again,
+                    # after this pause (no busy loop through an outage).
+                    log.warning("conda worker: post-run checks of %s wait: %s", request.submission_name, exc)
+                    time.sleep(TRY_LATER_PAUSE_S)
+                    return
             run_post_run_checks(
                 request, python, self.config.limits.max_output_mb, self.config.verify_scores, folds
             )
