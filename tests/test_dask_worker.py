@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session  # noqa: E402
 import dask_fixtures  # noqa: E402
 from dask_fixtures import DaskCluster, TlsFiles, make_tls_files  # noqa: E402
 from deployment import Deployment, run_in_thread  # noqa: E402
+from helpers import recording_listener  # noqa: E402
 from kit import GOOD as KIT_GOOD, RAISES as KIT_RAISES, make_iris_kit  # noqa: E402
 from faults import (  # noqa: E402
     MARKER_VAR,
@@ -755,31 +756,8 @@ def test_shared_filesystem_runs_in_place(tmp_path: Path) -> None:
 def listener() -> Iterator[tuple[int, list[bytes]]]:
     """A TCP listener on 127.0.0.1 (the Dask workers share this network) that
     records whatever reaches it."""
-    import socket
-    import threading
-
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    srv.settimeout(0.2)
-    got: list[bytes] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            got.append(conn.recv(100) or b"<connected>")
-            conn.close()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv.getsockname()[1], got
-    stop.set()
-    t.join()
-    srv.close()
+    with recording_listener() as port_and_got:
+        yield port_and_got
 
 
 def test_sandbox_on_the_dask_worker(tmp_path: Path, dask_cluster: DaskCluster, listener) -> None:

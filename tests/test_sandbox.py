@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +27,7 @@ from ramp_dispatcher.workers.sandbox import SandboxError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kit  # noqa: E402
+from helpers import recording_listener  # noqa: E402
 from sandbox_attacks import denied, probe_classifier, probe_results  # noqa: E402
 
 VENV = Path(sys.prefix)
@@ -178,28 +177,8 @@ def iris_kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def listener() -> Iterator[tuple[int, list[bytes]]]:
     """A TCP listener on 127.0.0.1 that records whatever reaches it."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    srv.settimeout(0.2)
-    got: list[bytes] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            got.append(conn.recv(100) or b"<connected>")
-            conn.close()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv.getsockname()[1], got
-    stop.set()
-    t.join()
-    srv.close()
+    with recording_listener() as port_and_got:
+        yield port_and_got
 
 
 _ids = iter(range(1, 10**6))

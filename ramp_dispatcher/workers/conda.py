@@ -155,41 +155,42 @@ def create_worker(config: CondaConfig, context: WorkerContext) -> CondaWorker:
     return CondaWorker(config, cv_folds=context.cv_folds)
 
 
-def sandbox_settings(section: Section) -> dict[str, Any]:
-    """The sandbox, limit and score-check keys of a conda ``worker`` section, as
-    CondaConfig keyword arguments."""
-    def where(key: str) -> str:
-        return f"{section.path}: key 'worker.{key}'"
-
-    choice = section.choice("sandbox", SANDBOX_CHOICES, DEFAULT_SANDBOX)
+def sandbox_settings(section: Section, post_run: bool = True) -> dict[str, Any]:
+    """The sandbox, limit and score-check keys of a ``worker`` section, as
+    CondaConfig keyword arguments. Without ``post_run`` (the dask worker, which
+    runs no post-run checks) ``max_output_mb`` and ``verify_scores`` are not
+    read: they stay unknown keys there."""
     run_env = section.optional("run_env", lambda v: v, "a mapping", {})
     if not isinstance(run_env, dict) or not all(
         isinstance(k, str) and k and "=" not in k and isinstance(v, (str, int, float))
         and not isinstance(v, bool)
         for k, v in run_env.items()
     ):
-        raise ConfigError(f"{where('run_env')} must be a mapping of variable names to strings")
-    limits: dict[str, Any] = {}
-    for key, kind, type_name in (
+        raise ConfigError(f"{section.where('run_env')} must be a mapping of variable names to strings")
+    limit_keys = [
         ("max_processes", int, "an integer"),
         ("max_open_files", int, "an integer"),
         ("max_file_size_mb", float, "a number of megabytes"),
         ("tmp_size_mb", float, "a number of megabytes"),
-        ("max_output_mb", float, "a number of megabytes"),
-    ):
-        default = getattr(sb.DEFAULT_LIMITS, key)
-        value = section.optional(key, kind, type_name, default)
+    ]
+    if post_run:
+        limit_keys.append(("max_output_mb", float, "a number of megabytes"))
+    limits: dict[str, Any] = {}
+    for key, kind, type_name in limit_keys:
+        value = section.optional(key, kind, type_name, getattr(sb.DEFAULT_LIMITS, key))
         if value is not None and value <= 0:
-            raise ConfigError(f"{where(key)} must be positive")
+            raise ConfigError(f"{section.where(key)} must be positive")
         limits[key] = value
-    return {
-        "sandbox": choice,
+    settings: dict[str, Any] = {
+        "sandbox": section.choice("sandbox", SANDBOX_CHOICES, DEFAULT_SANDBOX),
         "allow_network": section.optional("allow_network", bool, "true or false", False),
         "run_env": {k: str(v) for k, v in run_env.items()},
         "limits": sb.Limits(**limits),
-        "verify_scores": section.optional("verify_scores", bool, "true or false", True),
-        "config_path": Path(section.path),
     }
+    if post_run:
+        settings["verify_scores"] = section.optional("verify_scores", bool, "true or false", True)
+        settings["config_path"] = Path(section.path)
+    return settings
 
 
 # ---------------------------------------------------------------- environments

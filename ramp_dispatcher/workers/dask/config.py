@@ -11,11 +11,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from ...configfile import ConfigError, InvalidSetting
 from .. import sandbox as sb
-from ..conda import DEFAULT_SANDBOX, SANDBOX_CHOICES
+from ..conda import DEFAULT_SANDBOX, SANDBOX_CHOICES, sandbox_settings
 
 if TYPE_CHECKING:
     from ...configfile import Section
@@ -156,36 +156,9 @@ class DaskConfig:
                     section.optional("unreachable_timeout", float, "a number of seconds", 120.0)
                 ),
                 config_path=Path(section.path),
-                **_sandbox_settings(section),
+                **sandbox_settings(section, post_run=False),
             )
         except InvalidSetting as exc:
             raise section.invalid(exc) from None
 
 
-def _sandbox_settings(section: Section) -> dict[str, Any]:
-    """The sandbox keys, with the conda worker's names and meanings (but not
-    its post-run ones: ``verify_scores`` and ``max_output_mb`` stay unknown)."""
-    run_env = section.optional("run_env", lambda v: v, "a mapping", {})
-    if not isinstance(run_env, dict) or not all(
-        isinstance(k, str) and k and "=" not in k and isinstance(v, (str, int, float))
-        and not isinstance(v, bool)
-        for k, v in run_env.items()
-    ):
-        raise ConfigError(f"{section.where('run_env')} must be a mapping of variable names to strings")
-    limits: dict[str, Any] = {}
-    for key, kind, type_name in (
-        ("max_processes", int, "an integer"),
-        ("max_open_files", int, "an integer"),
-        ("max_file_size_mb", float, "a number of megabytes"),
-        ("tmp_size_mb", float, "a number of megabytes"),
-    ):
-        value = section.optional(key, kind, type_name, getattr(sb.DEFAULT_LIMITS, key))
-        if value is not None and value <= 0:
-            raise ConfigError(f"{section.where(key)} must be positive")
-        limits[key] = value
-    return {
-        "sandbox": section.choice("sandbox", SANDBOX_CHOICES, DEFAULT_SANDBOX),
-        "allow_network": section.optional("allow_network", bool, "true or false", False),
-        "run_env": {k: str(v) for k, v in run_env.items()},
-        "limits": sb.Limits(**limits),
-    }
