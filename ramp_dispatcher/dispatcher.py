@@ -35,17 +35,17 @@ from typing import Any, Callable
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from . import messages
 from .breaker import BreakerSnapshot, CircuitBreaker
 from .config import EventConfig
 from .database import control, daemons, queries, reports
 from .database.failures import is_unavailable, statement_of
+from .failure_message import final_failure
 from .jobloop import JobLoop
 from .leaderboards.refresher import LeaderboardService
 from .messages import first_line
 from .metrics import Metrics
 from .owner import Owner, is_local, new_owner_id, owner_is_dead
-from .results import ResultsError, read_fold_error
+from .results import ResultsError
 from .trusted_scores import read_results
 from .retry import RetryPolicy
 from .runs import ActiveRun, RunState
@@ -963,9 +963,7 @@ class Dispatcher:
                 self.metrics.outcome(failure.value)
                 self.wake("claim")
             return done
-        detail = self._failure_detail(run, outcome)
-        state, reason = self._failure_text(run, outcome, detail)
-        error_msg = messages.error_message(reason, detail)
+        state, error_msg = final_failure(outcome, run.request, run.budget_attempt, self.policy.max_attempts)
         done = queries.write_failure(
             conn, run.run_id, self.owner, run.submission_id, state, error_msg,
             failure.value, outcome.max_ram_mb,
@@ -974,46 +972,6 @@ class Dispatcher:
             log.info("%s: %s (%s: %s)", run.label(), state, failure.value, outcome.message)
             self.metrics.outcome(failure.value)
         return done
-
-    def _failure_text(
-        self, run: ActiveRun, outcome: RunOutcome, detail: str | None
-    ) -> tuple[str, str]:
-        """The submission's final state and the sentence that leads its error_msg
-        (the frontend's lists show its first line)."""
-        failure = outcome.failure
-        if failure is FailureClass.INFRASTRUCTURE:
-            return "checking_error", (
-                "The platform could not run this submission; this is a problem on the "
-                f"platform's side, not in your code ({outcome.message}; "
-                f"attempt {run.budget_attempt} of {self.policy.max_attempts})."
-            )
-        if failure is FailureClass.CONFIGURATION:
-            return "checking_error", (
-                "The platform could not run this submission because of its configuration, "
-                f"not because of your code ({outcome.message})."
-            )
-        if failure in (FailureClass.TIMEOUT, FailureClass.MEMORY):
-            return "training_error", outcome.message
-        # The exception line says more than an exit code: lead with it.
-        last = next((ln.strip() for ln in reversed((detail or "").splitlines()) if ln.strip()), "")
-        cause = f"{last} ({outcome.message})" if last else outcome.message
-        return "training_error", f"Your submission failed: {cause}"
-
-    def _failure_detail(self, run: ActiveRun, outcome: RunOutcome) -> str | None:
-        """The traceback: the fold's error.txt if ramp-test wrote one, else the log."""
-        if outcome.failure in (FailureClass.INFRASTRUCTURE, FailureClass.CONFIGURATION):
-            return None
-        try:
-            fold_error = read_fold_error(run.request.output_dir)
-        except OSError:
-            fold_error = None
-        if fold_error:
-            return fold_error
-        log_path = outcome.log_path or run.request.log_path
-        try:
-            return messages.extract_traceback(messages.read_log_tail(log_path))
-        except OSError:
-            return None
 
 
 def _replace_dir(source: Path, dest: Path) -> None:
