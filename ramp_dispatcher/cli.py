@@ -26,6 +26,19 @@ def _setup_logging(verbosity: int) -> None:
     # Third-party chatter stays out of an admin's journal unless asked for.
     for noisy in ("alembic", "botocore", "paramiko"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_without_dask_tracebacks)
+
+
+def _without_dask_tracebacks(record: logging.LogRecord) -> bool:
+    """distributed logs a lost scheduler connection with the tracebacks of its
+    closed comms and cancelled tasks: its line is kept, the traceback (noise in
+    an operator's journal) is not; the dask worker's own line says what the
+    outage means."""
+    if record.name.startswith("distributed.") and record.exc_info:
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def _server(args: argparse.Namespace) -> ServerConfig:

@@ -49,19 +49,6 @@ from .config import RESOURCE, DaskConfig
 
 log = logging.getLogger(__name__)
 
-
-class _WithoutTraceback(logging.Filter):
-    """distributed's client logs the end of its reconnect attempts with the
-    tracebacks of the tasks it cancels: its line is kept, the traceback (noise
-    in an operator's log) is not; our own line says what the outage means."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.exc_info = record.exc_text = None
-        return True
-
-
-logging.getLogger("distributed.client").addFilter(_WithoutTraceback())
-
 #: the log's last bytes that come back from the Dask worker
 LOG_TAIL_BYTES = 256 * 1024
 #: background jobs (connect, submit, fetch, release) run on this many threads
