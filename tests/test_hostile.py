@@ -15,16 +15,15 @@ the tests skip, unless RAMP_DISPATCHER_REQUIRE_SANDBOX=1 (CI), where they fail.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from ramp_dispatcher.status import status_text
 from ramp_dispatcher.workers import sandbox as sb
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import recording_listener  # noqa: E402
 from hostile_setup import HostileUser, SetupError, hostile_user  # noqa: E402
 from sandbox_attacks import denied, probe_estimator, probe_results, snapshot  # noqa: E402
 
@@ -254,24 +254,8 @@ def attacks(root: Path, port: int) -> dict[str, str]:
 def arena(user: HostileUser) -> Iterator[Arena]:
     root = Path(tempfile.mkdtemp(prefix="ramp-hostile-", dir="/tmp"))
     root.chmod(0o755)
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    srv.settimeout(0.2)
-    port = srv.getsockname()[1]
-    hits: list[bytes] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            hits.append(conn.recv(100) or b"<connected>")
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
+    listening = contextlib.ExitStack()
+    port, hits = listening.enter_context(recording_listener())
     secret = "HOSTILE-" + secrets.token_hex(8)
     server_path, event_path = build_deployment(
         root, n_workers=2, timeout=90, submissions=attacks(root, port)
@@ -319,8 +303,7 @@ def arena(user: HostileUser) -> Iterator[Arena]:
             time.sleep(1)
         yield a
     finally:
-        stop.set()
-        srv.close()
+        listening.close()
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
             try:

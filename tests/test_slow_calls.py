@@ -29,6 +29,13 @@ from faults import add_submission, edit_event_config, run_rows, wait_for
 SLOW_STOP_S = 8.0
 
 
+def heartbeat_of(dep, name: str):
+    """The last lease renewal of the submission's run."""
+    sid = dep.summaries()[name].id
+    with dep.engine.connect() as conn:
+        return conn.execute(select(runs.c.heartbeat_at).where(runs.c.submission_id == sid)).scalar()
+
+
 def test_a_slow_stop_does_not_hold_the_loop(empty_db_url: str, tmp_path: Path) -> None:
     dep = Deployment(tmp_path / "deploy", empty_db_url, {"cancelled": sleeper(20), "other": sleeper(5)})
     sock_path = str(tmp_path / "notify.sock")
@@ -48,11 +55,6 @@ def test_a_slow_stop_does_not_hold_the_loop(empty_db_url: str, tmp_path: Path) -
 
     d.worker.cleanup = slow_cleanup  # type: ignore[method-assign]
 
-    def heartbeat_of(name: str):
-        sid = dep.summaries()[name].id
-        with dep.engine.connect() as conn:
-            return conn.execute(select(runs.c.heartbeat_at).where(runs.c.submission_id == sid)).scalar()
-
     run_in_thread(d)
     try:
         wait_for(lambda: {s.state for n, s in dep.summaries().items() if n in ("cancelled", "other")} == {"training"},
@@ -66,7 +68,7 @@ def test_a_slow_stop_does_not_hold_the_loop(empty_db_url: str, tmp_path: Path) -
                 pings += sock.recv(4096).count(b"WATCHDOG=1")
             except TimeoutError:
                 pass
-            heartbeats.add(heartbeat_of("other"))
+            heartbeats.add(heartbeat_of(dep, "other"))
         assert pings >= 3, f"{pings} watchdog pings during a {SLOW_STOP_S:g} s stop"
         assert len(heartbeats) >= 3, f"the other run's lease renewed {len(heartbeats) - 1} time(s)"
         assert d.stopped.wait(120), "the queue did not drain"
@@ -129,11 +131,6 @@ def test_a_slow_conda_lookup_does_not_hold_the_loop(empty_db_url: str, tmp_path:
     d = Dispatcher.for_event(dep.engine, dep.event_config(), notifier)
     _ask_conda_every_start(d)
 
-    def heartbeat_of(name: str):
-        sid = dep.summaries()[name].id
-        with dep.engine.connect() as conn:
-            return conn.execute(select(runs.c.heartbeat_at).where(runs.c.submission_id == sid)).scalar()
-
     run_in_thread(d)
     try:
         wait_for(lambda: dep.summaries()["other"].state == "training", 120, "the first run training")
@@ -147,7 +144,7 @@ def test_a_slow_conda_lookup_does_not_hold_the_loop(empty_db_url: str, tmp_path:
                 pings += sock.recv(4096).count(b"WATCHDOG=1")
             except TimeoutError:
                 pass
-            heartbeats.add(heartbeat_of("other"))
+            heartbeats.add(heartbeat_of(dep, "other"))
         assert pings >= 4, f"{pings} watchdog pings in 8 s while conda was being waited for"
         assert len(heartbeats) >= 4, f"the other run's lease renewed {len(heartbeats) - 1} time(s) in 8 s"
         # the start is still waiting for conda: the loop did not wait with it
