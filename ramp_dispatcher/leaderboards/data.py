@@ -151,6 +151,24 @@ def _submission_query():
     )
 
 
+def _submission_statements() -> dict[tuple[str, bool], Any]:
+    """Built once (their cache keys are then computed once): by (scope, new_only)."""
+    s, et = rs.submissions, rs.event_teams
+    not_sandbox = s.c.name != bindparam("sandbox")
+    scopes = {
+        "event": _submission_query().where(et.c.event_id == bindparam("scope_id"), not_sandbox),
+        "team": _submission_query().where(s.c.event_team_id == bindparam("scope_id"), not_sandbox),
+    }
+    return {
+        (scope, new_only): query.where(s.c.state.in_(NEW_STATES)) if new_only else query
+        for scope, query in scopes.items()
+        for new_only in (False, True)
+    }
+
+
+_SUBMISSIONS = _submission_statements()
+
+
 def _row(r: Any) -> SubmissionRow:
     return SubmissionRow(
         r.id, r.event_team_id, r.team, r.name, r.hash_, r.submission_timestamp, r.state,
@@ -164,23 +182,15 @@ def event_submissions(
 ) -> list[SubmissionRow]:
     """The event's submissions but the sandboxes; with ``new_only`` only those
     waiting or running (read through the state index)."""
-    s, et = rs.submissions, rs.event_teams
-    query = _submission_query().where(et.c.event_id == event.id, s.c.name != event.sandbox_name)
-    if new_only:
-        query = query.where(s.c.state.in_(NEW_STATES))
-    return [_row(r) for r in conn.execute(query)]
+    query = _SUBMISSIONS["event", new_only]
+    return [_row(r) for r in conn.execute(query, {"scope_id": event.id, "sandbox": event.sandbox_name})]
 
 
 def team_submissions(
     conn: Connection, event: EventFacts, event_team_id: int, *, new_only: bool = False
 ) -> list[SubmissionRow]:
-    s = rs.submissions
-    query = _submission_query().where(
-        s.c.event_team_id == event_team_id, s.c.name != event.sandbox_name
-    )
-    if new_only:
-        query = query.where(s.c.state.in_(NEW_STATES))
-    return [_row(r) for r in conn.execute(query)]
+    query = _SUBMISSIONS["team", new_only]
+    return [_row(r) for r in conn.execute(query, {"scope_id": event_team_id, "sandbox": event.sandbox_name})]
 
 
 class FileNames:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 
 from ..database.engine import make_engine
@@ -271,16 +271,23 @@ class LeaderboardService:
                 if work.everything:  # read everything again
                     ctx.files.clear()
                     ctx.scores.clear()
-                    teams = set(data.event_team_ids(conn, self._event_id))
-                else:
-                    ctx.forget(work.submissions)
-                    teams = data.event_teams_of(conn, work.submissions)
+                event_subs = None
                 event_values: dict[str, str | None] = {}
                 if work.event or work.everything:
-                    event_values = update.event_tables(conn, ctx)
-                team_values = {et: update.team_tables(conn, ctx, et) for et in sorted(teams)}
+                    # one read of the event's submissions serves its teams' and
+                    # the "new" tables too
+                    event_subs = data.event_submissions(conn, ctx.event)
+                    event_values = update.compute_tables(conn, ctx, event_subs, event_level=True)
+                teams = _teams_to_refresh(conn, work, event_subs, self._event_id)
+                grouped = update.by_team(event_subs) if event_subs is not None else {}
+                team_values = {
+                    et: update.team_tables(
+                        conn, ctx, et, subs=grouped.get(et, []) if event_subs is not None else None
+                    )
+                    for et in sorted(teams)
+                }
                 if work.new_sweep:
-                    event_new, team_new = update.new_tables_by_team(conn, ctx)
+                    event_new, team_new = update.new_tables_by_team(conn, ctx, event_subs)
                     stored_event, stored_teams = data.stored_new_tables(conn, self._event_id)
                     if not event_values and stored_event != event_new:
                         event_values = {"new_leaderboard_html": event_new}
@@ -303,6 +310,21 @@ class LeaderboardService:
                 "event tables, " if len(event_values) > 1 else "",
                 len(team_values), self.last_duration, time.monotonic() - computed,
             )
+
+
+def _teams_to_refresh(
+    conn: Connection, work: Pending, event_subs: list[data.SubmissionRow] | None, event_id: int
+) -> set[int]:
+    """The event teams whose tables this refresh recomputes: every team at
+    start-up, else the teams of the changed submissions (found among the
+    event's submissions when read, else looked up: a sandbox is not among them)."""
+    if work.everything:
+        return set(data.event_team_ids(conn, event_id))
+    if event_subs is not None:
+        found = {s.id: s.event_team_id for s in event_subs if s.id in work.submissions}
+        if len(found) == len(work.submissions):
+            return set(found.values())
+    return data.event_teams_of(conn, work.submissions)
 
 
 def _pooled(url: URL | str) -> bool:

@@ -237,26 +237,38 @@ def event_tables(conn: Connection, ctx: Context, new_only: bool = False) -> dict
 
 
 def team_tables(
-    conn: Connection, ctx: Context, event_team_id: int, new_only: bool = False
+    conn: Connection, ctx: Context, event_team_id: int, new_only: bool = False,
+    subs: Sequence[SubmissionRow] | None = None,
 ) -> dict[str, str | None]:
-    subs = data.team_submissions(conn, ctx.event, event_team_id, new_only=new_only)
+    """One team's tables; ``subs``: its submissions when already read with the event's."""
+    if subs is None:
+        subs = data.team_submissions(conn, ctx.event, event_team_id, new_only=new_only)
     return compute_tables(conn, ctx, subs, event_level=False, new_only=new_only)
 
 
+def by_team(subs: Iterable[SubmissionRow]) -> dict[int, list[SubmissionRow]]:
+    """Submissions grouped by event team, each group in the given (id) order."""
+    teams: dict[int, list[SubmissionRow]] = {}
+    for s in subs:
+        teams.setdefault(s.event_team_id, []).append(s)
+    return teams
+
+
 def new_tables_by_team(
-    conn: Connection, ctx: Context
+    conn: Connection, ctx: Context, event_subs: Sequence[SubmissionRow] | None = None
 ) -> tuple[str | None, dict[int, str | None]]:
     """Every "new" table of the event from one read of its waiting and running
-    submissions (through the state index): the event's, and each team's that
-    has any (the other teams' are empty)."""
-    subs = data.event_submissions(conn, ctx.event, new_only=True)
+    submissions (through the state index; or picked from ``event_subs``, the
+    event's submissions read by this refresh already): the event's, and each
+    team's that has any (the other teams' are empty)."""
+    if event_subs is None:
+        subs = data.event_submissions(conn, ctx.event, new_only=True)
+    else:
+        subs = [s for s in event_subs if s.is_new]
     ctx.files.fill(conn, subs)
     event_html = _html(tables.listing_board(subs, "new"))
-    by_team: dict[int, list[SubmissionRow]] = {}
-    for s in subs:
-        by_team.setdefault(s.event_team_id, []).append(s)
     return event_html, {
-        et: _html(tables.listing_board(rows, "new")) for et, rows in by_team.items()
+        et: _html(tables.listing_board(rows, "new")) for et, rows in by_team(subs).items()
     }
 
 
