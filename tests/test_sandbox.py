@@ -483,3 +483,82 @@ def test_event_folds_that_do_not_fit_the_data_are_the_platforms(tmp_path: Path) 
     assert [len(t) for t, _ in cv] == [80, 80] and cv[1][1].tolist() == list(range(20))
     with pytest.raises(ValueError, match="the event's fold 0 \\(valid\\) names row 99, the training data has 90 rows"):
         rescore.load_folds(str(path), 90)
+
+
+# ---------------------------------------------------------------- the warm scorer
+def _score_args(request: RunRequest, target: Path) -> list[str]:
+    return ["--kit-dir", str(request.kit_dir), "--data-dir", str(request.data_dir),
+            "--output-dir", str(request.output_dir), "--json", str(target)]  # fmt: skip
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_warm_scorer_scores_as_the_script_does(iris_kit: Path, tmp_path: Path) -> None:
+    """One server per interpreter, kept between runs, scoring exactly as the
+    one-shot script; restarted when the environment's packages change."""
+    import subprocess
+
+    from ramp_dispatcher.workers.post_run import RESCORE_SCRIPT, Scorer
+
+    worker = CondaWorker(CondaConfig(conda_env=str(VENV), timeout=120, sandbox="none"))
+    request = request_for(tmp_path, iris_kit, kit.GOOD)
+    outcome, _ = run(worker, request)
+    assert outcome.failure is None and outcome.trusted_scores is not None, outcome
+    worker.close()
+    once = tmp_path / "once.json"
+    subprocess.run([sys.executable, "-I", "-B", str(RESCORE_SCRIPT), *_score_args(request, once)], check=True)
+
+    scorer = Scorer(Path(sys.executable))
+    try:
+        assert scorer.score(_score_args(request, tmp_path / "warm1.json"), 120) == (0, "")
+        server = scorer.pid
+        assert scorer.score(_score_args(request, tmp_path / "warm2.json"), 120) == (0, "")
+        assert scorer.pid == server  # the same warm process
+        for name in ("warm1.json", "warm2.json"):
+            assert json.loads((tmp_path / name).read_text()) == json.loads(once.read_text())
+
+        # what it watches is the environment's site-packages; a change there restarts it
+        site_packages = next(p for p in scorer._watch if p.endswith("site-packages"))
+        assert Path(site_packages).resolve().is_relative_to(VENV.resolve())
+        scorer._watch[site_packages] -= 1.0  # as if a package was installed since
+        assert scorer.score(_score_args(request, tmp_path / "warm3.json"), 120) == (0, "")
+        assert scorer.pid != server and _group_gone(server)
+    finally:
+        scorer.close()
+    assert scorer.pid is None
+
+
+def test_warm_scorer_time_limit_and_missing_interpreter(iris_kit: Path, tmp_path: Path) -> None:
+    """A scoring past its limit is killed with its server; the next one starts
+    a new server. No interpreter: a clear failure, never a hang."""
+    from ramp_dispatcher.workers.post_run import Scorer
+
+    hung = tmp_path / "hung-kit"
+    hung.mkdir()
+    (hung / "problem.py").write_text("import time\ntime.sleep(600)\n")
+    out = tmp_path / "out" / "fold_0"
+    out.mkdir(parents=True)
+    scorer = Scorer(Path(sys.executable))
+    try:
+        args = ["--kit-dir", str(hung), "--data-dir", str(hung), "--output-dir", str(out.parent),
+                "--json", str(tmp_path / "s.json")]  # fmt: skip
+        code, why = scorer.score(args, 3.0)
+        assert (code, why) == (-1, "did not finish within 3 s")
+        assert scorer.pid is None
+        bad_kit = tmp_path / "bad-kit"
+        bad_kit.mkdir()
+        (bad_kit / "problem.py").write_text("raise RuntimeError('the kit is broken')\n")
+        code, why = scorer.score(["--kit-dir", str(bad_kit), *args[2:]], 120)
+        assert code == 1 and "RuntimeError: the kit is broken" in why
+        assert scorer.pid is not None  # a failed scoring ends its child, not the server
+    finally:
+        scorer.close()
+    missing = Scorer(tmp_path / "no-env" / "bin" / "python")
+    code, why = missing.score(args, 10)
+    assert code == -1 and "No such file" in why and str(tmp_path / "no-env") in why

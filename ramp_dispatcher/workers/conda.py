@@ -47,6 +47,7 @@ from .base import (
 from .outcome import outcome_from_status
 from .post_run import (
     PostRunCheck,
+    Scorer,
     env_python,
     post_run_path,
     read_post_run,
@@ -365,6 +366,7 @@ class CondaWorker(Worker):
         self._cgroups_checked = False
         # post-run checks in progress, and the wake callback of each run
         self._post_runs: dict[tuple[int, int], threading.Thread] = {}
+        self._scorers: dict[Path, Scorer] = {}
         self._wakes: dict[tuple[int, int], Wake] = {}
 
     # -- sandbox
@@ -716,8 +718,9 @@ class CondaWorker(Worker):
                     time.sleep(TRY_LATER_PAUSE_S)
                     return
             run_post_run_checks(
-                request, python, self.config.limits.max_output_mb, self.config.verify_scores, folds
-            )
+                request, self._scorer(python), self.config.limits.max_output_mb,
+                self.config.verify_scores, folds,
+            )  # fmt: skip
         except Exception:
             log.exception("conda worker: post-run checks of %s failed", request.submission_name)
             try:  # recorded, so check() reports it instead of waiting forever
@@ -829,4 +832,15 @@ class CondaWorker(Worker):
         # waiter threads still reap supervisors that end before we exit.
         with self._procs_lock:
             self._procs.clear()
+            scorers, self._scorers = list(self._scorers.values()), {}
+        for scorer in scorers:
+            scorer.close()
+
+    def _scorer(self, python: Path) -> Scorer:
+        """This worker's warm scorer for an environment's interpreter."""
+        with self._procs_lock:
+            scorer = self._scorers.get(python)
+            if scorer is None:
+                scorer = self._scorers[python] = Scorer(python)
+            return scorer
 

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import stat
 import subprocess
 import tempfile
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -142,9 +146,157 @@ def rescore_env() -> dict[str, str]:
     return env
 
 
+class Scorer:
+    """One warm ``rescore.py --serve`` per environment interpreter.
+
+    A one-shot scoring spends most of its second of CPU importing pandas,
+    scikit-learn and ramp-workflow; the warm server pays that once and forks
+    a child per request (rescore.py's docstring). Requests are served one at
+    a time (scoring a finished run takes a fraction of a second once warm).
+    The server is started on first use, started again when it died or when
+    its environment's site-packages changed (a package installed or upgraded:
+    the warm imports would be stale), and killed, with the child it is
+    waiting for, when a request passes its time limit. It ends by itself when
+    its stdin closes, so a daemon killed with -9 leaves no server behind.
+    """
+
+    def __init__(self, python: Path):
+        self.python = python
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._home: tempfile.TemporaryDirectory[str] | None = None
+        self._watch: dict[str, float] = {}
+        self._buffer = b""
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def score(self, argv: Sequence[str], timeout: float) -> tuple[int, str]:
+        """Run rescore.py with these options; (exit status, its error text).
+        -1 with the reason when the server could not score at all."""
+        with self._lock:
+            deadline = time.monotonic() + timeout
+            try:
+                proc = self._ready(deadline)
+            except (OSError, _ServerError) as exc:  # no interpreter there, ramp-workflow missing
+                self._stop()
+                return -1, self._why(exc, timeout)
+            with tempfile.TemporaryDirectory(prefix="ramp-rescore-") as home:
+                err_path = Path(home) / ".stderr"
+                request = {"argv": list(argv), "cwd": home, "stderr": str(err_path)}
+                try:
+                    assert proc.stdin is not None
+                    proc.stdin.write(json.dumps(request).encode() + b"\n")
+                    proc.stdin.flush()
+                    code = int(self._read(deadline)["code"])
+                except (OSError, _ServerError, KeyError, TypeError, ValueError) as exc:
+                    self._stop()  # killed with the child it waits for, on a time-out
+                    return -1, self._why(exc, timeout)
+                try:
+                    err = err_path.read_text(errors="replace").strip()
+                except OSError:
+                    err = ""
+            return code, err
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+    @staticmethod
+    def _why(exc: Exception, timeout: float) -> str:
+        if isinstance(exc, _TimedOut):
+            return f"did not finish within {timeout:g} s"
+        if isinstance(exc, (OSError, _ServerError)):
+            return str(exc)
+        return f"the scoring server answered wrongly: {exc}"
+
+    def _ready(self, deadline: float) -> subprocess.Popen[bytes]:
+        if self._proc is not None and self._proc.poll() is None and not self._stale():
+            return self._proc
+        self._stop()
+        self._home = tempfile.TemporaryDirectory(prefix="ramp-rescore-server-")
+        log_path = Path(self._home.name) / "server.log"
+        with open(log_path, "wb") as log_file:
+            self._proc = subprocess.Popen(
+                # -B: no __pycache__ written into a kit
+                [str(self.python), "-I", "-B", str(RESCORE_SCRIPT), "--serve"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
+                cwd=self._home.name, env=rescore_env() | {"HOME": self._home.name},
+                start_new_session=True,  # one group: a time-out kills it with its child
+            )  # fmt: skip
+        try:
+            hello = self._read(deadline)
+        except _TimedOut:
+            raise
+        except _ServerError as exc:
+            try:
+                last = (log_path.read_text(errors="replace").strip().splitlines() or [""])[-1]
+            except OSError:
+                last = ""
+            raise _ServerError(last or str(exc)) from None
+        self._watch = {p: _mtime(p) for p in hello.get("watch", []) if isinstance(p, str)}
+        return self._proc
+
+    def _stale(self) -> bool:
+        return any(_mtime(p) != seen for p, seen in self._watch.items())
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        """The server's next line, parsed, or _ServerError (timed out, or gone)."""
+        assert self._proc is not None and self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _TimedOut()
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise _ServerError("the scoring server exited")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise _ServerError(f"the scoring server said {line[:200]!r}")
+        return message
+
+    def _stop(self) -> None:
+        proc, self._proc = self._proc, None
+        self._buffer = b""
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the server and a child it waits for
+            except OSError:
+                pass
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+        if self._home is not None:
+            self._home.cleanup()
+            self._home = None
+
+
+class _ServerError(Exception):
+    pass
+
+
+class _TimedOut(_ServerError):
+    pass
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return -1.0
+
+
 def run_post_run_checks(
     request: RunRequest,
-    python: Path,
+    scorer: Scorer,
     max_output_mb: float | None,
     verify: bool,
     folds: Sequence[tuple[Any, Any]] | None = None,
@@ -154,7 +306,6 @@ def run_post_run_checks(
     ``folds``: the event's (train_is, test_is) in ramp-test's fold order; None
     (a worker used without a database) scores on the kit's ``get_cv``.
     """
-    import time
 
     removed, size = sanitize_output(request.output_dir)
     try:  # the sandbox made the folder; ramp-test wrote nothing into it
@@ -175,8 +326,6 @@ def run_post_run_checks(
         target.unlink(missing_ok=True)
         t0 = time.monotonic()
         argv = [
-            # -B: no __pycache__ written into the kit
-            str(python), "-I", "-B", str(RESCORE_SCRIPT),
             "--kit-dir", os.path.abspath(request.kit_dir),
             "--data-dir", os.path.abspath(request.data_dir),
             "--output-dir", os.path.abspath(request.output_dir),
@@ -186,23 +335,7 @@ def run_post_run_checks(
         if folds is not None:
             write_folds(folds_file, folds)
             argv += ["--folds", str(os.path.abspath(folds_file))]
-        with tempfile.TemporaryDirectory(prefix="ramp-rescore-") as home:
-            env = rescore_env() | {"HOME": home}
-            try:
-                proc = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    cwd=home,
-                    env=env,
-                    timeout=RESCORE_TIMEOUT_S,
-                    check=False,
-                )
-                code, err = proc.returncode, proc.stderr.decode("utf-8", "replace").strip()
-            except subprocess.TimeoutExpired:
-                code, err = -1, f"did not finish within {RESCORE_TIMEOUT_S:g} s"
-            except OSError as exc:
-                code, err = -1, str(exc)
+        code, err = scorer.score(argv, RESCORE_TIMEOUT_S)
         folds_file.unlink(missing_ok=True)
         elapsed = round(time.monotonic() - t0, 3)
         last = (err.splitlines() or [""])[-1]

@@ -25,6 +25,16 @@ the data are the submission's error.
 Exit status: 0 scored; 3 the predictions are unusable (missing, malformed,
 the wrong shape: the submission's doing); anything else is our failure.
 Standard library, numpy and ramp-workflow only; no import from this package.
+
+``rescore.py --serve`` is the same scorer kept warm: it imports what every
+kit's scoring needs (numpy, pandas, ramp-workflow: about 1 s of CPU, most of
+a one-shot scoring's cost) once, then reads one JSON request per line on
+stdin (``{"argv": [...], "cwd": D, "stderr": F}``: the options above, a
+private folder, where the error text goes) and answers each with
+``{"code": <exit status>}`` on stdout. Every request is scored in a child
+forked from the warm process, so a kit's imports and whatever its code does
+stay in that child. End of input ends the server (the daemon closed the pipe,
+or died). See :mod:`.post_run`'s ``Scorer``.
 """
 
 from __future__ import annotations
@@ -162,12 +172,18 @@ def rescore(kit_dir: str, data_dir: str, output_dir: str, folds_file: str | None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rescore.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--kit-dir", required=True)
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--json", required=True, help="where the scores go")
+    parser.add_argument("--serve", action="store_true", help="answer requests on stdin (see above)")
+    parser.add_argument("--kit-dir")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--output-dir")
+    parser.add_argument("--json", help="where the scores go")
     parser.add_argument("--folds", default=None, help="the event's folds (.npz); default: get_cv")
     args = parser.parse_args(argv)
+    if args.serve:
+        return serve()
+    missing = [o for o in ("kit_dir", "data_dir", "output_dir", "json") if getattr(args, o) is None]
+    if missing:
+        parser.error("missing " + ", ".join("--" + o.replace("_", "-") for o in missing))
     try:
         result = rescore(args.kit_dir, args.data_dir, args.output_dir, args.folds)
     except BadPredictions as exc:
@@ -181,6 +197,48 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f)
     os.replace(tmp, args.json)
     return 0
+
+
+def serve() -> int:
+    """The warm scorer (module docstring): one forked child per request."""
+    import numpy  # noqa: F401
+    import pandas  # noqa: F401
+    import rampwf.utils.combine  # noqa: F401
+    import rampwf.utils.testing  # noqa: F401  (score types, workflows, sklearn)
+
+    # The folders whose change (a package installed or upgraded in the
+    # environment) makes this warm process stale: the daemon restarts it then.
+    import site
+
+    watch = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    _reply({"ready": True, "watch": watch})
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the child: score, then leave without running any cleanup of the server's
+            code = 1
+            try:
+                os.chdir(request["cwd"])
+                os.environ["HOME"] = request["cwd"]
+                fd = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.dup2(fd, 2)
+                os.close(fd)
+                sys.stdin.close()
+                code = main(request["argv"])
+                sys.stderr.flush()
+            except BaseException:
+                traceback.print_exc()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        _reply({"code": os.waitstatus_to_exitcode(status)})
+    return 0
+
+
+def _reply(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
