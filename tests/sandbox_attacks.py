@@ -78,6 +78,57 @@ def probe_estimator(code: str, good_source: str, in_fit: bool = False) -> str:
         ''')
 
 
+#: a demo kit ``estimator.py`` that always predicts the first class: about a
+#: third right on iris
+WEAK_ESTIMATOR = """\
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+
+class Constant(ClassifierMixin, BaseEstimator):
+    def fit(self, X, y):
+        self.classes_ = np.unique(y)
+        return self
+
+    def predict_proba(self, X):
+        p = np.zeros((len(X), len(self.classes_)))
+        p[:, 0] = 1.0
+        return p
+
+    def predict(self, X):
+        return self.classes_[np.zeros(len(X), dtype=int)]
+
+
+def get_estimator():
+    return Constant()
+"""
+
+#: forges its scores both ways: rampwf's score functions patched to say
+#: accuracy 1 and likelihood 0, and the ``scores.csv`` written so far rewritten
+FORGER = """
+    import glob, sys
+    import rampwf.score_types.accuracy as acc
+    acc.Accuracy.__call__ = lambda self, y_true, y_pred: 1.0
+    import rampwf.score_types.negative_log_likelihood as nll
+    nll.NegativeLogLikelihood.__call__ = lambda self, y_true, y_pred: 0.0
+    out = [a for a in sys.argv if a.endswith("submissions")][0]
+    me = [a for a in sys.argv if a.startswith("submission_")][0]
+    def overwrite():
+        done = []
+        for path in glob.glob(_os.path.join(out, me, "training_output", "fold_*", "scores.csv")):
+            write(path, b"step,acc,nll,time\\ntrain,1.0,0.0,1\\nvalid,1.0,0.0,1\\ntest,1.0,0.0,1\\n")
+            done.append(path)
+        return done
+    attempt("overwrite_scores", overwrite)
+    report("forger")
+"""
+
+
+def forging_estimator() -> str:
+    """A demo kit ``estimator.py``: a weak model whose every fit forges (:data:`FORGER`)."""
+    return probe_estimator(FORGER, WEAK_ESTIMATOR, in_fit=True)
+
+
 def probe_results(log_text: str, tag: str) -> dict[str, str]:
     """The last ``PROBE <tag>`` record in a log (a run prints one per fold)."""
     found = re.findall(rf"^PROBE {re.escape(tag)} (.*)$", log_text, re.M)

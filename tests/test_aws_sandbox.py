@@ -24,6 +24,7 @@ from aws_fixtures import require_aws_modules
 require_aws_modules()
 
 from aws_fixtures import (  # noqa: E402
+    EVENT,
     AwsEnv,
     LocalNetwork,
     Sshd,
@@ -169,6 +170,60 @@ def test_sandbox_on_the_instance_keeps_keys_files_and_network_out_of_reach(
     assert all(v.startswith("LEAKED") for v in leaked.values()), leaked
     assert SSH_SECRET in leaked["ssh_key"] and listener.connections == 1
     assert ("PUT", "/latest/api/token") in imds_fake.requests
+    aws_env.assert_no_instance_running()
+
+
+def test_forged_scores_are_recomputed_on_the_instance(aws_env: AwsEnv) -> None:
+    """A weak model that patches rampwf's score functions inside the sandbox:
+    the instance scores its saved predictions again, outside the sandbox, and
+    the daemon's side gets those scores (here on the kit's folds: no
+    database, but folds handed over as the daemon's reader would, after one
+    TryLater: the run waits for them, it is not charged; test_aws_worker's
+    lifecycle test has the event's). With ``verify_scores: false`` the forged
+    scores are all there is (the test can fail)."""
+    from kit import SCORE_NAMES
+    from rampwf.utils.testing import assert_read_problem
+    from sandbox_attacks import FORGER, probe_classifier
+
+    from ramp_dispatcher.results import parse_training_output
+    from ramp_dispatcher.trusted_scores import read_results
+    from ramp_dispatcher.workers.aws.worker import AWSWorker
+    from ramp_dispatcher.workers.base import TryLater
+
+    problem = assert_read_problem(str(aws_env.kit))
+    folds = list(problem.get_cv(*problem.get_train_data(path=str(aws_env.kit))))
+    calls: list[int] = []
+
+    def cv_folds(submission_id: int) -> list:
+        calls.append(submission_id)
+        if len(calls) == 1:
+            raise TryLater("the database is unavailable (test)")
+        return folds
+
+    weak = GOOD.replace("LogisticRegression(max_iter=500)", "LogisticRegression(max_iter=1, C=1e-4)")
+    assert weak != GOOD
+    checked = AWSWorker(aws_env.config(), EVENT, network=aws_env.network, cv_folds=cv_folds)
+    aws_env.workers.append(checked)
+    bare = aws_env.worker(aws_env.config(verify_scores=False))
+    requests = {w: aws_env.request(probe_classifier(FORGER, weak), submission_id=i)
+                for i, w in ((1, checked), (2, bare))}  # fmt: skip
+    handles = {w: w.start(r, lambda: None) for w, r in requests.items()}  # both at once
+    outcomes = {w: aws_env.wait(w, r, handles[w]) for w, r in requests.items()}
+
+    request, outcome = requests[checked], outcomes[checked]
+    outcome_ok(outcome, request)
+    assert calls == [1, 1]
+    assert outcome.trusted_scores == request.log_path.parent / "scores-1.json"
+    reported = parse_training_output(request.output_dir, 2, SCORE_NAMES)
+    assert reported.bagged.last["acc"]["test"] == 1.0  # what the run claims
+    results, note = read_results(request.output_dir, 2, SCORE_NAMES, outcome.trusted_scores)
+    assert results.bagged.last["acc"]["test"] < 0.9 and results.folds[0].scores["nll"]["valid"] > 0.5
+    assert note.startswith("scores recomputed outside the sandbox differ from what the run reported")
+
+    request, outcome = requests[bare], outcomes[bare]
+    outcome_ok(outcome, request)
+    assert outcome.trusted_scores is None
+    assert parse_training_output(request.output_dir, 2, SCORE_NAMES).bagged.last["acc"]["test"] == 1.0
     aws_env.assert_no_instance_running()
 
 

@@ -96,6 +96,7 @@ def test_config_is_read_and_validated(tmp_path: Path, sshd: Sshd, caplog) -> Non
     assert config.key_path == key and config.local_log_folder == tmp_path / "downloads" / "logs"
     assert config.ami_owners == ("self", "123456789012") and config.use_spot_instance
     assert (config.timeout, config.ssh_port, config.boot_timeout) == (7200.0, 22, 600.0)
+    assert config.verify_scores is True and "worker.verify_scores" not in caplog.text
     assert SECRET not in repr(config) and ACCESS_KEY not in repr(config)
     with pytest.raises(ValueError, match="event_name"):
         make_worker("aws", config)
@@ -119,6 +120,9 @@ def test_config_is_read_and_validated(tmp_path: Path, sshd: Sshd, caplog) -> Non
     assert "worker.security_group" in error(security_group=None)
     assert "worker.profile_name" in error(profile_name="default")
     assert "worker.deployment_id" in error(deployment_id="prod copy")
+    assert "key 'worker.verify_scores' must be true or false" in error(verify_scores="maybe")
+    path.write_text(event_yaml({**worker, "verify_scores": False}))
+    assert load_event_config(path, server).worker.verify_scores is False
     message = error(secret_access_key=[SECRET])
     assert "worker.secret_access_key" in message and SECRET not in message
     # Without keys, boto3's default credential chain (or profile_name) is used.
@@ -170,11 +174,15 @@ def test_full_lifecycle_through_the_dispatcher(
     from deployment import GOOD as DEMO_GOOD
     from deployment import RAISES as DEMO_RAISES
     from deployment import Deployment
+    from rescoring import expected_valid_scores, folds_reader, run_message, stored_valid_scores
+    from sandbox_attacks import forging_estimator
 
     from ramp_dispatcher.demo import write_iris_kit
     from ramp_dispatcher.dispatcher import Dispatcher
 
-    dep = Deployment(tmp_path / "deploy", empty_db_url, {"good": DEMO_GOOD, "raises": DEMO_RAISES})
+    # forger: a weak model that forges its scores in the sandbox (re-scored on the instance)
+    dep = Deployment(tmp_path / "deploy", empty_db_url,
+                     {"good": DEMO_GOOD, "raises": DEMO_RAISES, "forger": forging_estimator()})  # fmt: skip
     # The image holds the same kit as the server (the demo's estimator workflow).
     image_kit = tmp_path / "image-kit"
     write_iris_kit(image_kit, image_kit)
@@ -190,7 +198,8 @@ def test_full_lifecycle_through_the_dispatcher(
               retry_delay: 0
             """))
     config = load_event_config(event_path, dep.server)
-    worker = AWSWorker(config.worker, config.ramp.event_name, network=aws_env.network)
+    worker = AWSWorker(config.worker, config.ramp.event_name, network=aws_env.network,
+                       cv_folds=folds_reader(dep.engine))  # fmt: skip
     aws_env.workers.append(worker)
     d = Dispatcher(dep.engine, config, worker)
     d.start()
@@ -213,14 +222,26 @@ def test_full_lifecycle_through_the_dispatcher(
     assert "refuses to learn" in raises.error_msg
     raises_log = config.ramp.logs_dir / f"submission_{raises.id:09d}" / "log"
     assert "refuses to learn" in raises_log.read_text()
+    # The forger's scores: recomputed on the instance from its saved predictions.
+    forger = s["forger"]
+    assert forger.state == "scored", forger.error_msg
+    kept = config.ramp.predictions_dir / f"submission_{forger.id:09d}"
+    expected = expected_valid_scores(dep.engine, config.ramp.kit_dir, config.ramp.data_dir, kept, "acc")
+    assert max(expected) < 0.5  # a constant guess
+    assert stored_valid_scores(dep.engine, forger.id, "acc") == pytest.approx(expected)
+    message = run_message(dep.engine, forger.id)
+    assert message.startswith("scores recomputed outside the sandbox differ"), message
+    assert "bagged" in message and "reported 1" in message
+    assert run_message(dep.engine, good.id) == ""  # an honest run's are its own
     # Staging folders are emptied once their content is handed over.
     assert not any((aws_env.tmp / "downloads").rglob("*.csv"))
+    assert not any((aws_env.tmp / "downloads").rglob("*.json"))
     ours = [
         i
         for i in aws_env.moto.instances()
         if {"Key": "ramp-dispatcher:event", "Value": "iris_demo"} in i["Tags"]
     ]
-    assert len(ours) == 2 and all(i["State"]["Name"] == "terminated" for i in ours)
+    assert len(ours) == 3 and all(i["State"]["Name"] == "terminated" for i in ours)
     aws_env.assert_no_instance_running()
 
 

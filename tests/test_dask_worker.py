@@ -191,6 +191,7 @@ def test_config_keys_are_read_and_checked(tmp_path: Path, caplog: pytest.LogCapt
             max_processes: 100
             tmp_size_mb: 64
             verify_scores: true
+            max_output_mb: 10
             colour: blue
             """
         )
@@ -204,12 +205,15 @@ def test_config_keys_are_read_and_checked(tmp_path: Path, caplog: pytest.LogCapt
     assert (w.unreachable_timeout, w.sandbox, w.allow_network, dict(w.run_env)) == (30.0, "none", True,
                                                                                    {"KIT_MODE": "fast"})
     assert (w.limits.max_processes, w.limits.tmp_size_mb, w.config_path) == (100, 64.0, path)
-    # re-scoring is the conda worker's: not a key here
-    assert f"{path}: unknown key 'worker.verify_scores'" in caplog.text
+    # re-scoring happens on the Dask worker: a key here too (the size check is the conda worker's)
+    assert w.verify_scores is True and "unknown key 'worker.verify_scores'" not in caplog.text
+    assert f"{path}: unknown key 'worker.max_output_mb'" in caplog.text
+    assert load("dask_scheduler: tcp://h:1\nverify_scores: false\n").worker.verify_scores is False
 
     defaults = load("dask_scheduler: tcp://127.0.0.1:8786\n").worker
     assert (defaults.timeout, defaults.conda_env, defaults.shared_filesystem) == (7200.0, None, False)
     assert (defaults.sandbox, defaults.allow_network, defaults.unreachable_timeout) == ("bwrap", False, 120.0)
+    assert defaults.verify_scores is True
     assert not defaults.uses_tls
 
     for worker, message in [
@@ -224,6 +228,7 @@ def test_config_keys_are_read_and_checked(tmp_path: Path, caplog: pytest.LogCapt
          f"tls_client_key: {tls.client_key}\n", "key 'worker.dask_scheduler' must start with tls://"),
         ("dask_scheduler: tls://h:1\ntls_ca_file: nowhere.pem\n", "key 'worker.tls_ca_file': no such file"),
         ("dask_scheduler: tcp://h:1\nshared_filesystem: maybe\n", "must be true or false"),
+        ("dask_scheduler: tcp://h:1\nverify_scores: maybe\n", "key 'worker.verify_scores' must be true or false"),
         ("dask_scheduler: tcp://h:1\nsandbox: docker\n", "key 'worker.sandbox' must be one of"),
         ("dask_scheduler: tcp://h:1\nrun_env: [A]\n", "key 'worker.run_env' must be a mapping"),
         ("dask_scheduler: tcp://h:1\nmax_open_files: 0\n", "key 'worker.max_open_files' must be positive"),
@@ -749,6 +754,90 @@ def test_shared_filesystem_runs_in_place(tmp_path: Path) -> None:
             worker.close()
     finally:
         c.close()
+
+
+# --------------------------------------------------------------------------- trusted re-scoring
+def test_forged_scores_are_recomputed_on_the_dask_worker(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    """A weak model that patches rampwf's score functions and rewrites its
+    scores.csv inside the sandbox: the Dask worker scores its saved
+    predictions again, outside the sandbox, on the event's folds; those are
+    stored and the run says they differ. The same submission with
+    ``verify_scores: false`` gets its forged scores (the test can fail)."""
+    from rescoring import expected_valid_scores, run_message, stored_valid_scores
+    from sandbox_attacks import forging_estimator, probe_results
+
+    deps = {
+        verify: dask_deployment(tmp_path / f"verify-{verify}", dask_cluster, {"forger": forging_estimator()},
+                                n_workers=1, verify_scores=verify)
+        for verify in (True, False)
+    }  # fmt: skip
+    dispatchers = [dep.dispatcher() for dep in deps.values()]
+    try:
+        for d in dispatchers:  # both at once: the cluster has a slot for each
+            run_in_thread(d)
+        for d in dispatchers:
+            assert d.stopped.wait(180), "the daemon did not finish"
+    finally:
+        for d in dispatchers:
+            d.stop()
+
+    dep = deps[True]
+    forger = dep.summaries()["forger"]
+    assert forger.state == "scored", forger.error_msg
+    ramp = dep.event_config().ramp
+    log = (ramp.logs_dir / sub_name(forger.id) / "log").read_text()
+    assert probe_results(log, "forger")["overwrite_scores"].startswith("ok: ['"), log[-2000:]  # it did
+    expected = expected_valid_scores(dep.engine, ramp.kit_dir, ramp.data_dir,
+                                     ramp.predictions_dir / sub_name(forger.id), "acc")  # fmt: skip
+    assert max(expected) < 0.5  # a constant guess
+    assert stored_valid_scores(dep.engine, forger.id, "acc") == pytest.approx(expected)
+    message = run_message(dep.engine, forger.id)
+    assert message.startswith("scores recomputed outside the sandbox differ"), message
+    assert "bagged" in message and "reported 1" in message
+    assert (ramp.logs_dir / sub_name(forger.id) / "scores-1.json").is_file()  # beside the log, as conda's
+
+    bare = deps[False]
+    forged = bare.summaries()["forger"]
+    assert forged.state == "scored", forged.error_msg
+    assert stored_valid_scores(bare.engine, forged.id, "acc") == [1.0] * len(expected)
+    assert run_message(bare.engine, forged.id) == ""
+
+
+def test_folds_out_of_reach_delay_the_run_without_charging_it(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    """The event's folds are read before the run goes out; a database outage
+    (TryLater) holds it back until they can be read; an honest run's
+    recomputed scores are its own."""
+    from rampwf.utils.testing import assert_read_problem
+
+    from ramp_dispatcher.results import parse_training_output
+    from ramp_dispatcher.trusted_scores import read_results
+    from ramp_dispatcher.workers.base import TryLater
+
+    request = _direct_request(tmp_path, 5, KIT_GOOD)
+    problem = assert_read_problem(str(request.kit_dir))
+    X, y = problem.get_train_data(path=str(request.data_dir))
+    folds = list(problem.get_cv(X, y))
+    calls: list[int] = []
+
+    def cv_folds(submission_id: int) -> list:
+        calls.append(submission_id)
+        if len(calls) == 1:
+            raise TryLater("the database is unavailable (test)")
+        return folds
+
+    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=120), event_name="folds", cv_folds=cv_folds)
+    try:
+        handle = worker.start(request, lambda: None)
+        assert handle["verify_scores"] is True
+        outcome = wait_for(lambda: worker.check(request, handle), 120, "the run")
+        assert outcome.failure is None, (outcome, request.log_path.read_text()[-2000:])
+        assert calls == [5, 5]
+        assert outcome.trusted_scores == request.log_path.parent / "scores-1.json"
+        results, note = read_results(request.output_dir, len(folds), ["acc", "nll"], outcome.trusted_scores)
+        assert note == "" and results == parse_training_output(request.output_dir, len(folds), ["acc", "nll"])
+        worker.cleanup(request, handle)
+    finally:
+        worker.close()
 
 
 # --------------------------------------------------------------------------- sandbox on the Dask worker

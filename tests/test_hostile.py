@@ -41,32 +41,9 @@ from ramp_dispatcher.workers import sandbox as sb
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import recording_listener  # noqa: E402
 from hostile_setup import HostileUser, SetupError, hostile_user  # noqa: E402
-from sandbox_attacks import denied, probe_estimator, probe_results, snapshot  # noqa: E402
+from sandbox_attacks import denied, forging_estimator, probe_estimator, probe_results, snapshot  # noqa: E402
 
 GOOD = SUBMISSIONS["random_forest"]
-#: always predicts the first class: about a third right on iris
-WEAK = """\
-import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-
-
-class Constant(ClassifierMixin, BaseEstimator):
-    def fit(self, X, y):
-        self.classes_ = np.unique(y)
-        return self
-
-    def predict_proba(self, X):
-        p = np.zeros((len(X), len(self.classes_)))
-        p[:, 0] = 1.0
-        return p
-
-    def predict(self, X):
-        return self.classes_[np.zeros(len(X), dtype=int)]
-
-
-def get_estimator():
-    return Constant()
-"""
 FINAL_STATES = {"scored", "training_error", "checking_error", "validating_error", "testing_error"}
 
 
@@ -221,27 +198,10 @@ def attacks(root: Path, port: int) -> dict[str, str]:
         attempt("big_output", lambda: write(_os.path.join(out, me, "training_output", "big"), b"x" * (12 * 2**20)))
         report("bigfile")
     """
-    forger = """
-        import glob, sys
-        import rampwf.score_types.accuracy as acc
-        acc.Accuracy.__call__ = lambda self, y_true, y_pred: 1.0
-        import rampwf.score_types.negative_log_likelihood as nll
-        nll.NegativeLogLikelihood.__call__ = lambda self, y_true, y_pred: 0.0
-        out = [a for a in sys.argv if a.endswith("submissions")][0]
-        me = [a for a in sys.argv if a.startswith("submission_")][0]
-        def overwrite():
-            done = []
-            for path in glob.glob(_os.path.join(out, me, "training_output", "fold_*", "scores.csv")):
-                write(path, b"step,acc,nll,time\\ntrain,1.0,0.0,1\\nvalid,1.0,0.0,1\\ntest,1.0,0.0,1\\n")
-                done.append(path)
-            return done
-        attempt("overwrite_scores", overwrite)
-        report("forger")
-    """
     return {
         "victim": GOOD,
         "honest": GOOD,
-        "forger": probe_estimator(forger, WEAK, in_fit=True),
+        "forger": forging_estimator(),
         "network": probe_estimator(network, GOOD),
         "bigfile": probe_estimator(bigfile, GOOD),
         "forkbomb": probe_estimator(forkbomb, GOOD),

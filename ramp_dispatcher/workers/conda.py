@@ -156,11 +156,17 @@ def create_worker(config: CondaConfig, context: WorkerContext) -> CondaWorker:
     return CondaWorker(config, cv_folds=context.cv_folds)
 
 
+def verify_scores_setting(section: Section) -> bool:
+    """``verify_scores``: re-score runs outside their sandbox (every worker type)."""
+    value: bool = section.optional("verify_scores", bool, "true or false", True)
+    return value
+
+
 def sandbox_settings(section: Section, post_run: bool = True) -> dict[str, Any]:
     """The sandbox, limit and score-check keys of a ``worker`` section, as
     CondaConfig keyword arguments. Without ``post_run`` (the dask worker, which
-    runs no post-run checks) ``max_output_mb`` and ``verify_scores`` are not
-    read: they stay unknown keys there."""
+    re-scores on its host but checks no output size) ``max_output_mb`` is not
+    read: it stays an unknown key there."""
     run_env = section.optional("run_env", lambda v: v, "a mapping", {})
     if not isinstance(run_env, dict) or not all(
         isinstance(k, str) and k and "=" not in k and isinstance(v, (str, int, float))
@@ -187,9 +193,9 @@ def sandbox_settings(section: Section, post_run: bool = True) -> dict[str, Any]:
         "allow_network": section.optional("allow_network", bool, "true or false", False),
         "run_env": {k: str(v) for k, v in run_env.items()},
         "limits": sb.Limits(**limits),
+        "verify_scores": verify_scores_setting(section),
     }
     if post_run:
-        settings["verify_scores"] = section.optional("verify_scores", bool, "true or false", True)
         settings["config_path"] = Path(section.path)
     return settings
 

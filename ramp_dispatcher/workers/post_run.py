@@ -13,6 +13,15 @@
 The result is a small JSON file beside the run's status file, so a restarted
 daemon reads it instead of doing the work again. This runs in a worker
 thread: scoring takes seconds, the dispatcher loop must not wait for it.
+
+The scoring goes through a warm server (:class:`Scorer`): one
+``rescore.py --serve`` per environment, forking a child per run.
+
+The dask and aws workers do the same on the host that ran ramp-test, with
+:func:`check_output` (paths in, a plain dict out). So this module imports
+nothing of the package at run time and nothing beyond the standard library
+at import: the dask worker ships it by value (cloudpickle) and the aws
+worker ships it to the instance, where :mod:`.aws.launch` loads it by path.
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .base import RunRequest
+if TYPE_CHECKING:  # annotations only: see the module's docstring
+    from .base import RunRequest
 
 #: the trusted scorer, run as a script with the environment's python
 RESCORE_SCRIPT = Path(__file__).with_name("rescore.py").resolve()
@@ -66,17 +76,24 @@ def folds_path(request: RunRequest) -> Path:
     return request.log_path.parent / f"folds-{request.attempt}.npz"
 
 
-def write_folds(path: Path, folds: Sequence[tuple[Any, Any]]) -> None:
-    """The folds as plain arrays (``train_<i>``, ``test_<i>``): rescore.py loads
-    them without pickle."""
+def folds_npz(folds: Sequence[tuple[Any, Any]]) -> bytes:
+    """The folds as plain arrays (``train_<i>``, ``test_<i>``) in an npz:
+    rescore.py loads them without pickle. Bytes, to ship to another host."""
+    import io
+
     import numpy as np
 
     arrays = {}
     for i, (train_is, test_is) in enumerate(folds):
         arrays[f"train_{i}"] = np.asarray(train_is)
         arrays[f"test_{i}"] = np.asarray(test_is)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def write_folds(path: Path, folds: Sequence[tuple[Any, Any]]) -> None:
+    path.write_bytes(folds_npz(folds))
 
 
 def read_post_run(path: Path) -> PostRunCheck | None:
@@ -160,8 +177,9 @@ class Scorer:
     its stdin closes, so a daemon killed with -9 leaves no server behind.
     """
 
-    def __init__(self, python: Path):
+    def __init__(self, python: Path, script: Path = RESCORE_SCRIPT):
         self.python = python
+        self.script = script  # rescore.py where this host has it
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._home: tempfile.TemporaryDirectory[str] | None = None
@@ -220,7 +238,7 @@ class Scorer:
         with open(log_path, "wb") as log_file:
             self._proc = subprocess.Popen(
                 # -B: no __pycache__ written into a kit
-                [str(self.python), "-I", "-B", str(RESCORE_SCRIPT), "--serve"],
+                [str(self.python), "-I", "-B", str(self.script), "--serve"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
                 cwd=self._home.name, env=rescore_env() | {"HOME": self._home.name},
                 start_new_session=True,  # one group: a time-out kills it with its child
@@ -294,6 +312,67 @@ def _mtime(path: str) -> float:
         return -1.0
 
 
+def check_output(
+    output_dir: Path,
+    *,
+    kit_dir: Path,
+    data_dir: Path,
+    scorer: Scorer,
+    scores_target: Path,
+    verify: bool = True,
+    folds_file: Path | None = None,
+    max_output_mb: float | None = None,
+) -> dict[str, Any]:
+    """Sanitize ``output_dir``, check its size, re-score it into ``scores_target``.
+
+    Returns :class:`PostRunCheck`'s fields as a plain dict (it crosses to
+    another Python as pickle or JSON). ``folds_file``: the event's folds
+    (:func:`folds_npz`); None scores on the kit's ``get_cv``. ``scorer``:
+    the host's warm scorer for the environment that ran ramp-test.
+    """
+    removed, size = sanitize_output(output_dir)
+    try:  # the sandbox made the folder; ramp-test wrote nothing into it
+        output_dir.rmdir()
+    except OSError:
+        pass  # not empty (the usual case), or absent
+    output_mb = round(size / 2**20, 2)
+    result: dict[str, Any] = {
+        "removed": removed, "output_mb": output_mb, "failure": None, "message": "",
+        "scores_path": None, "rescore_s": None,
+    }  # fmt: skip
+    if max_output_mb is not None and output_mb > max_output_mb:
+        result["failure"] = "participant"
+        result["message"] = (
+            f"the run wrote {output_mb:.0f} MB into its output folder, "
+            f"more than the limit of {max_output_mb:g} MB"
+        )
+        return result
+    if not verify or not (output_dir / "fold_0").is_dir():
+        return result  # (no fold at all: nothing to score; the results parser reports it)
+    scores_target.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    argv = [
+        "--kit-dir", os.path.abspath(kit_dir),
+        "--data-dir", os.path.abspath(data_dir),
+        "--output-dir", os.path.abspath(output_dir),
+        "--json", str(scores_target),
+    ]  # fmt: skip
+    if folds_file is not None:
+        argv += ["--folds", os.path.abspath(folds_file)]
+    code, err = scorer.score(argv, RESCORE_TIMEOUT_S)
+    result["rescore_s"] = round(time.monotonic() - t0, 3)
+    last = (err.splitlines() or [""])[-1]
+    if code == 0 and scores_target.is_file():
+        result["scores_path"] = str(scores_target)
+    elif code == BAD_PREDICTIONS:
+        result["failure"] = "participant"
+        result["message"] = "the saved predictions could not be scored: " + last.removeprefix("rescore: ")
+    else:
+        result["failure"] = "infrastructure"
+        result["message"] = f"scoring the saved predictions failed: {last or f'exit code {code}'}"
+    return result
+
+
 def run_post_run_checks(
     request: RunRequest,
     scorer: Scorer,
@@ -306,56 +385,21 @@ def run_post_run_checks(
     ``folds``: the event's (train_is, test_is) in ramp-test's fold order; None
     (a worker used without a database) scores on the kit's ``get_cv``.
     """
-
-    removed, size = sanitize_output(request.output_dir)
-    try:  # the sandbox made the folder; ramp-test wrote nothing into it
-        request.output_dir.rmdir()
-    except OSError:
-        pass  # not empty (the usual case), or absent
-    output_mb = round(size / 2**20, 2)
-    result = PostRunCheck(removed=removed, output_mb=output_mb)
-    if max_output_mb is not None and output_mb > max_output_mb:
-        result = PostRunCheck(
-            removed, output_mb, "participant",
-            f"the run wrote {output_mb:.0f} MB into its output folder, "
-            f"more than the limit of {max_output_mb:g} MB",
-        )  # fmt: skip
-    elif verify and (request.output_dir / "fold_0").is_dir():
-        # (no fold at all: nothing to score; the results parser reports it)
-        target = scores_path(request)
-        target.unlink(missing_ok=True)
-        t0 = time.monotonic()
-        argv = [
-            "--kit-dir", os.path.abspath(request.kit_dir),
-            "--data-dir", os.path.abspath(request.data_dir),
-            "--output-dir", os.path.abspath(request.output_dir),
-            "--json", str(target),
-        ]  # fmt: skip
+    folds_file = None
+    if verify and folds is not None:
         folds_file = folds_path(request)
-        if folds is not None:
-            write_folds(folds_file, folds)
-            argv += ["--folds", str(os.path.abspath(folds_file))]
-        code, err = scorer.score(argv, RESCORE_TIMEOUT_S)
-        folds_file.unlink(missing_ok=True)
-        elapsed = round(time.monotonic() - t0, 3)
-        last = (err.splitlines() or [""])[-1]
-        if code == 0 and target.is_file():
-            result = PostRunCheck(removed, output_mb, scores_path=str(target), rescore_s=elapsed)
-        elif code == BAD_PREDICTIONS:
-            result = PostRunCheck(
-                removed, output_mb, "participant",
-                "the saved predictions could not be scored: " + last.removeprefix("rescore: "),
-                rescore_s=elapsed,
-            )  # fmt: skip
-        else:
-            result = PostRunCheck(
-                removed, output_mb, "infrastructure",
-                f"scoring the saved predictions failed: {last or f'exit code {code}'}",
-                rescore_s=elapsed,
-            )
+        write_folds(folds_file, folds)
+    try:
+        result = PostRunCheck(**check_output(
+            request.output_dir, kit_dir=request.kit_dir, data_dir=request.data_dir,
+            scorer=scorer, scores_target=scores_path(request), verify=verify,
+            folds_file=folds_file, max_output_mb=max_output_mb,
+        ))  # fmt: skip
+    finally:
+        if folds_file is not None:
+            folds_file.unlink(missing_ok=True)
     path = post_run_path(request)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(asdict(result)))
     os.replace(tmp, path)
     return result
-

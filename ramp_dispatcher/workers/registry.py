@@ -41,7 +41,8 @@ class WorkerContext:
     #: the database URL (password hidden): with the event, names the deployment
     database: str | None = None
     #: a submission's cv folds from the database, (train_is, test_is) in
-    #: ramp-test's fold order: the conda worker re-scores runs with them
+    #: ramp-test's fold order: every worker type re-scores runs with them
+    #: (raises TryLater while the database is out of reach)
     cv_folds: Callable[[int], list[tuple[Any, Any]]] | None = None
 
 

@@ -12,10 +12,13 @@ configuration error, see :meth:`.run._Run._prepare`); upload the submission
 over SFTP; start the run detached (``setsid nohup``, pid file, exit-code
 file: see :mod:`.remote`): ramp-test under the conda worker's supervisor
 (time limit, tree kill, log bounded to ``max_log_mb``, peak memory), in its
-bubblewrap sandbox unless ``sandbox: none`` (see :mod:`.launch`); then one
+bubblewrap sandbox unless ``sandbox: none`` (see :mod:`.launch`), and after
+a clean exit, with ``verify_scores``, the conda worker's post-run checks and
+re-scoring on the instance, outside the sandbox, on the event's folds (read
+from the database before the launch, shipped with the tools); then one
 status command per :meth:`AWSWorker.check`; once ramp-test exited, download
-the end of the log (at most ``max_log_mb``), ``training_output`` and the peak
-memory; terminate the instance and confirm it is shutting down before
+the end of the log (at most ``max_log_mb``), ``training_output``, the
+recomputed scores and the peak memory; terminate the instance and confirm it is shutting down before
 reporting the outcome. ``memory_profiling`` decides whether the peak is
 reported.
 
@@ -76,5 +79,6 @@ def create_worker(config: AWSConfig, context: WorkerContext) -> AWSWorker:
     if not context.event_name:
         raise ValueError("make_worker: the aws worker needs event_name (it tags its instances)")
     return AWSWorker(
-        config, context.event_name, daemon_id=context.daemon_id, database=context.database
+        config, context.event_name, daemon_id=context.daemon_id, database=context.database,
+        cv_folds=context.cv_folds,
     )

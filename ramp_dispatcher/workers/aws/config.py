@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from ...configfile import ConfigError, InvalidSetting, Section
+from ..conda import verify_scores_setting
 from .ssh import known_hosts_fingerprints, load_private_key
 
 
@@ -57,6 +58,9 @@ class AWSConfig:
     #: "none": as the login user, with its files, the network and the
     #: instance role's credentials (warned at start)
     sandbox: str = "bwrap"
+    #: as the conda worker's: after a clean exit the instance scores the saved
+    #: predictions again, outside the sandbox, on the event's folds
+    verify_scores: bool = True
     #: bound of a run's log on the instance (the supervisor keeps head and tail)
     #: and of what is downloaded of it
     max_log_mb: float = 5.0
@@ -274,6 +278,7 @@ def from_section(section: Section) -> AWSConfig:
             local_log_folder=local_path("local_log_folder", required=True),
             memory_profiling=section.optional("memory_profiling", bool, "true or false", False),
             sandbox=section.choice("sandbox", SANDBOX_CHOICES, "bwrap"),
+            verify_scores=verify_scores_setting(section),
             max_log_mb=float(section.optional("max_log_mb", float, "a number of megabytes", 5.0)),
             timeout=seconds("timeout", 7200.0),
             boot_timeout=seconds("boot_timeout", 600.0),

@@ -1,18 +1,27 @@
 """The instance side of one aws run: check the image, then run ramp-test under
 the supervisor, in the bubblewrap sandbox when configured.
 
-Shipped to the instance by value (over SFTP, beside ``supervise.py`` and
-``sandbox.py``, see :mod:`.remote`) and run there by the image's ``python3``
-as a lone script, so it uses the standard library only; it loads
-``sandbox.py`` from the path it is given. Usage::
+Shipped to the instance by value (over SFTP, beside ``supervise.py``,
+``sandbox.py``, ``post_run.py`` and ``rescore.py``, see :mod:`.remote`) and
+run there by the image's ``python3`` as a lone script, so it uses the
+standard library only; it loads ``sandbox.py`` and ``post_run.py`` from the
+paths it is given. Usage::
 
     python3 -I -S launch.py check SPEC_JSON   prints one "ramp-dispatcher-check {json}" line
-    python3 -I -S launch.py run SPEC_JSON     runs the run; writes <run>/maxrss, reason, exit
+    python3 -I -S launch.py run SPEC_JSON     runs the run; writes <run>/maxrss, reason,
+                                              checked.json (re-scoring), exit
 
 SPEC_JSON keys: run_dir, kit_dir, data_dir, submissions_dir, submission,
 env_prefix ("" = where the login shell finds ramp-test), sandbox ("bwrap" or
 "none"), timeout, max_log_mb, n_threads, supervisor, sandbox_module, limits
-(:class:`sandbox.Limits` fields).
+(:class:`sandbox.Limits` fields), rescore (None, or post_run, script and
+folds: the shipped ``post_run.py``, ``rescore.py`` and the event's folds).
+
+After ramp-test exited 0, with ``rescore``, the conda worker's post-run
+checks run here, outside the sandbox (links and special files removed from
+``training_output``, the saved predictions scored again by ``rescore.py``
+with the environment's own Python): their result goes to
+``<run>/checked.json``, the scores to ``<run>/scores.json``, before ``exit``.
 
 The sandbox is the conda worker's (``sandbox.bwrap_argv``): no network (so no
 instance metadata service either: ``--unshare-net`` gives the run an empty
@@ -47,14 +56,19 @@ MIN_PYTHON = (3, 11)
 def load_sandbox(path: str) -> Any:
     """sandbox.py, loaded by path: its one package import (``..errors``) gets a
     stand-in package, so the module runs unchanged outside ramp_dispatcher."""
+    return _load_shipped(path, "sandbox")
+
+
+def _load_shipped(path: str, name: str) -> Any:
+    """A shipped module of ``ramp_dispatcher.workers``, loaded by path."""
     errors = types.ModuleType("rd_shipped.errors")
     errors.UserError = type("UserError", (Exception,), {})  # type: ignore[attr-defined]
-    for name in ("rd_shipped", "rd_shipped.workers"):
-        package = types.ModuleType(name)
+    for package_name in ("rd_shipped", "rd_shipped.workers"):
+        package = types.ModuleType(package_name)
         package.__path__ = []  # type: ignore[attr-defined]
-        sys.modules[name] = package
+        sys.modules[package_name] = package
     sys.modules["rd_shipped.errors"] = errors
-    spec = importlib.util.spec_from_file_location("rd_shipped.workers.sandbox", path)
+    spec = importlib.util.spec_from_file_location(f"rd_shipped.workers.{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
@@ -145,6 +159,32 @@ def supervisor_argv(spec: dict[str, Any]) -> list[str]:
     return argv + ["--", *command]
 
 
+def rescore(spec: dict[str, Any]) -> dict[str, Any]:
+    """The post-run checks of a clean exit (see the module's docstring): the
+    dict for ``checked.json``; our own failure is the platform's."""
+    box, run_dir = spec["rescore"], spec["run_dir"]
+    try:
+        ramp_test = ramp_test_path(spec)
+        if ramp_test is None:
+            raise RuntimeError("ramp-test not found (the image changed during the run)")
+        post_run = _load_shipped(box["post_run"], "post_run")
+        output = Path(spec["submissions_dir"]) / spec["submission"] / "training_output"
+        # one run per instance: the scorer serves once
+        scorer = post_run.Scorer(post_run.env_python(ramp_test.parent.parent), Path(box["script"]))
+        try:
+            checked: dict[str, Any] = post_run.check_output(
+                output, kit_dir=Path(spec["kit_dir"]), data_dir=Path(spec["data_dir"]),
+                scorer=scorer, scores_target=Path(run_dir) / "scores.json",
+                folds_file=Path(box["folds"]) if box.get("folds") else None,
+            )  # fmt: skip
+        finally:
+            scorer.close()
+        return checked
+    except Exception as exc:
+        sys.stderr.write(f"[ramp-dispatcher] the post-run checks failed: {exc!r}\n")
+        return {"failure": "infrastructure", "message": "the post-run checks failed on the instance"}
+
+
 def _write(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text + "\n")
@@ -170,7 +210,11 @@ def run(spec: dict[str, Any]) -> int:
         code = 128 + int(status["signal"]) if status.get("signal") else 125
     if status.get("max_ram_mb") is not None:
         _write(os.path.join(run_dir, "maxrss"), str(int(float(status["max_ram_mb"]) * 1024)))
+    # the reason first: ramp-test is over, the re-scoring's time is not the run's
     _write(os.path.join(run_dir, "reason"), reason)
+    if spec.get("rescore") and reason == "exited" and code == 0:
+        # after the supervisor stopped the run's whole tree: nothing of it writes any more
+        _write(os.path.join(run_dir, "checked.json"), json.dumps(rescore(spec)))
     _write(os.path.join(run_dir, "exit"), str(int(code)))  # last: the run is over
     return 0
 

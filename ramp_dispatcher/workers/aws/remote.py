@@ -1,13 +1,15 @@
 """The run protocol on the instance: the commands one run's thread sends over SSH.
 
-The protocol is a few constant shell scripts and three Python files shipped
+The protocol is a few constant shell scripts and five Python files shipped
 by value (:class:`RemoteTools`: the supervisor ``supervise.py``, the sandbox's
-``sandbox.py`` and the instance side :mod:`.launch`). Every value (paths,
+``sandbox.py``, the instance side :mod:`.launch`, and for the re-scoring
+``post_run.py`` and ``rescore.py``), with the event's folds (an npz). Every value (paths,
 names, numbers, the run's JSON spec) reaches them only as a positional
 argument, and every command line is built with :func:`shlex.join`, so no
 value is ever parsed as shell code. On the instance, for one run::
 
     <kit>/.ramp-dispatcher/tools/<name>-<digest>.py     the shipped files
+    <kit>/.ramp-dispatcher/tools/folds-<digest>.npz     the event's folds
     <kit>/.ramp-dispatcher/<submission>-attempt-<n>-<run>/   the run folder
         pid       the detached run's pid: also its session and process group
         started   epoch seconds (instance clock) when it started
@@ -15,6 +17,8 @@ value is ever parsed as shell code. On the instance, for one run::
         status.json  the supervisor's status
         maxrss    peak memory of ramp-test's tree in KiB
         reason    the supervisor's reason (exited, timeout, killed, ...)
+        checked.json  after a clean exit with verify_scores: the post-run
+                  checks' result (post_run.check_output), scores in scores.json
         exit      ramp-test's exit code, written last and atomically
     <kit>/submissions/<submission>/    the uploaded files; training_output/ lands here
 
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import sandbox, supervise
+from .. import post_run, rescore, sandbox, supervise
 from . import launch
 from .ssh import SshConnection, SshError
 
@@ -78,13 +82,22 @@ class RemoteTools:
     launcher: str
     supervisor: str
     sandbox_module: str
+    post_run: str
+    rescorer: str
+    #: the event's folds (post_run.folds_npz), or None: rescored on the kit's get_cv
+    folds: str | None = None
 
 
 #: the files shipped to every instance, by the name they are known by
-_SHIPPED = {"launcher": launch, "supervisor": supervise, "sandbox_module": sandbox}
+_SHIPPED = {
+    "launcher": launch, "supervisor": supervise, "sandbox_module": sandbox,
+    "post_run": post_run, "rescorer": rescore,
+}  # fmt: skip
 
 
-def install_tools(conn: SshConnection, run: RemoteRun, python: str) -> RemoteTools:
+def install_tools(
+    conn: SshConnection, run: RemoteRun, python: str, folds: bytes | None = None
+) -> RemoteTools:
     """Upload the shipped files unless the instance has them (named by digest)."""
     paths: dict[str, str] = {}
     for field, module in _SHIPPED.items():
@@ -94,6 +107,10 @@ def install_tools(conn: SshConnection, run: RemoteRun, python: str) -> RemoteToo
         remote = posixpath.join(run.tools_dir, f"{source.stem}-{digest}.py")
         conn.install_file(data, remote)
         paths[field] = remote
+    if folds is not None:
+        digest = hashlib.sha256(folds).hexdigest()[:16]
+        paths["folds"] = posixpath.join(run.tools_dir, f"folds-{digest}.npz")
+        conn.install_file(folds, paths["folds"])
     return RemoteTools(python=python, **paths)
 
 
@@ -106,8 +123,12 @@ def run_spec(
     timeout: float,
     max_log_mb: float,
     n_threads: int | None,
+    verify_scores: bool = False,
 ) -> dict[str, Any]:
     """What the launcher needs to know of one run (see :mod:`.launch`)."""
+    rescoring = None
+    if verify_scores:
+        rescoring = {"post_run": tools.post_run, "script": tools.rescorer, "folds": tools.folds}
     return {
         "run_dir": run.run_dir,
         "kit_dir": run.kit_dir,
@@ -122,6 +143,7 @@ def run_spec(
         "supervisor": tools.supervisor,
         "sandbox_module": tools.sandbox_module,
         "limits": dataclasses.asdict(sandbox.DEFAULT_LIMITS),
+        "rescore": rescoring,
     }
 
 

@@ -3,7 +3,7 @@
 Launch (or, on re-attach, find by tags) -> connect when SSH answers with a
 trusted host key -> ship the tools and check the image, upload and start
 ramp-test (unless already started) -> one status command per check ->
-download -> terminate. Every exit path goes through :meth:`_Run._finish`,
+download (with the scores recomputed on the instance) -> terminate. Every exit path goes through :meth:`_Run._finish`,
 which terminates the instance; only the worker's ``close`` (the daemon stops:
 the next one re-attaches) and ``forget`` (another daemon took the run over)
 leave it running.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import posixpath
 import shutil
@@ -26,7 +27,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..base import FailureClass, Handle, RunOutcome, RunRequest, Wake
+from .. import post_run
+from ..base import FailureClass, Handle, RunOutcome, RunRequest, TryLater, Wake
 from .ec2 import (
     GONE_STATES,
     HOST_KEYS_HINT,
@@ -70,6 +72,8 @@ START_GRACE_S = 60.0
 NO_KEYS_YET = "its host keys are not published yet"
 #: attempts at one upload or download, reconnecting in between
 TRANSFER_TRIES = 2
+#: seconds between two reads of the event's folds while the database is out of reach
+TRY_LATER_PAUSE_S = 2.0
 
 
 class _Stop(Exception):
@@ -123,6 +127,10 @@ class _Run:
             run_dir=handle["remote_run_dir"],
         )
         self.timeout = float(handle.get("timeout") or self.config.timeout)
+        #: re-scored on the instance (as the run was started: a reload changes new runs)
+        self.verify = bool(handle.get("verify_scores"))
+        self.folds: bytes | None = None  # the event's folds, read before the launch
+        self.folds_read = False
         self.label = f"submission {request.submission_id} attempt {request.attempt}"
         self.cond = threading.Condition()
         self.outcome: RunOutcome | None = None
@@ -227,6 +235,8 @@ class _Run:
         self._finish(outcome, kill)
 
     def _lifecycle(self) -> RunOutcome:
+        if not self.resume:
+            self._read_folds()  # before an instance bills for the wait
         self.instance = self._find_existing() if self.resume else self._launch()
         self._connect_when_ready()
         status = self._status()
@@ -241,6 +251,19 @@ class _Run:
             log.info("aws worker: %s: ramp-test already started on %s", self.label, self._iid())
         final = self._monitor()
         return self._collect(final)
+
+    def _read_folds(self) -> None:
+        """The event's folds for the re-scoring on the instance, once. The
+        database out of reach delays the run (never fails it): the daemon's
+        deadline still bounds the wait."""
+        read = self.worker.cv_folds
+        while self.verify and not self.folds_read and read is not None:
+            try:
+                self.folds = post_run.folds_npz(read(self.request.submission_id))
+                self.folds_read = True
+            except TryLater as exc:
+                log.warning("aws worker: %s waits: %s", self.label, exc)
+                self._sleep(TRY_LATER_PAUSE_S)
 
     # -- checkpoints
     def _checkpoint(self) -> None:
@@ -511,8 +534,10 @@ class _Run:
         more instances are launched from that image until a reload."""
         env = self.config.remote_python_env
         python = posixpath.join(env, "bin", "python3") if env else "python3"
+        self._read_folds()  # (a re-attached run that never started)
         tools = self._transfer(
-            "installing the run's tools", lambda c: install_tools(c, self.remote, python)
+            "installing the run's tools",
+            lambda c: install_tools(c, self.remote, python, self.folds),
         )
         argv = check_command(tools, self._spec(tools))
         result = self._transfer("checking the image", lambda c: c.run(argv))
@@ -540,6 +565,7 @@ class _Run:
             timeout=self.timeout,
             max_log_mb=self.config.max_log_mb,
             n_threads=self.request.n_threads,
+            verify_scores=self.verify,
         )
 
     def _start_remote(self, tools: RemoteTools) -> None:
@@ -607,7 +633,8 @@ class _Run:
                     f"ramp-test stopped on instance {self._iid()} without an exit code "
                     "(killed, or the instance rebooted)"
                 )
-            if status.elapsed is not None and status.elapsed >= self.timeout:
+            # (a reason: ramp-test ended, the launcher re-scores; the daemon's deadline still holds)
+            if not status.reason and status.elapsed is not None and status.elapsed >= self.timeout:
                 raise _Stop(
                     RunOutcome(
                         FailureClass.TIMEOUT,
@@ -639,9 +666,13 @@ class _Run:
         def download(conn: SshConnection) -> tuple[bool, bool]:
             got_log = conn.download_tail(self.remote.log, staged_log, self._log_bytes())
             got_out = conn.download_tree(self.remote.output_dir, staged_out / "training_output")
+            if self.verify and status.exit_code == 0:  # the re-scoring's result, if any
+                for name in ("checked.json", "scores.json"):
+                    conn.download_file(posixpath.join(self.remote.run_dir, name), staged_out / name)
             return got_log, got_out
 
         got_log, got_out = self._transfer("download of the results", download)
+        checked = self._read_checked(staged_out)
         if self.detached:  # taken over meanwhile: the new owner's files are not ours
             raise _Stop()
         log_path = self.request.log_path
@@ -655,7 +686,7 @@ class _Run:
             if got_out:
                 output_dir.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(staged_out / "training_output"), str(output_dir))
-                shutil.rmtree(staged_out, ignore_errors=True)
+            shutil.rmtree(staged_out, ignore_errors=True)
         except OSError as exc:
             raise _infra(f"cannot store the downloaded results: {exc}") from None
         code = status.exit_code
@@ -682,6 +713,8 @@ class _Run:
                 **common,
             )
         if code == 0:
+            if got_out and self.verify:
+                return self._checked(checked, RunOutcome(None, "", output_dir=output_dir, **common))
             if got_out:
                 return RunOutcome(None, "", output_dir=output_dir, **common)
             return RunOutcome(
@@ -703,6 +736,53 @@ class _Run:
                 **common,
             )
         return RunOutcome(FailureClass.PARTICIPANT, f"ramp-test exited with code {code}", **common)
+
+    def _read_checked(self, staged: Path) -> tuple[dict[str, Any] | None, Any]:
+        """The instance's post-run checks and recomputed scores, as downloaded."""
+        found = []
+        for name in ("checked.json", "scores.json"):
+            try:
+                found.append(json.loads((staged / name).read_text()))
+            except (OSError, ValueError):
+                found.append(None)
+        checked, scores = found
+        return (checked if isinstance(checked, dict) else None), scores
+
+    def _checked(self, checked: tuple[dict[str, Any] | None, Any], outcome: RunOutcome) -> RunOutcome:
+        """The re-scoring done on the instance, applied as the conda worker
+        applies its post-run checks; the scores go beside the run's log."""
+        check, scores = checked
+        if check is None:
+            return dataclasses.replace(
+                outcome, failure=FailureClass.INFRASTRUCTURE, output_dir=None,
+                message=f"instance {self._iid()} did not score the saved predictions again",
+            )  # fmt: skip
+        if check.get("removed"):
+            log.warning(
+                "aws worker: %s: removed links or special files from its output: %s",
+                self.label, ", ".join(map(str, check["removed"][:10])),
+            )  # fmt: skip
+        if check.get("failure") in ("participant", "infrastructure"):
+            return dataclasses.replace(
+                outcome, failure=FailureClass(check["failure"]),
+                message=str(check.get("message") or ""), output_dir=None,
+            )  # fmt: skip
+        if check.get("scores_path") is None:
+            return outcome  # no fold saved: nothing to score (the results parser says so)
+        if scores is None:
+            return dataclasses.replace(
+                outcome, failure=FailureClass.INFRASTRUCTURE, output_dir=None,
+                message=f"the scores recomputed on instance {self._iid()} did not come back",
+            )  # fmt: skip
+        path = post_run.scores_path(self.request)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(scores))
+            tmp.replace(path)
+        except OSError as exc:
+            raise _infra(f"cannot store the recomputed scores: {exc}") from None
+        return dataclasses.replace(outcome, trusted_scores=path)
 
     # -- finish
     def _finish(self, outcome: RunOutcome, kill: bool) -> None:

@@ -140,6 +140,7 @@ class AWSWorker(Worker):
         daemon_id: str | None = None,
         network: InstanceNetwork | None = None,
         database: str | None = None,
+        cv_folds: Callable[[int], list[tuple[Any, Any]]] | None = None,
     ):
         if not event_name:
             raise ValueError("the aws worker needs the event name (it tags the instances)")
@@ -154,6 +155,8 @@ class AWSWorker(Worker):
             "" if config.deployment_id else ", derived from the database and the event",
         )
         self._injected_network = network  # the test seam survives reloads
+        #: a submission's folds from the database (the instance re-scores on them)
+        self.cv_folds = cv_folds
         self._old_secrets: set[str] = set()  # of reloaded-away credentials: still redacted
         self.settings = RunSettings(config, network)
         self.lock = threading.Lock()
@@ -294,6 +297,7 @@ class AWSWorker(Worker):
             ),
             "deployment": self.deployment_id,
             "timeout": float(self.config.timeout),
+            "verify_scores": self.config.verify_scores,
             "created_at": created_at,
             # Fixed at creation and stored with the run: a restarted daemon and
             # a SIGHUP keep it; nothing on the instance can move it.

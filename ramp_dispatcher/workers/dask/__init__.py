@@ -31,4 +31,6 @@ def from_section(section: Section) -> DaskConfig:
 def create_worker(config: DaskConfig, context: WorkerContext) -> DaskWorker:
     from .worker import DaskWorker
 
-    return DaskWorker(config, event_name=context.event_name, daemon_id=context.daemon_id)
+    return DaskWorker(
+        config, event_name=context.event_name, daemon_id=context.daemon_id, cv_folds=context.cv_folds
+    )

@@ -66,6 +66,9 @@ class DaskConfig:
     #: processes, open files, file size and /tmp of one sandboxed run
     #: (max_output_mb is the conda worker's post-run check: not applied here)
     limits: sb.Limits = sb.DEFAULT_LIMITS
+    #: as the conda worker's: after a clean exit the Dask worker scores the saved
+    #: predictions again, outside the sandbox, on the event's folds
+    verify_scores: bool = True
     #: the event config file, named in messages
     config_path: Path | None = None
 

@@ -8,7 +8,9 @@ text, so a Dask worker needs Python, ``distributed`` and ramp-test's
 environment, but no ramp_dispatcher. Hence standard library only here, plus
 ``distributed`` imported inside the functions, and the sandbox's builders
 (``..sandbox``), shipped by value too: names imported from it one by one
-(a module object would be pickled by reference).
+(a module object would be pickled by reference). The trusted re-scoring
+after a clean exit is the conda worker's (``..post_run``, shipped by value
+too), with rescore.py's source in the spec, written beside the supervisor.
 
 The spec (a plain dict: it crosses to another Python) and the result are
 described in :func:`run_submission`.
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..post_run import Scorer, check_output, env_python
 from ..sandbox import (
     Limits,
     SandboxSpec,
@@ -184,10 +187,14 @@ def run_submission(spec: dict[str, Any], submission: bytes | None) -> dict[str, 
     for messages), allow_network, run_env, limits (Limits' fields), n_threads
     and hidden (paths never shown; with a shared filesystem, the event's
     submissions, predictions and logs folders and its config).
+    ``rescore`` is None (``verify_scores: false``) or a dict: source and
+    digest (rescore.py), folds (the event's folds as npz bytes, or None).
 
     Returns ``{"status": <the supervisor's final status>, "worker", "host",
     "log_tail", "log_size", "output" (packed training_output or None),
-    "fetched" (trees fetched for this run)}``. A re-execution after the loss
+    "fetched" (trees fetched for this run)}``, and after a clean exit with
+    ``rescore``: "check" (``post_run.check_output``'s dict) and "scores"
+    (the recomputed scores, rescore.py's JSON, or None). A re-execution after the loss
     of the worker that started the run returns a status with reason
     ``worker_lost`` and runs nothing.
     """
@@ -333,6 +340,12 @@ def _run(
         # bwrap reports its command's death by signal N as exit code 128 + N
         status = dict(status, exit_code=None, signal=code - 128)
     result = dict(base, status=status)
+    rescore = spec.get("rescore")
+    if rescore and status.get("reason") == "exited" and status.get("exit_code") == 0:
+        # here, outside the sandbox, before the output leaves this host
+        result["check"], result["scores"] = _rescore(
+            worker, root, run_dir, rescore, ramp_test, kit, data, submissions / name / "training_output"
+        )
     if not spec["shared"]:
         tail, size = _tail(log_path, int(spec["log_tail_bytes"]))
         result["log_tail"], result["log_size"] = tail, size
@@ -340,6 +353,43 @@ def _run(
         if output.is_dir():
             result["output"] = pack_tree(output)
     return result
+
+
+def _rescore(
+    worker: Any, root: Path, run_dir: Path, rescore: dict[str, Any], ramp_test: Path, kit: str,
+    data: str, output: Path,
+) -> tuple[dict[str, Any], Any]:  # fmt: skip
+    """The conda worker's post-run checks (no size limit), with this host's
+    environment Python: (the check's dict, the recomputed scores or None)."""
+    script = root / f"rescore-{rescore['digest']}.py"
+    if not script.exists():
+        tmp = root / f".rescore-{os.getpid()}-{threading.get_ident()}.py"
+        tmp.write_text(rescore["source"])
+        os.replace(tmp, script)
+    folds_file = None
+    if rescore.get("folds") is not None:
+        folds_file = run_dir / "folds.npz"  # the run's folder: hidden from the sandbox
+        folds_file.write_bytes(rescore["folds"])
+    check = check_output(
+        output, kit_dir=Path(kit), data_dir=Path(data),
+        scorer=_scorer(worker, env_python(ramp_test.parent.parent), script),
+        scores_target=run_dir / "scores.json", folds_file=folds_file,
+    )  # fmt: skip
+    scores = None
+    if check["scores_path"] is not None:
+        scores = _read_json(Path(check["scores_path"]))
+        if scores is None:
+            check.update(failure="infrastructure", message="the recomputed scores are unreadable")
+    return check, scores
+
+
+def _scorer(worker: Any, python: Path, script: Path) -> Scorer:
+    """This Dask worker process's warm scorer for an environment and a
+    rescore.py, kept on the worker object: this module is shipped by value
+    with every task, so its own globals do not last from one run to the
+    next. (``dict.setdefault`` is atomic: two tasks at once get one scorer.)"""
+    scorers = worker.__dict__.setdefault("_ramp_dispatcher_scorers", {})
+    return scorers.setdefault((python, script), Scorer(python, script))
 
 
 def _kill_session(run_dir: Path, status_path: Path) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -32,12 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import sandbox
+from .. import post_run, sandbox
 from ..base import (
     FailureClass,
     Handle,
     RunOutcome,
     RunRequest,
+    TryLater,
     Wake,
     Worker,
     WorkerConfigError,
@@ -59,6 +61,9 @@ RESULT_TIMEOUT_S = 600.0
 MAX_ATTACH = 5
 #: seconds between two "cluster unreachable" warnings
 WARN_EVERY_S = 60.0
+#: seconds before a run whose folds were out of reach (database outage) is
+#: submitted again
+TRY_LATER_PAUSE_S = 2.0
 
 
 @dataclass
@@ -73,6 +78,8 @@ class _Run:
     busy: bool = False  # a background job is working on it
     released: bool = False
     attaches: int = 0
+    #: the run was submitted with verify_scores (its handle says so after a restart)
+    verify: bool = False
 
 
 def run_key(event_name: str, request: RunRequest) -> str:
@@ -116,17 +123,21 @@ class DaskWorker(Worker):
     type_name = "dask"
 
     def __init__(
-        self, config: DaskConfig, event_name: str | None = None, daemon_id: str | None = None
-    ) -> None:
+        self, config: DaskConfig, event_name: str | None = None, daemon_id: str | None = None,
+        cv_folds: Callable[[int], list[tuple[Any, Any]]] | None = None,
+    ) -> None:  # fmt: skip
         import cloudpickle
 
         # Shipped by value: the Dask workers need no ramp_dispatcher.
         cloudpickle.register_pickle_by_value(remote)
         cloudpickle.register_pickle_by_value(cache)
         cloudpickle.register_pickle_by_value(sandbox)
+        cloudpickle.register_pickle_by_value(post_run)
         self.config = config
         self.event_name = event_name or "event"
         self.daemon_id = daemon_id  # runs are named by event and deployment, not by daemon
+        # the event's folds of a submission (the database's), for re-scoring
+        self._cv_folds = cv_folds
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._client: Any = None
@@ -142,6 +153,8 @@ class DaskWorker(Worker):
 
         source = Path(supervise.__file__).read_text()
         self._supervisor = (source, hashlib.sha256(source.encode()).hexdigest()[:16])
+        source = post_run.RESCORE_SCRIPT.read_text()
+        self._rescorer = (source, hashlib.sha256(source.encode()).hexdigest()[:16])
         if not config.uses_tls:
             log.warning(
                 "dask worker: %s is not TLS: submissions and results travel unencrypted, and "
@@ -256,7 +269,7 @@ class DaskWorker(Worker):
     def start(self, request: RunRequest, wake: Wake) -> Handle:
         key = run_key(self.event_name, request)
         self._run_prefix = key.rsplit("-", 2)[0] + "-"
-        run = _Run(key, request, wake, busy=True)
+        run = _Run(key, request, wake, busy=True, verify=self.config.verify_scores)
         with self._lock:
             self._runs[key] = run
         self._jobs.submit(lambda: self._launch(run))
@@ -266,6 +279,7 @@ class DaskWorker(Worker):
             "shared_filesystem": self.config.shared_filesystem,
             "timeout": float(self.config.timeout),
             "memory_limit_mb": self.config.memory_limit_mb,
+            "verify_scores": self.config.verify_scores,
             "started_at": time.time(),
         }
 
@@ -281,7 +295,8 @@ class DaskWorker(Worker):
         with self._lock:
             run = self._runs.get(key)
             if run is None:  # a run of an earlier daemon: find it on the scheduler
-                run = self._runs[key] = _Run(key, request, busy=True)
+                verify = bool(handle.get("verify_scores"))
+                run = self._runs[key] = _Run(key, request, busy=True, verify=verify)
                 self._run_prefix = key.rsplit("-", 2)[0] + "-"
                 self._jobs.submit(lambda: self._attach(run))
                 return None
@@ -352,8 +367,9 @@ class DaskWorker(Worker):
 
     def _launch(self, run: _Run) -> None:
         try:
+            folds = self._folds(run)
             client = self.client()
-            spec, submission = self._spec(client, run)
+            spec, submission = self._spec(client, run, folds)
             if run.released:
                 return
             future = client.submit(
@@ -362,6 +378,9 @@ class DaskWorker(Worker):
             )  # fmt: skip
             # The named reference keeps the task alive without this client.
             client.publish_dataset(future, name=run.key, override=True)
+        except TryLater as exc:  # the database is out of reach: not the run's failure
+            self._launch_later(run, exc)
+            return
         except Exception as exc:
             if not self._closed.is_set():
                 log.warning("dask worker: %s not submitted: %s", run.key, exc)
@@ -373,7 +392,26 @@ class DaskWorker(Worker):
         if run.released:  # cancelled while we submitted
             self._release(run.key, stop=True)
 
-    def _spec(self, client: Any, run: _Run) -> tuple[dict[str, Any], bytes | None]:
+    def _folds(self, run: _Run) -> bytes | None:
+        """The event's folds for the Dask worker's re-scoring, read before the
+        run goes out (a database outage then delays it, never fails it)."""
+        if not run.verify or self._cv_folds is None:
+            return None
+        return post_run.folds_npz(self._cv_folds(run.request.submission_id))
+
+    def _launch_later(self, run: _Run, why: Exception) -> None:
+        """Submit again after a pause, on a timer: the background jobs' threads
+        stay free for other runs meanwhile."""
+        if run.released or self._closed.is_set():
+            return
+        log.warning("dask worker: %s waits: %s", run.key, why)
+        timer = threading.Timer(TRY_LATER_PAUSE_S, lambda: self._jobs.submit(lambda: self._launch(run)))
+        timer.daemon = True
+        timer.start()
+
+    def _spec(
+        self, client: Any, run: _Run, folds: bytes | None = None
+    ) -> tuple[dict[str, Any], bytes | None]:
         request, cfg = run.request, self.config
         from ..conda import THREAD_VARIABLES
 
@@ -407,7 +445,10 @@ class DaskWorker(Worker):
             "log_tail_bytes": LOG_TAIL_BYTES,
             "shared": cfg.shared_filesystem,
             "sandbox": box,
+            "rescore": None,
         }
+        if run.verify:
+            spec["rescore"] = {"source": self._rescorer[0], "digest": self._rescorer[1], "folds": folds}
         folder = request.submissions_dir / request.submission_name
         if cfg.shared_filesystem:
             spec.update(
@@ -559,9 +600,40 @@ class DaskWorker(Worker):
         # The supervisor's own words name the limit the run had (a reload may
         # have changed the config since).
         memory = float(cfg.memory_limit_mb or 0)
-        return outcome_from_status(
+        outcome = outcome_from_status(
             status, log_path, request.output_dir,
             time_limit=status.get("message") or f"the time limit of {cfg.timeout:g} s was reached",
             memory_limit=status.get("message") or f"the memory limit of {memory:g} MB was exceeded",
             where=where,
         )  # fmt: skip
+        if outcome.failure is None and run.verify:
+            outcome = self._checked(run, outcome, result)
+        return outcome
+
+    def _checked(self, run: _Run, outcome: RunOutcome, result: dict[str, Any]) -> RunOutcome:
+        """The re-scoring done on the Dask worker, applied as the conda worker
+        applies its post-run checks; the scores go beside the run's log."""
+        check = result.get("check")
+        if not isinstance(check, dict):
+            return dataclasses.replace(
+                outcome, failure=FailureClass.INFRASTRUCTURE, output_dir=None,
+                message="the Dask worker did not score the saved predictions again",
+            )  # fmt: skip
+        if check.get("removed"):
+            log.warning(
+                "dask worker: %s: removed links or special files from its output: %s",
+                run.request.submission_name, ", ".join(check["removed"][:10]),
+            )  # fmt: skip
+        if check.get("failure") is not None:
+            return dataclasses.replace(
+                outcome, failure=FailureClass(check["failure"]), message=str(check.get("message")),
+                output_dir=None,
+            )  # fmt: skip
+        scores = result.get("scores")
+        if scores is None:
+            return outcome  # no fold saved: nothing to score (the results parser says so)
+        path = post_run.scores_path(run.request)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(scores))
+        os.replace(tmp, path)
+        return dataclasses.replace(outcome, trusted_scores=path)
