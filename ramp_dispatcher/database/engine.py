@@ -71,7 +71,12 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     else:
         # LIFO: the connection used last is used again, the others stay idle
         # (and are pinged when they are needed again)
-        engine = create_engine(url, **{"pool_use_lifo": True, **kwargs})
+        options: dict[str, Any] = {"pool_use_lifo": True}
+        if url.get_driver_name() == "psycopg2":
+            # a result's per-fold UPDATEs (executemany) in one round trip per
+            # 100 rows (psycopg2's execute_batch), not one per row
+            options["executemany_mode"] = "values_plus_batch"
+        engine = create_engine(url, **{**options, **kwargs})
     _ping_when_idle(engine)
     return engine
 
