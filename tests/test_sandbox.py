@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -522,6 +523,16 @@ def test_warm_scorer_scores_as_the_script_does(iris_kit: Path, tmp_path: Path) -
         assert scorer.pid == server  # the same warm process
         for name in ("warm1.json", "warm2.json"):
             assert json.loads((tmp_path / name).read_text()) == json.loads(once.read_text())
+
+        # a kit that prints (to the server's answer pipe, were it not redirected)
+        chatty = tmp_path / "chatty-kit"
+        shutil.copytree(iris_kit, chatty)
+        problem = chatty / "problem.py"
+        problem.write_text("print('loading the problem', flush=True)\n" + problem.read_text())
+        args = _score_args(request, tmp_path / "chatty.json")
+        args[1] = str(chatty)
+        assert scorer.score(args, 120) == (0, "") and scorer.pid == server
+        assert json.loads((tmp_path / "chatty.json").read_text()) == json.loads(once.read_text())
 
         # what it watches is the environment's site-packages; a change there restarts it
         site_packages = next(p for p in scorer._watch if p.endswith("site-packages"))

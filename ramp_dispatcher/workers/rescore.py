@@ -223,6 +223,10 @@ def serve() -> int:
                 fd = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 os.dup2(fd, 2)
                 os.close(fd)
+                # stdout is the server's answer pipe: what a kit prints goes nowhere
+                fd = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(fd, 1)
+                os.close(fd)
                 sys.stdin.close()
                 code = main(request["argv"])
                 sys.stderr.flush()
