@@ -32,6 +32,22 @@ def folds_reader(engine: Engine) -> Callable[[int], list[tuple[Any, Any]]]:
     return read
 
 
+def failing_once(folds: list[tuple[Any, Any]]) -> tuple[Callable[[int], list[tuple[Any, Any]]], list[int]]:
+    """A ``cv_folds`` reader that finds the database away on its first call
+    (``TryLater``), then hands over ``folds``; and the list of its calls."""
+    from ramp_dispatcher.workers.base import TryLater
+
+    calls: list[int] = []
+
+    def read(submission_id: int) -> list[tuple[Any, Any]]:
+        calls.append(submission_id)
+        if len(calls) == 1:
+            raise TryLater("the database is unavailable (test)")
+        return folds
+
+    return read, calls
+
+
 def expected_valid_scores(
     engine: Engine, kit_dir: Path, data_dir: Path, predictions: Path, name: str
 ) -> list[float]:

@@ -188,17 +188,11 @@ def test_forged_scores_are_recomputed_on_the_instance(aws_env: AwsEnv) -> None:
     from ramp_dispatcher.results import parse_training_output
     from ramp_dispatcher.trusted_scores import read_results
     from ramp_dispatcher.workers.aws.worker import AWSWorker
-    from ramp_dispatcher.workers.base import TryLater
+    from rescoring import failing_once
 
     problem = assert_read_problem(str(aws_env.kit))
     folds = list(problem.get_cv(*problem.get_train_data(path=str(aws_env.kit))))
-    calls: list[int] = []
-
-    def cv_folds(submission_id: int) -> list:
-        calls.append(submission_id)
-        if len(calls) == 1:
-            raise TryLater("the database is unavailable (test)")
-        return folds
+    cv_folds, calls = failing_once(folds)
 
     weak = GOOD.replace("LogisticRegression(max_iter=500)", "LogisticRegression(max_iter=1, C=1e-4)")
     assert weak != GOOD

@@ -811,19 +811,13 @@ def test_folds_out_of_reach_delay_the_run_without_charging_it(tmp_path: Path, da
 
     from ramp_dispatcher.results import parse_training_output
     from ramp_dispatcher.trusted_scores import read_results
-    from ramp_dispatcher.workers.base import TryLater
+    from rescoring import failing_once
 
     request = _direct_request(tmp_path, 5, KIT_GOOD)
     problem = assert_read_problem(str(request.kit_dir))
     X, y = problem.get_train_data(path=str(request.data_dir))
     folds = list(problem.get_cv(X, y))
-    calls: list[int] = []
-
-    def cv_folds(submission_id: int) -> list:
-        calls.append(submission_id)
-        if len(calls) == 1:
-            raise TryLater("the database is unavailable (test)")
-        return folds
+    cv_folds, calls = failing_once(folds)
 
     worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=120), event_name="folds", cv_folds=cv_folds)
     try:
