@@ -65,7 +65,7 @@ from ramp_dispatcher.database import migrate  # noqa: E402
 from ramp_dispatcher.database.engine import make_engine, normalise_url  # noqa: E402
 from ramp_dispatcher.dispatcher import Dispatcher  # noqa: E402
 from ramp_dispatcher.workers import make_worker  # noqa: E402
-from ramp_dispatcher.workers.base import RunRequest  # noqa: E402
+from ramp_dispatcher.workers.base import FailureClass, RunRequest  # noqa: E402
 from ramp_dispatcher.workers.dask import DaskConfig  # noqa: E402
 from ramp_dispatcher.workers.dask.worker import DaskWorker  # noqa: E402
 
@@ -205,9 +205,9 @@ def test_config_keys_are_read_and_checked(tmp_path: Path, caplog: pytest.LogCapt
     assert (w.unreachable_timeout, w.sandbox, w.allow_network, dict(w.run_env)) == (30.0, "none", True,
                                                                                    {"KIT_MODE": "fast"})
     assert (w.limits.max_processes, w.limits.tmp_size_mb, w.config_path) == (100, 64.0, path)
-    # re-scoring happens on the Dask worker: a key here too (the size check is the conda worker's)
+    # the post-run checks happen on the Dask worker: their keys here too
     assert w.verify_scores is True and "unknown key 'worker.verify_scores'" not in caplog.text
-    assert f"{path}: unknown key 'worker.max_output_mb'" in caplog.text
+    assert w.limits.max_output_mb == 10.0 and "unknown key 'worker.max_output_mb'" not in caplog.text
     assert load("dask_scheduler: tcp://h:1\nverify_scores: false\n").worker.verify_scores is False
 
     defaults = load("dask_scheduler: tcp://127.0.0.1:8786\n").worker
@@ -829,6 +829,25 @@ def test_folds_out_of_reach_delay_the_run_without_charging_it(tmp_path: Path, da
         assert outcome.trusted_scores == request.log_path.parent / "scores-1.json"
         results, note = read_results(request.output_dir, len(folds), ["acc", "nll"], outcome.trusted_scores)
         assert note == "" and results == parse_training_output(request.output_dir, len(folds), ["acc", "nll"])
+        worker.cleanup(request, handle)
+    finally:
+        worker.close()
+
+
+def test_output_over_the_limit_fails_on_the_dask_worker(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    """``max_output_mb`` is checked where the run wrote its output: over it,
+    the run is the participant's failure and the output is never sent."""
+    from ramp_dispatcher.workers.sandbox import Limits
+
+    request = _direct_request(tmp_path, 6, KIT_GOOD)
+    tiny = Limits(max_output_mb=0.001)  # an iris output has tens of KB
+    worker = DaskWorker(DaskConfig(dask_cluster.address, timeout=120, limits=tiny, verify_scores=False))
+    try:
+        handle = worker.start(request, lambda: None)
+        outcome = wait_for(lambda: worker.check(request, handle), 120, "the run")
+        assert outcome.failure is FailureClass.PARTICIPANT, outcome
+        assert "into its output folder, more than the limit of 0.001 MB" in outcome.message
+        assert not request.output_dir.exists()  # not sent to the daemon
         worker.cleanup(request, handle)
     finally:
         worker.close()

@@ -162,11 +162,10 @@ def verify_scores_setting(section: Section) -> bool:
     return value
 
 
-def sandbox_settings(section: Section, post_run: bool = True) -> dict[str, Any]:
-    """The sandbox, limit and score-check keys of a ``worker`` section, as
-    CondaConfig keyword arguments. Without ``post_run`` (the dask worker, which
-    re-scores on its host but checks no output size) ``max_output_mb`` is not
-    read: it stays an unknown key there."""
+def sandbox_settings(section: Section) -> dict[str, Any]:
+    """The sandbox, limit and post-run check keys of a ``worker`` section
+    (conda's and dask's), and the file they come from, as keyword arguments
+    of CondaConfig and DaskConfig."""
     run_env = section.optional("run_env", lambda v: v, "a mapping", {})
     if not isinstance(run_env, dict) or not all(
         isinstance(k, str) and k and "=" not in k and isinstance(v, (str, int, float))
@@ -179,9 +178,8 @@ def sandbox_settings(section: Section, post_run: bool = True) -> dict[str, Any]:
         ("max_open_files", int, "an integer"),
         ("max_file_size_mb", float, "a number of megabytes"),
         ("tmp_size_mb", float, "a number of megabytes"),
+        ("max_output_mb", float, "a number of megabytes"),
     ]
-    if post_run:
-        limit_keys.append(("max_output_mb", float, "a number of megabytes"))
     limits: dict[str, Any] = {}
     for key, kind, type_name in limit_keys:
         value = section.optional(key, kind, type_name, getattr(sb.DEFAULT_LIMITS, key))
@@ -194,9 +192,8 @@ def sandbox_settings(section: Section, post_run: bool = True) -> dict[str, Any]:
         "run_env": {k: str(v) for k, v in run_env.items()},
         "limits": sb.Limits(**limits),
         "verify_scores": verify_scores_setting(section),
+        "config_path": Path(section.path),
     }
-    if post_run:
-        settings["config_path"] = Path(section.path)
     return settings
 
 

@@ -317,7 +317,7 @@ def check_output(
     *,
     kit_dir: Path,
     data_dir: Path,
-    scorer: Scorer,
+    scorer: Scorer | None,
     scores_target: Path,
     verify: bool = True,
     folds_file: Path | None = None,
@@ -328,7 +328,8 @@ def check_output(
     Returns :class:`PostRunCheck`'s fields as a plain dict (it crosses to
     another Python as pickle or JSON). ``folds_file``: the event's folds
     (:func:`folds_npz`); None scores on the kit's ``get_cv``. ``scorer``:
-    the host's warm scorer for the environment that ran ramp-test.
+    the host's warm scorer for the environment that ran ramp-test (None
+    without ``verify``).
     """
     removed, size = sanitize_output(output_dir)
     try:  # the sandbox made the folder; ramp-test wrote nothing into it
@@ -349,6 +350,7 @@ def check_output(
         return result
     if not verify or not (output_dir / "fold_0").is_dir():
         return result  # (no fold at all: nothing to score; the results parser reports it)
+    assert scorer is not None, "verify needs a scorer"
     scores_target.unlink(missing_ok=True)
     t0 = time.monotonic()
     argv = [

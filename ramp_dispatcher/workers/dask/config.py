@@ -63,8 +63,9 @@ class DaskConfig:
     sandbox: str = DEFAULT_SANDBOX
     allow_network: bool = False
     run_env: Mapping[str, str] = field(default_factory=dict)
-    #: processes, open files, file size and /tmp of one sandboxed run
-    #: (max_output_mb is the conda worker's post-run check: not applied here)
+    #: processes, open files, file size and /tmp of one sandboxed run; the
+    #: size of its output after a clean exit (checked on the Dask worker: an
+    #: output over it fails the run and is never sent to the daemon)
     limits: sb.Limits = sb.DEFAULT_LIMITS
     #: as the conda worker's: after a clean exit the Dask worker scores the saved
     #: predictions again, outside the sandbox, on the event's folds
@@ -158,8 +159,7 @@ class DaskConfig:
                 unreachable_timeout=float(
                     section.optional("unreachable_timeout", float, "a number of seconds", 120.0)
                 ),
-                config_path=Path(section.path),
-                **sandbox_settings(section, post_run=False),
+                **sandbox_settings(section),
             )
         except InvalidSetting as exc:
             raise section.invalid(exc) from None

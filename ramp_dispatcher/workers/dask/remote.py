@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..post_run import Scorer, check_output, env_python
+from ..post_run import Scorer, check_output, env_python, sanitize_output
 from ..sandbox import (
     Limits,
     SandboxSpec,
@@ -340,40 +340,44 @@ def _run(
         # bwrap reports its command's death by signal N as exit code 128 + N
         status = dict(status, exit_code=None, signal=code - 128)
     result = dict(base, status=status)
-    rescore = spec.get("rescore")
-    if rescore and status.get("reason") == "exited" and status.get("exit_code") == 0:
+    rescore, limit = spec.get("rescore"), spec.get("max_output_mb")
+    output = submissions / name / "training_output"
+    if status.get("reason") == "exited" and status.get("exit_code") == 0 and (rescore or limit is not None):
         # here, outside the sandbox, before the output leaves this host
-        result["check"], result["scores"] = _rescore(
-            worker, root, run_dir, rescore, ramp_test, kit, data, submissions / name / "training_output"
+        result["check"], result["scores"] = _check(
+            worker, root, run_dir, rescore, limit, ramp_test, kit, data, output
         )
     if not spec["shared"]:
         tail, size = _tail(log_path, int(spec["log_tail_bytes"]))
         result["log_tail"], result["log_size"] = tail, size
-        output = submissions / name / "training_output"
-        if output.is_dir():
+        # an output over the limit is never packed into memory, nor sent
+        if output.is_dir() and (limit is None or sanitize_output(output)[1] <= limit * 2**20):
             result["output"] = pack_tree(output)
     return result
 
 
-def _rescore(
-    worker: Any, root: Path, run_dir: Path, rescore: dict[str, Any], ramp_test: Path, kit: str,
-    data: str, output: Path,
+def _check(
+    worker: Any, root: Path, run_dir: Path, rescore: dict[str, Any] | None, max_output_mb: float | None,
+    ramp_test: Path, kit: str, data: str, output: Path,
 ) -> tuple[dict[str, Any], Any]:  # fmt: skip
-    """The conda worker's post-run checks (no size limit), with this host's
-    environment Python: (the check's dict, the recomputed scores or None)."""
-    script = root / f"rescore-{rescore['digest']}.py"
-    if not script.exists():
-        tmp = root / f".rescore-{os.getpid()}-{threading.get_ident()}.py"
-        tmp.write_text(rescore["source"])
-        os.replace(tmp, script)
-    folds_file = None
-    if rescore.get("folds") is not None:
-        folds_file = run_dir / "folds.npz"  # the run's folder: hidden from the sandbox
-        folds_file.write_bytes(rescore["folds"])
+    """The conda worker's post-run checks (the size limit, the re-scoring when
+    ``rescore`` is given), with this host's environment Python: (the check's
+    dict, the recomputed scores or None)."""
+    scorer, folds_file = None, None
+    if rescore:
+        script = root / f"rescore-{rescore['digest']}.py"
+        if not script.exists():
+            tmp = root / f".rescore-{os.getpid()}-{threading.get_ident()}.py"
+            tmp.write_text(rescore["source"])
+            os.replace(tmp, script)
+        scorer = _scorer(worker, env_python(ramp_test.parent.parent), script)
+        if rescore.get("folds") is not None:
+            folds_file = run_dir / "folds.npz"  # the run's folder: hidden from the sandbox
+            folds_file.write_bytes(rescore["folds"])
     check = check_output(
-        output, kit_dir=Path(kit), data_dir=Path(data),
-        scorer=_scorer(worker, env_python(ramp_test.parent.parent), script),
-        scores_target=run_dir / "scores.json", folds_file=folds_file,
+        output, kit_dir=Path(kit), data_dir=Path(data), scorer=scorer,
+        scores_target=run_dir / "scores.json", verify=bool(rescore), folds_file=folds_file,
+        max_output_mb=max_output_mb,
     )  # fmt: skip
     scores = None
     if check["scores_path"] is not None:

@@ -446,6 +446,7 @@ class DaskWorker(Worker):
             "shared": cfg.shared_filesystem,
             "sandbox": box,
             "rescore": None,
+            "max_output_mb": cfg.limits.max_output_mb,
         }
         if run.verify:
             spec["rescore"] = {"source": self._rescorer[0], "digest": self._rescorer[1], "folds": folds}
@@ -606,13 +607,14 @@ class DaskWorker(Worker):
             memory_limit=status.get("message") or f"the memory limit of {memory:g} MB was exceeded",
             where=where,
         )  # fmt: skip
-        if outcome.failure is None and run.verify:
+        if outcome.failure is None and (run.verify or result.get("check") is not None):
             outcome = self._checked(run, outcome, result)
         return outcome
 
     def _checked(self, run: _Run, outcome: RunOutcome, result: dict[str, Any]) -> RunOutcome:
-        """The re-scoring done on the Dask worker, applied as the conda worker
-        applies its post-run checks; the scores go beside the run's log."""
+        """The post-run checks done on the Dask worker (size limit, re-scoring),
+        applied as the conda worker applies its own; the scores go beside the
+        run's log."""
         check = result.get("check")
         if not isinstance(check, dict):
             return dataclasses.replace(
