@@ -3,10 +3,11 @@
 The daemon's side. Nothing here waits on the cluster in the daemon's loop:
 :meth:`DaskWorker.start` returns the run's handle (its task key) at once and a
 background job connects, publishes the kit and data trees, and submits;
-:meth:`DaskWorker.check` reads the future's state and hands a finished run
-to a background job that fetches the result and lays it out locally exactly
-as the conda worker leaves it (``training_output`` in the submission's
-folder, the log at ``<logs_dir>/<submission>/log``).
+when the future ends, its callback hands the run to a background job that
+fetches the result, lays it out locally exactly as the conda worker leaves
+it (``training_output`` in the submission's folder, the log at
+``<logs_dir>/<submission>/log``) and wakes the loop, whose
+:meth:`DaskWorker.check` then finds the outcome.
 
 Each task is published on the scheduler under its key, so it outlives the
 daemon: a restarted daemon finds it with ``get_dataset`` and collects it.
@@ -312,7 +313,12 @@ class DaskWorker(Worker):
                 shutil.rmtree(request.output_dir)
         except OSError as exc:
             log.warning("dask worker: cannot remove %s: %s", request.output_dir, exc)
-        self._jobs.submit(lambda: self._release(key, stop=not finished))
+        # a result we fetched through our one future of the task (never
+        # re-attached): the task is over, dropping our hold frees it
+        fetched = None
+        if finished and run is not None and run.attaches == 0 and run.future.status == "finished":
+            fetched = run.future
+        self._jobs.submit(lambda: self._release(key, stop=not finished, future=fetched))
 
     def reap(self, active: set[tuple[int, int]]) -> None:
         prefix = self._run_prefix
@@ -510,8 +516,10 @@ class DaskWorker(Worker):
             return
         self._attach(run)
 
-    def _release(self, key: str, stop: bool) -> None:
-        """Forget the task on the scheduler; stop its ramp-test if it runs."""
+    def _release(self, key: str, stop: bool, future: Any = None) -> None:
+        """Forget the task on the scheduler; stop its ramp-test if it runs.
+        ``future``: our finished future of it, released without a round trip
+        (a cancel is one)."""
         try:
             client = self.client()
             if stop:
@@ -529,6 +537,9 @@ class DaskWorker(Worker):
                 client.unpublish_dataset(key)
             except KeyError:
                 pass
+            if future is not None:
+                future.release()
+                return
             from distributed import Future
 
             client.cancel([Future(key, client)], force=True)
