@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -164,6 +165,25 @@ def _still_wanted(worker: Any, key: str) -> bool:
     return ts is not None and ts.state in _WANTED
 
 
+def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether the process ended within ``timeout`` s. Waits on a pidfd, so an
+    end is seen at once (``Popen.wait`` polls with sleeps of up to 50 ms)."""
+    try:
+        fd: int | None = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # Python < 3.9, Linux < 5.3, or reaped already
+        fd = None
+    if fd is not None:
+        try:
+            select.select([fd], [], [], timeout)
+        finally:
+            os.close(fd)
+    try:
+        proc.wait(timeout=0 if fd is not None else timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
 def _tail(path: Path, limit: int) -> tuple[bytes, int]:
     try:
         size = path.stat().st_size
@@ -221,9 +241,24 @@ def run_submission(spec: dict[str, Any], submission: bytes | None) -> dict[str, 
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     try:
-        return _run(worker, spec, submission, root, run_dir, base)
+        result = _run(worker, spec, submission, root, run_dir, base)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+    return _sandbox_verdict(spec.get("sandbox"), result)
+
+
+def _sandbox_verdict(box: dict[str, Any] | None, result: dict[str, Any]) -> dict[str, Any]:
+    """A failed sandboxed run: the host's fault if an empty sandbox cannot start
+    here either (retried, never the participant's). Asked after a failure
+    rather than before each run: an empty sandbox costs a run ~20 ms."""
+    status = result.get("status") or {}
+    code = status.get("exit_code")
+    if not box or status.get("reason") != "exited" or not isinstance(code, int) or code == 0:
+        return result
+    problem = bwrap_problem(find_bwrap(), bool(box["allow_network"]))
+    if problem is None:
+        return result
+    return dict(result, status={"reason": "spawn_error", "message": f"{box['where']}: {problem}"})
 
 
 def _run(
@@ -272,7 +307,8 @@ def _run(
     box = spec.get("sandbox")
     if box:
         bwrap = find_bwrap()
-        problem = bwrap_problem(bwrap, bool(box["allow_network"]))
+        # no bwrap at all is said at once; a sandbox that cannot start, after the run (_sandbox_verdict)
+        problem = bwrap_problem(bwrap, bool(box["allow_network"])) if bwrap is None else None
         if problem is not None:  # the host's fault: retried, never the participant's
             return dict(base, status={"reason": "spawn_error", "message": f"{box['where']}: {problem}"})
         output = submissions / name / "training_output"
@@ -319,11 +355,8 @@ def _run(
 
     stopping_since: float | None = None
     while True:
-        try:
-            proc.wait(timeout=WATCH_INTERVAL_S)
+        if _exited(proc, WATCH_INTERVAL_S):
             break
-        except subprocess.TimeoutExpired:
-            pass
         if stopping_since is None and not _still_wanted(worker, key):
             # released (cancelled, or its client gone before publishing it)
             stopping_since = time.monotonic()

@@ -3,10 +3,11 @@
 The daemon's side. Nothing here waits on the cluster in the daemon's loop:
 :meth:`DaskWorker.start` returns the run's handle (its task key) at once and a
 background job connects, publishes the kit and data trees, and submits;
-:meth:`DaskWorker.check` reads the future's state and hands a finished run
-to a background job that fetches the result and lays it out locally exactly
-as the conda worker leaves it (``training_output`` in the submission's
-folder, the log at ``<logs_dir>/<submission>/log``).
+when the future ends, its callback hands the run to a background job that
+fetches the result, lays it out locally exactly as the conda worker leaves
+it (``training_output`` in the submission's folder, the log at
+``<logs_dir>/<submission>/log``) and wakes the loop, whose
+:meth:`DaskWorker.check` then finds the outcome.
 
 Each task is published on the scheduler under its key, so it outlives the
 daemon: a restarted daemon finds it with ``get_dataset`` and collects it.
@@ -283,6 +284,13 @@ class DaskWorker(Worker):
             "started_at": time.time(),
         }
 
+    def reports_end(self, request: RunRequest) -> bool:
+        # the future's callback fetches the result and wakes the loop; a
+        # re-attached run has no wake and is checked on the timer
+        with self._lock:
+            run = self._runs.get(run_key(self.event_name, request))
+            return run is not None and run.wake is not None
+
     def recover(self, request: RunRequest) -> Handle | None:
         # The key is deterministic: check() finds the task, or learns that
         # the scheduler never got it (then an infrastructure failure).
@@ -320,7 +328,12 @@ class DaskWorker(Worker):
                 shutil.rmtree(request.output_dir)
         except OSError as exc:
             log.warning("dask worker: cannot remove %s: %s", request.output_dir, exc)
-        self._jobs.submit(lambda: self._release(key, stop=not finished))
+        # a result we fetched through our one future of the task (never
+        # re-attached): the task is over, dropping our hold frees it
+        fetched = None
+        if finished and run is not None and run.attaches == 0 and run.future.status == "finished":
+            fetched = run.future
+        self._jobs.submit(lambda: self._release(key, stop=not finished, future=fetched))
 
     def reap(self, active: set[tuple[int, int]]) -> None:
         prefix = self._run_prefix
@@ -357,7 +370,16 @@ class DaskWorker(Worker):
 
     def _watch(self, run: _Run, future: Any) -> None:
         run.future = future
-        future.add_done_callback(lambda _f: self._wake(run))
+        future.add_done_callback(lambda f: self._done(run, f))
+
+    def _done(self, run: _Run, future: Any) -> None:
+        """The task ended (or our link to it broke): fetch its result at once,
+        rather than at the loop's next check; its end wakes the loop then."""
+        with self._lock:
+            if run.future is not future or run.busy or run.released or run.outcome is not None:
+                return
+            run.busy = True
+        self._jobs.submit(lambda: self._collect(run))
 
     def _finish(self, run: _Run, outcome: RunOutcome) -> None:
         with self._lock:
@@ -464,26 +486,30 @@ class DaskWorker(Worker):
                 hidden += [cfg.config_path] if cfg.config_path is not None else []
                 box["hidden"] = [os.path.abspath(p) for p in hidden]
             return spec, None
-        spec["kit_digest"] = self._publish_tree(client, Path(request.kit_dir))
-        spec["data_digest"] = self._publish_tree(client, Path(request.data_dir))
+        with self._trees_lock:
+            published = set(client.list_datasets())  # one round trip for both trees
+            spec["kit_digest"] = self._publish_tree(client, Path(request.kit_dir), published)
+            spec["data_digest"] = self._publish_tree(client, Path(request.data_dir), published)
         return spec, cache.pack_tree(folder)
 
-    def _publish_tree(self, client: Any, folder: Path) -> str:
-        """Publish the folder's contents on the scheduler once per digest."""
-        with self._trees_lock:
-            digest = self._digests.digest(folder)
-            name = cache.TREE_PREFIX + digest
-            if name not in client.list_datasets():  # new, changed, or a restarted scheduler
-                client.publish_dataset(cache.pack_tree(folder), name=name, override=True)
-                log.info("dask worker: published %s as %s", folder, name)
-            old = self._trees.get(folder)
-            self._trees[folder] = digest
-            if old is not None and old != digest and old not in self._trees.values():
-                try:
-                    client.unpublish_dataset(cache.TREE_PREFIX + old)
-                except KeyError:
-                    pass
-            return digest
+    def _publish_tree(self, client: Any, folder: Path, published: set[str]) -> str:
+        """Publish the folder's contents on the scheduler once per digest
+        (``published``: the scheduler's dataset names; hold ``_trees_lock``)."""
+        digest = self._digests.digest(folder)
+        name = cache.TREE_PREFIX + digest
+        if name not in published:  # new, changed, or a restarted scheduler
+            client.publish_dataset(cache.pack_tree(folder), name=name, override=True)
+            published.add(name)
+            log.info("dask worker: published %s as %s", folder, name)
+        old = self._trees.get(folder)
+        self._trees[folder] = digest
+        if old is not None and old != digest and old not in self._trees.values():
+            try:
+                client.unpublish_dataset(cache.TREE_PREFIX + old)
+            except KeyError:
+                pass
+            published.discard(cache.TREE_PREFIX + old)
+        return digest
 
     def _attach(self, run: _Run) -> None:
         """Find the run's task on the scheduler (a restart, or a lost link)."""
@@ -504,9 +530,7 @@ class DaskWorker(Worker):
             return
         with self._lock:
             self._watch(run, future)
-            run.busy = False
-        if future.done():
-            self._wake(run)
+            run.busy = False  # a future done already is collected by its callback
 
     def _collect(self, run: _Run) -> None:
         future = run.future
@@ -534,8 +558,10 @@ class DaskWorker(Worker):
             return
         self._attach(run)
 
-    def _release(self, key: str, stop: bool) -> None:
-        """Forget the task on the scheduler; stop its ramp-test if it runs."""
+    def _release(self, key: str, stop: bool, future: Any = None) -> None:
+        """Forget the task on the scheduler; stop its ramp-test if it runs.
+        ``future``: our finished future of it, released without a round trip
+        (a cancel is one)."""
         try:
             client = self.client()
             if stop:
@@ -553,6 +579,9 @@ class DaskWorker(Worker):
                 client.unpublish_dataset(key)
             except KeyError:
                 pass
+            if future is not None:
+                future.release()
+                return
             from distributed import Future
 
             client.cancel([Future(key, client)], force=True)
