@@ -285,13 +285,10 @@ class Scorer:
         proc, self._proc = self._proc, None
         self._buffer = b""
         if proc is not None:
-            # Only while the server is not reaped: its pid (its group's id) is
-            # ours until then; once reaped, the number may name a stranger's group.
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the server and a child it waits for
-                except OSError:
-                    pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the server and a child it waits for
+            except OSError:
+                pass
             proc.wait()
             for pipe in (proc.stdin, proc.stdout):
                 if pipe is not None:
