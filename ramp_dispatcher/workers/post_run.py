@@ -174,8 +174,7 @@ class Scorer:
     its environment's site-packages changed (a package installed or upgraded:
     the warm imports would be stale), and killed, with the child it is
     waiting for, when a request passes its time limit. It ends by itself when
-    its stdin closes, with the child of a scoring in progress, so a daemon
-    killed with -9 leaves nothing behind.
+    its stdin closes, so a daemon killed with -9 leaves no server behind.
     """
 
     def __init__(self, python: Path, script: Path = RESCORE_SCRIPT):

@@ -34,8 +34,7 @@ private folder, where the error text goes) and answers each with
 ``{"code": <exit status>}`` on stdout. Every request is scored in a child
 forked from the warm process, so a kit's imports and whatever its code does
 stay in that child. End of input ends the server (the daemon closed the pipe,
-or died), also in the middle of a scoring: its process group is killed then.
-See :mod:`.post_run`'s ``Scorer``.
+or died). See :mod:`.post_run`'s ``Scorer``.
 """
 
 from __future__ import annotations
@@ -236,37 +235,9 @@ def serve() -> int:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-        _reply({"code": _wait_child(pid)})
+        _, status = os.waitpid(pid, 0)
+        _reply({"code": os.waitstatus_to_exitcode(status)})
     return 0
-
-
-def _wait_child(pid: int) -> int:
-    """The child's exit status (negative: killed by that signal). Our input
-    closing meanwhile means the daemon is gone (the next request is only
-    sent after our answer): the server's whole process group goes then,
-    this server, the child and whatever a kit started, so nothing outlives
-    the daemon, even a kit that hangs."""
-    import select
-    import signal
-
-    try:
-        pidfd = os.pidfd_open(pid)  # Linux 5.3, Python 3.9
-    except (AttributeError, OSError):
-        pidfd = None
-    try:
-        while True:
-            watched = [0] if pidfd is None else [0, pidfd]
-            ready, _, _ = select.select(watched, [], [], 0.01 if pidfd is None else None)
-            if 0 in ready:
-                os.killpg(os.getpgrp(), signal.SIGKILL)
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                if os.WIFSIGNALED(status):
-                    return -os.WTERMSIG(status)
-                return os.WEXITSTATUS(status)
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
 
 
 def _reply(message: dict) -> None:
