@@ -217,6 +217,11 @@ class DaskCluster:
         except OSError:
             return ""
 
+    def log_tails(self, chars: int = 4000) -> str:
+        """The end of the scheduler's and each Dask worker's log."""
+        return "\n".join(f"----- {name}.log (end) -----\n{self.log(name)[-chars:]}"
+                         for name in ["scheduler", *self.workers])  # fmt: skip
+
     def worker_pid(self, name: str) -> int:
         return self.workers[name].pid
 

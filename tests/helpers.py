@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import threading
 import time
@@ -37,11 +38,43 @@ def wait_for(
         time.sleep(interval)
 
 
+#: ports handed out by :func:`free_port` in this process (never twice)
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Taken below the kernel's ephemeral range (its low end, 32768 by default),
+    where the kernel never picks a source port of its own: a port from bind(0)
+    can be given to some client's outgoing connection before the test's server
+    binds it, or, while a test has stopped its server, a client reconnecting
+    to it can end up connected to itself (TCP simultaneous open) and hold it,
+    so that the restarted server cannot listen. Random, so that the suite's
+    two processes rarely try the same one; each tried by binding it.
+    """
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free TCP port below the ephemeral range on 127.0.0.1")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @contextlib.contextmanager

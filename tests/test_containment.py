@@ -27,6 +27,7 @@ from ramp_dispatcher.database.ramp_schema import (
 from ramp_dispatcher.dispatcher import MAX_RUN_ERRORS
 
 from faults import edit_event_config
+from helpers import free_port
 from deployment import GOOD, Deployment
 
 LABEL = "submission {sid} ('broken') attempt 1"
@@ -131,7 +132,6 @@ def test_a_database_error_that_is_a_bug_is_not_an_outage(empty_db_url: str, tmp_
 def test_outages_and_bugs_are_told_apart(tmp_path: Path) -> None:
     """Real errors from real drivers: a refused connection is an outage; a
     missing table and a broken constraint are bugs."""
-    import socket
 
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import DBAPIError
@@ -139,9 +139,7 @@ def test_outages_and_bugs_are_told_apart(tmp_path: Path) -> None:
     from ramp_dispatcher.database.engine import make_engine
     from ramp_dispatcher.database.failures import is_unavailable
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once closed
+    port = free_port()  # nothing listens there
     refused = create_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{port}/x")
     with pytest.raises(DBAPIError) as outage:
         refused.connect()

@@ -89,10 +89,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskCluster]:
 
 
 @pytest.fixture
-def dask_cluster(cluster: DaskCluster) -> Iterator[DaskCluster]:
-    """The module's cluster, made whole again before and after each test."""
+def dask_cluster(cluster: DaskCluster, request: pytest.FixtureRequest) -> Iterator[DaskCluster]:
+    """The module's cluster, made whole again before and after each test; on
+    a failure, the ends of its logs go into the test's report."""
     cluster.ensure()
     yield cluster
+    call = getattr(request.node, "rep_call", None)
+    if call is not None and call.failed:
+        print(cluster.log_tails())
     cluster.ensure()
     wait_for(lambda: not cluster.ramp_tests(), 30, "no ramp-test left on the Dask workers")
 

@@ -573,3 +573,48 @@ def test_warm_scorer_time_limit_and_missing_interpreter(iris_kit: Path, tmp_path
     missing = Scorer(tmp_path / "no-env" / "bin" / "python")
     code, why = missing.score(args, 10)
     assert code == -1 and "No such file" in why and str(tmp_path / "no-env") in why
+
+
+def test_warm_scorer_ends_with_its_daemon(iris_kit: Path, tmp_path: Path) -> None:
+    """A daemon killed with -9 leaves no scoring server behind: the server
+    reads its requests on a pipe from the daemon and leaves when it closes."""
+    import signal
+    import subprocess
+
+    hung = tmp_path / "slow-kit"
+    hung.mkdir()
+    (hung / "problem.py").write_text("import time\ntime.sleep(600)\n")
+    (tmp_path / "out" / "fold_0").mkdir(parents=True)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, threading\n"
+            "from pathlib import Path\n"
+            "from ramp_dispatcher.workers.post_run import Scorer\n"
+            "s = Scorer(Path(sys.executable))\n"
+            f"args = ['--kit-dir', {str(hung)!r}, '--data-dir', {str(hung)!r}, "
+            f"'--output-dir', {str(tmp_path / 'out')!r}, '--json', {str(tmp_path / 's.json')!r}]\n"
+            "threading.Thread(target=s.score, args=(args, 600), daemon=True).start()\n"
+            "import time\n"
+            "while s.pid is None: time.sleep(0.05)\n"
+            "print(s.pid, flush=True)\n"
+            "time.sleep(600)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert owner.stdout is not None
+        server = int(owner.stdout.readline())
+        # the server is busy: a child of it is in the kit's 600 s import
+        deadline = time.monotonic() + 60
+        while not Path(f"/proc/{server}/task/{server}/children").read_text().strip():
+            assert time.monotonic() < deadline, "the server never forked its child"
+            time.sleep(0.1)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    finally:
+        owner.kill()
+    # the child would sleep for ten minutes: the server's input closing ends both
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _group_gone(server):
+        time.sleep(0.2)
+    assert _group_gone(server), "the scoring server outlived its daemon"

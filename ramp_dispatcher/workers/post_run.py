@@ -174,7 +174,8 @@ class Scorer:
     its environment's site-packages changed (a package installed or upgraded:
     the warm imports would be stale), and killed, with the child it is
     waiting for, when a request passes its time limit. It ends by itself when
-    its stdin closes, so a daemon killed with -9 leaves no server behind.
+    its stdin closes, with the child of a scoring in progress and what a kit
+    started, so a daemon killed with -9 leaves nothing behind.
     """
 
     def __init__(self, python: Path, script: Path = RESCORE_SCRIPT):
@@ -230,7 +231,7 @@ class Scorer:
         return f"the scoring server answered wrongly: {exc}"
 
     def _ready(self, deadline: float) -> subprocess.Popen[bytes]:
-        if self._proc is not None and self._proc.poll() is None and not self._stale():
+        if self._proc is not None and _running(self._proc) and not self._stale():
             return self._proc
         self._stop()
         self._home = tempfile.TemporaryDirectory(prefix="ramp-rescore-server-")
@@ -284,10 +285,14 @@ class Scorer:
         proc, self._proc = self._proc, None
         self._buffer = b""
         if proc is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the server and a child it waits for
-            except OSError:
-                pass
+            # Never reaped until here (``_running`` does not reap): its number
+            # is still its group's, which a reaped one's might not be (pid_max
+            # can be 32768), and a child that outlived it goes with the group.
+            if proc.returncode is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the server and a child it waits for
+                except OSError:
+                    pass
             proc.wait()
             for pipe in (proc.stdin, proc.stdout):
                 if pipe is not None:
@@ -303,6 +308,14 @@ class _ServerError(Exception):
 
 class _TimedOut(_ServerError):
     pass
+
+
+def _running(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the process has not ended, without reaping it if it has."""
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return False
 
 
 def _mtime(path: str) -> float:

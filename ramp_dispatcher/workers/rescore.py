@@ -34,7 +34,10 @@ private folder, where the error text goes) and answers each with
 ``{"code": <exit status>}`` on stdout. Every request is scored in a child
 forked from the warm process, so a kit's imports and whatever its code does
 stay in that child. End of input ends the server (the daemon closed the pipe,
-or died). See :mod:`.post_run`'s ``Scorer``.
+or died); in the middle of a scoring it kills the server's process group (its
+own session: the server, the child and whatever a kit started), so nothing
+outlives a daemon killed with -9, even a kit that hangs. See :mod:`.post_run`'s
+``Scorer``.
 """
 
 from __future__ import annotations
@@ -212,8 +215,8 @@ def serve() -> int:
 
     watch = [p for p in site.getsitepackages() if os.path.isdir(p)]
     _reply({"ready": True, "watch": watch})
-    for line in sys.stdin:
-        request = json.loads(line)
+    requests = _Requests()
+    while (request := requests.next()) is not None:
         pid = os.fork()
         if pid == 0:  # the child: score, then leave without running any cleanup of the server's
             code = 1
@@ -223,11 +226,12 @@ def serve() -> int:
                 fd = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 os.dup2(fd, 2)
                 os.close(fd)
-                # stdout is the server's answer pipe: what a kit prints goes nowhere
-                fd = os.open(os.devnull, os.O_WRONLY)
+                # stdout is the server's answer pipe, stdin its requests: a kit
+                # prints to nowhere and reads nothing
+                fd = os.open(os.devnull, os.O_RDWR)
+                os.dup2(fd, 0)
                 os.dup2(fd, 1)
                 os.close(fd)
-                sys.stdin.close()
                 code = main(request["argv"])
                 sys.stderr.flush()
             except BaseException:
@@ -235,9 +239,64 @@ def serve() -> int:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        _reply({"code": os.waitstatus_to_exitcode(status)})
+        _reply({"code": _wait_child(pid, requests)})
     return 0
+
+
+class _Requests:
+    """The server's input, one JSON request per line, read from fd 0 with a
+    buffer of our own, so that a wait can also watch it: only there can data
+    be told from its end (a pipe cannot be peeked)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.ended = False
+
+    def next(self) -> dict | None:
+        """The next request; None at the end of input."""
+        while b"\n" not in self._buffer:
+            if not self.take():
+                return None
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line)
+
+    def take(self) -> bool:
+        """Read what is there (blocking until something is); False at the end."""
+        if not self.ended:
+            chunk = os.read(0, 65536)
+            self._buffer += chunk
+            self.ended = not chunk
+        return not self.ended
+
+
+def _wait_child(pid: int, requests: _Requests) -> int:
+    """The child's exit status (negative: killed by that signal), as
+    ``os.waitstatus_to_exitcode`` gives it (not called: Python 3.9). The
+    input ending meanwhile means the daemon is gone: the server's process
+    group goes then (module docstring)."""
+    import select
+    import signal
+
+    try:
+        pidfd: int | None = os.pidfd_open(pid)  # Linux 5.3, Python 3.9
+    except (AttributeError, OSError):
+        pidfd = None  # then the child's end is polled
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            watched = [0] if pidfd is None else [0, pidfd]
+            ready, _, _ = select.select(watched, [], [], 0.01 if pidfd is None else None)
+            if 0 in ready and not requests.take():
+                # our group only when we lead it (Scorer starts us in a session
+                # of our own); started by hand, the child alone
+                if os.getpgrp() == os.getpid():
+                    os.killpg(os.getpgrp(), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _reply(message: dict) -> None:

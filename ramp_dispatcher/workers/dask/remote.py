@@ -266,11 +266,7 @@ def _run(
     base: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     key = spec["key"]
-    supervisor = root / f"supervise-{spec['supervisor_digest']}.py"
-    if not supervisor.exists():
-        tmp = root / f".supervise-{os.getpid()}-{threading.get_ident()}.py"
-        tmp.write_text(spec["supervisor_source"])
-        os.replace(tmp, supervisor)
+    supervisor = _script(root, "supervise", spec["supervisor_digest"], spec["supervisor_source"])
 
     name = spec["submission_name"]
     if spec["shared"]:
@@ -389,6 +385,17 @@ def _run(
     return result
 
 
+def _script(root: Path, stem: str, digest: str, source: str) -> Path:
+    """A script shipped as source, in the cache under its digest (written
+    once, atomically: two tasks may write it at the same time)."""
+    path = root / f"{stem}-{digest}.py"
+    if not path.exists():
+        tmp = root / f".{stem}-{os.getpid()}-{threading.get_ident()}.py"
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    return path
+
+
 def _check(
     worker: Any, root: Path, run_dir: Path, rescore: dict[str, Any] | None, max_output_mb: float | None,
     ramp_test: Path, kit: str, data: str, output: Path,
@@ -398,11 +405,7 @@ def _check(
     dict, the recomputed scores or None)."""
     scorer, folds_file = None, None
     if rescore:
-        script = root / f"rescore-{rescore['digest']}.py"
-        if not script.exists():
-            tmp = root / f".rescore-{os.getpid()}-{threading.get_ident()}.py"
-            tmp.write_text(rescore["source"])
-            os.replace(tmp, script)
+        script = _script(root, "rescore", rescore["digest"], rescore["source"])
         scorer = _scorer(worker, env_python(ramp_test.parent.parent), script)
         if rescore.get("folds") is not None:
             folds_file = run_dir / "folds.npz"  # the run's folder: hidden from the sandbox
