@@ -23,13 +23,14 @@ keep them built once.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import (
-    ColumnElement, Connection, Float, Integer, Select, Update, and_, bindparam, exists, func,
-    insert, or_, select, update,
+    ColumnElement, Connection, Float, Integer, LargeBinary, Select, Update, and_, bindparam, exists,
+    func, insert, or_, select, type_coerce, update,
 )
 from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
 
@@ -44,6 +45,7 @@ from .dispatcher_schema import (
     runs,
 )
 from .ramp_schema import (
+    NumpyBlob,
     event_score_types,
     event_teams,
     events,
@@ -111,22 +113,75 @@ def submission_folds(conn: Connection, submission_id: int) -> list[tuple[Any, An
     ramp-test's ``fold_<i>`` map to them: the submission's fold rows sorted by
     id. All the event's folds, also those a (damaged) submission has no fold
     row for, last: writing the results reports fold rows that do not match."""
+    return [(decode_blob(train), decode_blob(test)) for train, test in submission_fold_blobs(conn, submission_id)]
+
+
+def submission_fold_blobs(conn: Connection, submission_id: int) -> tuple[tuple[bytes, bytes], ...]:
+    """:func:`submission_folds` as stored (ramp-board's compressed pickles),
+    not decoded: cheap to compare with what was read before (:class:`FoldsCache`)."""
+    rows = conn.execute(_fold_stmts().blobs_of_submission, {"for_submission": submission_id})
+    return tuple((bytes(train), bytes(test)) for train, test in rows)
+
+
+def decode_blob(value: bytes) -> Any:
+    """A numpy blob column's value, as ramp-board wrote it (ramp_schema.NumpyBlob)."""
+    return NumpyBlob().process_result_value(value, None)
+
+
+@dataclass(frozen=True)
+class _FoldStatements:
+    #: (train_is, test_is) blobs, undecoded, of the event folds of
+    #: ``:for_submission`` in ramp-test's fold order (:func:`submission_folds`)
+    blobs_of_submission: Select[tuple[bytes, bytes]]
+
+
+@cache
+def _fold_stmts() -> _FoldStatements:
     from .ramp_schema import cv_folds
 
     folds = submission_on_cv_folds
+    submission = bindparam("for_submission")
     event_id = (
         select(event_teams.c.event_id)
         .join(submissions, submissions.c.event_team_id == event_teams.c.id)
-        .where(submissions.c.id == submission_id)
+        .where(submissions.c.id == submission)
         .scalar_subquery()
     )
-    rows = conn.execute(
-        select(cv_folds.c.train_is, cv_folds.c.test_is)
-        .outerjoin(folds, and_(folds.c.cv_fold_id == cv_folds.c.id, folds.c.submission_id == submission_id))
+    return _FoldStatements(
+        blobs_of_submission=select(
+            type_coerce(cv_folds.c.train_is, LargeBinary), type_coerce(cv_folds.c.test_is, LargeBinary)
+        )
+        .outerjoin(folds, and_(folds.c.cv_fold_id == cv_folds.c.id, folds.c.submission_id == submission))
         .where(cv_folds.c.event_id == event_id)
         .order_by(folds.c.id.is_(None), folds.c.id, cv_folds.c.id)
     )
-    return [(r.train_is, r.test_is) for r in rows]
+
+
+class FoldsCache:
+    """The event's folds, decoded again only when what is stored changed.
+
+    Every run's re-scoring needs them; decoding ramp-board's pickles (and the
+    npz the workers make of them, :class:`..workers.post_run.FoldsNpz`) cost
+    the daemon about 2 ms per run. The stored blobs are still read for each
+    call, so a change of the event's folds (or of a submission's fold order)
+    is seen by the next run; unchanged, the same decoded object is handed out
+    again. Thread-safe: the workers' threads call it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blobs: tuple[tuple[bytes, bytes], ...] | None = None
+        self._folds: tuple[tuple[Any, Any], ...] = ()
+
+    def folds(self, conn: Connection, submission_id: int) -> tuple[tuple[Any, Any], ...]:
+        blobs = submission_fold_blobs(conn, submission_id)
+        with self._lock:
+            if blobs == self._blobs:
+                return self._folds
+        folds = tuple((decode_blob(train), decode_blob(test)) for train, test in blobs)
+        with self._lock:
+            self._blobs, self._folds = blobs, folds
+        return folds
 
 
 def _event_submissions() -> ColumnElement[bool]:

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..configfile import ConfigError, InvalidSetting
 from . import cgroups as cg
@@ -46,6 +46,7 @@ from .base import (
 )
 from .outcome import outcome_from_status
 from .post_run import (
+    FoldsNpz,
     PostRunCheck,
     Scorer,
     env_python,
@@ -352,12 +353,13 @@ class CondaWorker(Worker):
     type_name = "conda"
 
     def __init__(
-        self, config: CondaConfig, cv_folds: Callable[[int], list[tuple[Any, Any]]] | None = None
+        self, config: CondaConfig, cv_folds: Callable[[int], Sequence[tuple[Any, Any]]] | None = None
     ) -> None:
         self.config = config
         # the event's folds of a submission (the database's), for re-scoring;
         # None (a worker used without a database) re-scores on the kit's get_cv
         self._cv_folds = cv_folds
+        self._folds_npz = FoldsNpz()  # the file rescore.py reads them from, made once
         self._env_lock = threading.Lock()  # held while conda runs
         self._procs_lock = threading.Lock()
         self._env_cache: tuple[Path, float] | None = None  # prefix, expiry (monotonic)
@@ -713,7 +715,7 @@ class CondaWorker(Worker):
             folds = None
             if self.config.verify_scores and self._cv_folds is not None:
                 try:
-                    folds = self._cv_folds(request.submission_id)
+                    folds = self._folds_npz(self._cv_folds(request.submission_id))
                 except TryLater as exc:
                     # Nothing recorded: the next check() starts the checks again,
                     # after this pause (no busy loop through an outage).
