@@ -458,13 +458,42 @@ class RunRow:
 def mark_running(conn: Connection, run_id: int, handle: dict[str, Any]) -> bool:
     """The worker started the run: store its handle; the submission is ``training``."""
     now = utcnow()
-    sid = conn.execute(
-        _run_stmts().record_handle, {"run_id": run_id, "new_handle": handle, "new_started_at": now}
-    ).scalar()
+    params = {"run_id": run_id, "new_handle": handle, "new_started_at": now}
+    if conn.dialect.name == "postgresql":
+        advance = {"new_state": "training", "new_training_timestamp": now}
+        stmt = _step_and_advance_stmt("record_handle", ("training_timestamp",))
+        return conn.execute(stmt, {**params, **advance}).scalar() is not None
+    sid = conn.execute(_run_stmts().record_handle, params).scalar()
     if sid is None:
         return False
     _advance_state(conn, sid, "training", training_timestamp=now)
     return True
+
+
+@cache
+def _step_and_advance_stmt(step: str, columns: tuple[str, ...]) -> Select[tuple[int]]:
+    """PostgreSQL: a run's step (``record_handle`` or ``record_end`` of
+    :func:`_run_stmts`, which return the submission id) and what
+    :func:`_advance_state` then does (``:new_state`` and ``columns`` on the
+    submission unless it is ``new``, the state on its folds) as one statement
+    of data-modifying WITHs: one round trip instead of three, twice per run.
+    Returns the submission id when the step was taken."""
+    folds = submission_on_cv_folds
+    run_step = getattr(_run_stmts(), step).cte(f"{step}_step")
+    advanced = (
+        update(submissions)
+        .where(submissions.c.id.in_(select(run_step.c.submission_id)), submissions.c.state != "new")
+        .values(**_set_clause(("state", *columns)))
+        .returning(submissions.c.id)
+        .cte("advanced_submission")
+    )
+    advanced_folds = (
+        update(folds)
+        .where(folds.c.submission_id.in_(select(advanced.c.id)))
+        .values(**_set_clause(("state",)))
+        .cte("advanced_folds")
+    )
+    return select(run_step.c.submission_id).add_cte(advanced, advanced_folds)
 
 
 @dataclass(frozen=True)
@@ -501,7 +530,8 @@ def _run_stmts() -> _RunStatements:
         .returning(runs.c.submission_id),
         held_by=select(runs.c.id).where(run, held, runs.c.status != RUN_COLLECTED),
         record_end=update(runs)
-        .where(run, held, runs.c.status.in_((RUN_STARTING, RUN_RUNNING)))
+        # two equalities, not IN (a literal list): an IN is rendered anew at each execution
+        .where(run, held, or_(runs.c.status == RUN_STARTING, runs.c.status == RUN_RUNNING))
         .values(status=RUN_FINISHED, **_set_clause(("finished_at", "failure_class", "message")))
         .returning(runs.c.submission_id),
         renew_leases=update(runs)
@@ -535,16 +565,17 @@ def mark_finished(
     succeeded: bool,
 ) -> bool:
     """The run ended; on success the submission is ``tested`` until scored."""
-    sid = conn.execute(
-        _run_stmts().record_end,
-        {
-            "run_id": run_id,
-            "daemon": owner,
-            "new_finished_at": utcnow(),
-            "new_failure_class": failure_class,
-            "new_message": message,
-        },
-    ).scalar()
+    params = {
+        "run_id": run_id,
+        "daemon": owner,
+        "new_finished_at": utcnow(),
+        "new_failure_class": failure_class,
+        "new_message": message,
+    }
+    if succeeded and conn.dialect.name == "postgresql":
+        stmt = _step_and_advance_stmt("record_end", ())
+        return conn.execute(stmt, {**params, "new_state": "tested"}).scalar() is not None
+    sid = conn.execute(_run_stmts().record_end, params).scalar()
     if sid is not None and succeeded:
         _advance_state(conn, sid, "tested")
     return sid is not None
