@@ -127,6 +127,29 @@ def test_python_roots_follow_a_venv_to_its_base_interpreter() -> None:
     assert any(base == r or r in base.parents for r in roots), roots
 
 
+def test_a_workers_python_roots_are_looked_up_again_after_env_cache_s(tmp_path: Path, monkeypatch) -> None:
+    """A run's start reuses the environment's python_roots (reading them costs
+    about half a millisecond) for ``env_cache_s``, as the environment's own
+    lookup; another prefix, or the time passed, looks again."""
+    calls: list[Path] = []
+    real = sb.python_roots
+
+    def counted(prefix: Path) -> tuple[Path, ...]:
+        calls.append(prefix)
+        return real(prefix)
+
+    monkeypatch.setattr(sb, "python_roots", counted)
+    worker = CondaWorker(CondaConfig(conda_env=str(VENV), env_cache_s=0.5))
+    first = worker._python_roots(VENV)
+    assert first == real(VENV) and worker._python_roots(VENV) is first and calls == [VENV]
+    other = tmp_path / "env"
+    other.mkdir()
+    assert worker._python_roots(other) == real(other) and calls == [VENV, other]
+    time.sleep(0.6)
+    worker._python_roots(other)
+    assert calls == [VENV, other, other]
+
+
 def test_rlimit_args() -> None:
     args = sb.rlimit_args(sb.Limits(max_processes=64, max_open_files=None, max_file_size_mb=1))
     assert args == ["--rlimit", "NPROC=64", "--rlimit", "FSIZE=1048576"]
