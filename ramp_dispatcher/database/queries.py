@@ -29,8 +29,8 @@ from functools import cache
 from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import (
-    ColumnElement, Connection, Float, Integer, LargeBinary, Select, Update, and_, bindparam, exists,
-    func, insert, or_, select, type_coerce, update,
+    ColumnElement, CompoundSelect, Connection, Float, Integer, LargeBinary, Select, Update, and_,
+    bindparam, exists, func, insert, literal_column, null, or_, select, type_coerce, union_all, update,
 )
 from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
 
@@ -768,8 +768,13 @@ def write_results(
     if not _close_run(conn, run_id, owner, outcome="scored", max_ram_mb=_int(max_ram_mb), **extra):
         return False
     stmts = _result_stmts()
-    fold_ids = conn.execute(stmts.fold_ids, {"submission_id": submission_id}).scalars().all()
-    score_ids = dict(conn.execute(stmts.score_ids, {"submission_id": submission_id}).all())
+    fold_ids: list[int] = []
+    score_ids: dict[int, int] = {}
+    for is_score, row_id, score_type in conn.execute(stmts.row_ids, {"submission_id": submission_id}):
+        if is_score:
+            score_ids[score_type] = row_id
+        else:
+            fold_ids.append(row_id)
     if len(fold_ids) != len(results.folds):
         raise ValueError(
             f"submission {submission_id} has {len(fold_ids)} fold rows, "
@@ -829,10 +834,10 @@ class _ResultStatements:
     and the failure message on the folds. ``fid``/``sid`` are a fold row's and
     a score row's ids; ``tr``/``va``/``te`` the train/valid/test values."""
 
-    #: the submission's fold rows, in ramp-test's fold order
-    fold_ids: Select[tuple[int]]
-    #: (event score type, score row id) of the submission
-    score_ids: Select[tuple[int, int]]
+    #: the submission's fold rows in ramp-test's fold order, as (0, fold row
+    #: id, NULL), then its score rows, as (1, score row id, event score
+    #: type): one round trip for both
+    row_ids: CompoundSelect
     #: a fold's times, state scored (executemany)
     fold_times: Update
     #: a fold's train/valid/test score of one score type (executemany)
@@ -846,13 +851,15 @@ class _ResultStatements:
 @cache
 def _result_stmts() -> _ResultStatements:
     folds, ssf, scores = submission_on_cv_folds, submission_score_on_cv_folds, submission_scores
+    submission = bindparam("submission_id")
+    row_ids = union_all(
+        select(literal_column("0").label("is_score"), folds.c.id.label("row_id"),
+               null().cast(Integer).label("score_type")).where(folds.c.submission_id == submission),
+        select(literal_column("1"), scores.c.id, scores.c.event_score_type_id)
+        .where(scores.c.submission_id == submission),
+    )  # fmt: skip
     return _ResultStatements(
-        fold_ids=select(folds.c.id)
-        .where(folds.c.submission_id == bindparam("submission_id"))
-        .order_by(folds.c.id),
-        score_ids=select(scores.c.event_score_type_id, scores.c.id).where(
-            scores.c.submission_id == bindparam("submission_id")
-        ),
+        row_ids=row_ids.order_by(row_ids.selected_columns.is_score, row_ids.selected_columns.row_id),
         fold_times=update(folds)
         .where(folds.c.id == bindparam("fid"))
         .values(
