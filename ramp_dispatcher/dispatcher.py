@@ -30,7 +30,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -125,11 +125,12 @@ class Dispatcher:
     ) -> Dispatcher:
         """A dispatcher with its worker; the owner id also names the worker's resources."""
         owner = new_owner_id()
+        folds = queries.FoldsCache()
 
-        def cv_folds(submission_id: int) -> list[tuple[Any, Any]]:
+        def cv_folds(submission_id: int) -> Sequence[tuple[Any, Any]]:
             try:
                 with engine.connect().execution_options(sqlite_readonly=True) as conn:
-                    return queries.submission_folds(conn, submission_id)
+                    return folds.folds(conn, submission_id)
             except DB_ERRORS as exc:
                 if is_unavailable(exc):
                     raise TryLater(f"the database is unavailable ({first_line(exc)})") from exc

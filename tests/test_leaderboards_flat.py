@@ -50,3 +50,37 @@ def test_a_team_refresh_reads_through_indexes_only(tmp_path: Path) -> None:
             scans = [step for step in plan if step.startswith("SCAN")]
             assert not scans, f"{' '.join(statement.split())[:120]}...: {plan}"
     engine.dispose()
+
+
+def test_a_table_is_rendered_again_only_for_other_cells(monkeypatch) -> None:
+    """A refresh renders each table it did not change again: the same cells
+    (values and their types) give the stored HTML without rendering, and any
+    other cell is rendered, down to -0.0 for 0.0, 1 for 1.0 or "1" for 1."""
+    from ramp_dispatcher.leaderboards import tables
+
+    renders: list[object] = []
+    render = tables._render
+
+    def counted(names, table, kinds):
+        renders.append(table)
+        return render(names, table, kinds)
+
+    monkeypatch.setattr(tables, "_render", counted)
+    monkeypatch.setattr(tables, "_RENDERED", tables._Rendered(size=4))
+
+    def board(score: object, text: object = "a") -> tuple[list[str], list[list[object]], list[str]]:
+        return ["team", "score"], [[text, 0.25], ["b", score]], ["text", "float"]
+
+    first = tables.to_html(board(0.0))
+    assert first == render(*board(0.0))
+    assert tables.to_html(board(0.0)) == first and len(renders) == 1
+    negative = tables.to_html(board(-0.0))
+    assert len(renders) == 2 and negative != first and "-0.0" in negative
+    assert tables.to_html(board(0.0)) == first and len(renders) == 2  # still kept
+    as_text = [tables.to_html(board(0.5, text)) for text in ("1", 1, 1.0, True)]
+    assert len(renders) == 6  # each rendered: equal values of other types are other cells
+    assert as_text == [render(*board(0.5, text)) for text in ("1", 1, 1.0, True)]
+    for score in (0.1, 0.2, 0.3, 0.4, 0.6):  # more than it keeps: the oldest goes
+        tables.to_html(board(score))
+    tables.to_html(board(0.0))
+    assert len(renders) == 12

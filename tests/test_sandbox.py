@@ -127,6 +127,29 @@ def test_python_roots_follow_a_venv_to_its_base_interpreter() -> None:
     assert any(base == r or r in base.parents for r in roots), roots
 
 
+def test_a_workers_python_roots_are_looked_up_again_after_env_cache_s(tmp_path: Path, monkeypatch) -> None:
+    """A run's start reuses the environment's python_roots (reading them costs
+    about half a millisecond) for ``env_cache_s``, as the environment's own
+    lookup; another prefix, or the time passed, looks again."""
+    calls: list[Path] = []
+    real = sb.python_roots
+
+    def counted(prefix: Path) -> tuple[Path, ...]:
+        calls.append(prefix)
+        return real(prefix)
+
+    monkeypatch.setattr(sb, "python_roots", counted)
+    worker = CondaWorker(CondaConfig(conda_env=str(VENV), env_cache_s=0.5))
+    first = worker._python_roots(VENV)
+    assert first == real(VENV) and worker._python_roots(VENV) is first and calls == [VENV]
+    other = tmp_path / "env"
+    other.mkdir()
+    assert worker._python_roots(other) == real(other) and calls == [VENV, other]
+    time.sleep(0.6)
+    worker._python_roots(other)
+    assert calls == [VENV, other, other]
+
+
 def test_rlimit_args() -> None:
     args = sb.rlimit_args(sb.Limits(max_processes=64, max_open_files=None, max_file_size_mb=1))
     assert args == ["--rlimit", "NPROC=64", "--rlimit", "FSIZE=1048576"]
@@ -484,6 +507,42 @@ def test_event_folds_that_do_not_fit_the_data_are_the_platforms(tmp_path: Path) 
     assert [len(t) for t, _ in cv] == [80, 80] and cv[1][1].tolist() == list(range(20))
     with pytest.raises(ValueError, match="the event's fold 0 \\(valid\\) names row 99, the training data has 90 rows"):
         rescore.load_folds(str(path), 90)
+
+
+def test_the_daemons_folds_are_decoded_again_only_when_they_change(empty_db_url: str, tmp_path: Path) -> None:
+    """The daemon reads the event's folds for every run's re-scoring, but
+    decodes them (and makes their npz) again only when what is stored changed:
+    a change of a ``cv_folds`` row is seen by the next run."""
+    from sqlalchemy import select, update
+
+    from deployment import GOOD, Deployment
+    from ramp_dispatcher.database import queries
+    from ramp_dispatcher.database.ramp_schema import cv_folds, submissions
+    from ramp_dispatcher.workers.post_run import FoldsNpz, folds_npz
+
+    def as_lists(folds):
+        return [(list(train), list(test)) for train, test in folds]
+
+    dep = Deployment(tmp_path / "deploy", empty_db_url, {"rf": GOOD})
+    cache, npz = queries.FoldsCache(), FoldsNpz()
+    with dep.engine.connect() as conn:
+        sid = conn.execute(select(submissions.c.id).where(submissions.c.name == "rf")).scalar_one()
+        first = cache.folds(conn, sid)
+        assert as_lists(first) == as_lists(queries.submission_folds(conn, sid))
+        assert len(first) >= 2
+        assert cache.folds(conn, sid) is first  # unchanged: not decoded again
+        packed = npz(first)
+        assert packed == folds_npz(first) and npz(cache.folds(conn, sid)) is packed
+    with dep.engine.begin() as conn:  # the first fold's rows swapped
+        row = conn.execute(select(cv_folds).order_by(cv_folds.c.id).limit(1)).one()
+        conn.execute(update(cv_folds).where(cv_folds.c.id == row.id)
+                     .values(train_is=row.test_is, test_is=row.train_is))  # fmt: skip
+    with dep.engine.connect() as conn:
+        second = cache.folds(conn, sid)
+        assert second is not first
+        assert as_lists(second) == as_lists(queries.submission_folds(conn, sid))
+        assert as_lists(second)[0] == as_lists(first)[0][::-1] and as_lists(second)[1:] == as_lists(first)[1:]
+        assert npz(second) == folds_npz(second) != packed
 
 
 # ---------------------------------------------------------------- the warm scorer

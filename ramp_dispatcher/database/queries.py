@@ -23,13 +23,14 @@ keep them built once.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import (
-    ColumnElement, Connection, Float, Integer, Select, Update, and_, bindparam, exists, func,
-    insert, or_, select, update,
+    ColumnElement, CompoundSelect, Connection, Float, Integer, LargeBinary, Select, Update, and_,
+    bindparam, exists, func, insert, literal_column, null, or_, select, type_coerce, union_all, update,
 )
 from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
 
@@ -44,6 +45,7 @@ from .dispatcher_schema import (
     runs,
 )
 from .ramp_schema import (
+    NumpyBlob,
     event_score_types,
     event_teams,
     events,
@@ -111,22 +113,75 @@ def submission_folds(conn: Connection, submission_id: int) -> list[tuple[Any, An
     ramp-test's ``fold_<i>`` map to them: the submission's fold rows sorted by
     id. All the event's folds, also those a (damaged) submission has no fold
     row for, last: writing the results reports fold rows that do not match."""
+    return [(decode_blob(train), decode_blob(test)) for train, test in submission_fold_blobs(conn, submission_id)]
+
+
+def submission_fold_blobs(conn: Connection, submission_id: int) -> tuple[tuple[bytes, bytes], ...]:
+    """:func:`submission_folds` as stored (ramp-board's compressed pickles),
+    not decoded: cheap to compare with what was read before (:class:`FoldsCache`)."""
+    rows = conn.execute(_fold_stmts().blobs_of_submission, {"for_submission": submission_id})
+    return tuple((bytes(train), bytes(test)) for train, test in rows)
+
+
+def decode_blob(value: bytes) -> Any:
+    """A numpy blob column's value, as ramp-board wrote it (ramp_schema.NumpyBlob)."""
+    return NumpyBlob().process_result_value(value, None)
+
+
+@dataclass(frozen=True)
+class _FoldStatements:
+    #: (train_is, test_is) blobs, undecoded, of the event folds of
+    #: ``:for_submission`` in ramp-test's fold order (:func:`submission_folds`)
+    blobs_of_submission: Select[tuple[bytes, bytes]]
+
+
+@cache
+def _fold_stmts() -> _FoldStatements:
     from .ramp_schema import cv_folds
 
     folds = submission_on_cv_folds
+    submission = bindparam("for_submission")
     event_id = (
         select(event_teams.c.event_id)
         .join(submissions, submissions.c.event_team_id == event_teams.c.id)
-        .where(submissions.c.id == submission_id)
+        .where(submissions.c.id == submission)
         .scalar_subquery()
     )
-    rows = conn.execute(
-        select(cv_folds.c.train_is, cv_folds.c.test_is)
-        .outerjoin(folds, and_(folds.c.cv_fold_id == cv_folds.c.id, folds.c.submission_id == submission_id))
+    return _FoldStatements(
+        blobs_of_submission=select(
+            type_coerce(cv_folds.c.train_is, LargeBinary), type_coerce(cv_folds.c.test_is, LargeBinary)
+        )
+        .outerjoin(folds, and_(folds.c.cv_fold_id == cv_folds.c.id, folds.c.submission_id == submission))
         .where(cv_folds.c.event_id == event_id)
         .order_by(folds.c.id.is_(None), folds.c.id, cv_folds.c.id)
     )
-    return [(r.train_is, r.test_is) for r in rows]
+
+
+class FoldsCache:
+    """The event's folds, decoded again only when what is stored changed.
+
+    Every run's re-scoring needs them; decoding ramp-board's pickles (and the
+    npz the workers make of them, :class:`..workers.post_run.FoldsNpz`) cost
+    the daemon about 2 ms per run. The stored blobs are still read for each
+    call, so a change of the event's folds (or of a submission's fold order)
+    is seen by the next run; unchanged, the same decoded object is handed out
+    again. Thread-safe: the workers' threads call it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blobs: tuple[tuple[bytes, bytes], ...] | None = None
+        self._folds: tuple[tuple[Any, Any], ...] = ()
+
+    def folds(self, conn: Connection, submission_id: int) -> tuple[tuple[Any, Any], ...]:
+        blobs = submission_fold_blobs(conn, submission_id)
+        with self._lock:
+            if blobs == self._blobs:
+                return self._folds
+        folds = tuple((decode_blob(train), decode_blob(test)) for train, test in blobs)
+        with self._lock:
+            self._blobs, self._folds = blobs, folds
+        return folds
 
 
 def _event_submissions() -> ColumnElement[bool]:
@@ -403,13 +458,42 @@ class RunRow:
 def mark_running(conn: Connection, run_id: int, handle: dict[str, Any]) -> bool:
     """The worker started the run: store its handle; the submission is ``training``."""
     now = utcnow()
-    sid = conn.execute(
-        _run_stmts().record_handle, {"run_id": run_id, "new_handle": handle, "new_started_at": now}
-    ).scalar()
+    params = {"run_id": run_id, "new_handle": handle, "new_started_at": now}
+    if conn.dialect.name == "postgresql":
+        advance = {"new_state": "training", "new_training_timestamp": now}
+        stmt = _step_and_advance_stmt("record_handle", ("training_timestamp",))
+        return conn.execute(stmt, {**params, **advance}).scalar() is not None
+    sid = conn.execute(_run_stmts().record_handle, params).scalar()
     if sid is None:
         return False
     _advance_state(conn, sid, "training", training_timestamp=now)
     return True
+
+
+@cache
+def _step_and_advance_stmt(step: str, columns: tuple[str, ...]) -> Select[tuple[int]]:
+    """PostgreSQL: a run's step (``record_handle`` or ``record_end`` of
+    :func:`_run_stmts`, which return the submission id) and what
+    :func:`_advance_state` then does (``:new_state`` and ``columns`` on the
+    submission unless it is ``new``, the state on its folds) as one statement
+    of data-modifying WITHs: one round trip instead of three, twice per run.
+    Returns the submission id when the step was taken."""
+    folds = submission_on_cv_folds
+    run_step = getattr(_run_stmts(), step).cte(f"{step}_step")
+    advanced = (
+        update(submissions)
+        .where(submissions.c.id.in_(select(run_step.c.submission_id)), submissions.c.state != "new")
+        .values(**_set_clause(("state", *columns)))
+        .returning(submissions.c.id)
+        .cte("advanced_submission")
+    )
+    advanced_folds = (
+        update(folds)
+        .where(folds.c.submission_id.in_(select(advanced.c.id)))
+        .values(**_set_clause(("state",)))
+        .cte("advanced_folds")
+    )
+    return select(run_step.c.submission_id).add_cte(advanced, advanced_folds)
 
 
 @dataclass(frozen=True)
@@ -446,7 +530,8 @@ def _run_stmts() -> _RunStatements:
         .returning(runs.c.submission_id),
         held_by=select(runs.c.id).where(run, held, runs.c.status != RUN_COLLECTED),
         record_end=update(runs)
-        .where(run, held, runs.c.status.in_((RUN_STARTING, RUN_RUNNING)))
+        # two equalities, not IN (a literal list): an IN is rendered anew at each execution
+        .where(run, held, or_(runs.c.status == RUN_STARTING, runs.c.status == RUN_RUNNING))
         .values(status=RUN_FINISHED, **_set_clause(("finished_at", "failure_class", "message")))
         .returning(runs.c.submission_id),
         renew_leases=update(runs)
@@ -480,16 +565,17 @@ def mark_finished(
     succeeded: bool,
 ) -> bool:
     """The run ended; on success the submission is ``tested`` until scored."""
-    sid = conn.execute(
-        _run_stmts().record_end,
-        {
-            "run_id": run_id,
-            "daemon": owner,
-            "new_finished_at": utcnow(),
-            "new_failure_class": failure_class,
-            "new_message": message,
-        },
-    ).scalar()
+    params = {
+        "run_id": run_id,
+        "daemon": owner,
+        "new_finished_at": utcnow(),
+        "new_failure_class": failure_class,
+        "new_message": message,
+    }
+    if succeeded and conn.dialect.name == "postgresql":
+        stmt = _step_and_advance_stmt("record_end", ())
+        return conn.execute(stmt, {**params, "new_state": "tested"}).scalar() is not None
+    sid = conn.execute(_run_stmts().record_end, params).scalar()
     if sid is not None and succeeded:
         _advance_state(conn, sid, "tested")
     return sid is not None
@@ -682,8 +768,13 @@ def write_results(
     if not _close_run(conn, run_id, owner, outcome="scored", max_ram_mb=_int(max_ram_mb), **extra):
         return False
     stmts = _result_stmts()
-    fold_ids = conn.execute(stmts.fold_ids, {"submission_id": submission_id}).scalars().all()
-    score_ids = dict(conn.execute(stmts.score_ids, {"submission_id": submission_id}).all())
+    fold_ids: list[int] = []
+    score_ids: dict[int, int] = {}
+    for is_score, row_id, score_type in conn.execute(stmts.row_ids, {"submission_id": submission_id}):
+        if is_score:
+            score_ids[score_type] = row_id
+        else:
+            fold_ids.append(row_id)
     if len(fold_ids) != len(results.folds):
         raise ValueError(
             f"submission {submission_id} has {len(fold_ids)} fold rows, "
@@ -743,10 +834,10 @@ class _ResultStatements:
     and the failure message on the folds. ``fid``/``sid`` are a fold row's and
     a score row's ids; ``tr``/``va``/``te`` the train/valid/test values."""
 
-    #: the submission's fold rows, in ramp-test's fold order
-    fold_ids: Select[tuple[int]]
-    #: (event score type, score row id) of the submission
-    score_ids: Select[tuple[int, int]]
+    #: the submission's fold rows in ramp-test's fold order, as (0, fold row
+    #: id, NULL), then its score rows, as (1, score row id, event score
+    #: type): one round trip for both
+    row_ids: CompoundSelect
     #: a fold's times, state scored (executemany)
     fold_times: Update
     #: a fold's train/valid/test score of one score type (executemany)
@@ -760,13 +851,15 @@ class _ResultStatements:
 @cache
 def _result_stmts() -> _ResultStatements:
     folds, ssf, scores = submission_on_cv_folds, submission_score_on_cv_folds, submission_scores
+    submission = bindparam("submission_id")
+    row_ids = union_all(
+        select(literal_column("0").label("is_score"), folds.c.id.label("row_id"),
+               null().cast(Integer).label("score_type")).where(folds.c.submission_id == submission),
+        select(literal_column("1"), scores.c.id, scores.c.event_score_type_id)
+        .where(scores.c.submission_id == submission),
+    )  # fmt: skip
     return _ResultStatements(
-        fold_ids=select(folds.c.id)
-        .where(folds.c.submission_id == bindparam("submission_id"))
-        .order_by(folds.c.id),
-        score_ids=select(scores.c.event_score_type_id, scores.c.id).where(
-            scores.c.submission_id == bindparam("submission_id")
-        ),
+        row_ids=row_ids.order_by(row_ids.selected_columns.is_score, row_ids.selected_columns.row_id),
         fold_times=update(folds)
         .where(folds.c.id == bindparam("fid"))
         .values(

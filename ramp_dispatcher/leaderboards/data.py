@@ -16,9 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import (
+    CompoundSelect, Connection, Integer, Select, Update, bindparam, func, null, select, union_all,
+)
 
 from ..database import ramp_schema as rs
 
@@ -256,21 +259,50 @@ def fill_scores(conn: Connection, rows: Sequence[SubmissionRow], chunk: int = 50
         _fill_chunk(conn, by_id, ids[start : start + chunk])
 
 
-def _fill_chunk(conn: Connection, by_id: dict[int, SubmissionRow], ids: list[int]) -> None:
+@dataclass(frozen=True)
+class _ScoreStatements:
+    """What :func:`fill_scores` reads for the submissions ``:ids`` (an
+    expanding list): built once, as the daemon's other statements."""
+
+    #: (score row id, submission id, score name, valid bags, test bags)
+    bags: Select[Any]
+    #: (fold row id, submission id, train/valid/test times)
+    folds: Select[Any]
+    #: (fold row id, score row id, train/valid/test scores)
+    fold_scores: Select[Any]
+
+
+@cache
+def _score_stmts() -> _ScoreStatements:
     ss, est = rs.submission_scores, rs.event_score_types
     sof, sscf = rs.submission_on_cv_folds, rs.submission_score_on_cv_folds
-    for r in (by_id[i] for i in ids):
-        r.bags, r.fold_scores, r.fold_times = {"test": {}, "valid": {}}, [], []
-    score_names: dict[int, str] = {}
-    for row in conn.execute(
-        select(
-            ss.c.id, ss.c.submission_id, est.c.name, ss.c.valid_score_cv_bags,
-            ss.c.test_score_cv_bags,
+    ids = bindparam("ids", expanding=True)
+    return _ScoreStatements(
+        bags=select(
+            ss.c.id, ss.c.submission_id, est.c.name, ss.c.valid_score_cv_bags, ss.c.test_score_cv_bags,
         )
         .join(est, est.c.id == ss.c.event_score_type_id)
         .where(ss.c.submission_id.in_(ids))
-        .order_by(ss.c.id)
-    ):
+        .order_by(ss.c.id),
+        folds=select(sof.c.id, sof.c.submission_id, sof.c.train_time, sof.c.valid_time, sof.c.test_time)
+        .where(sof.c.submission_id.in_(ids))
+        .order_by(sof.c.id),
+        fold_scores=select(
+            sscf.c.submission_on_cv_fold_id, sscf.c.submission_score_id, sscf.c.train_score,
+            sscf.c.valid_score, sscf.c.test_score,
+        )
+        .join(sof, sof.c.id == sscf.c.submission_on_cv_fold_id)
+        .where(sof.c.submission_id.in_(ids))
+        .order_by(sscf.c.id),
+    )
+
+
+def _fill_chunk(conn: Connection, by_id: dict[int, SubmissionRow], ids: list[int]) -> None:
+    stmts, which = _score_stmts(), {"ids": ids}
+    for r in (by_id[i] for i in ids):
+        r.bags, r.fold_scores, r.fold_times = {"test": {}, "valid": {}}, [], []
+    score_names: dict[int, str] = {}
+    for row in conn.execute(stmts.bags, which):
         score_names[row.id] = row.name
         sub = by_id[row.submission_id]
         for step, bags in (("test", row.test_score_cv_bags), ("valid", row.valid_score_cv_bags)):
@@ -278,11 +310,7 @@ def _fill_chunk(conn: Connection, by_id: dict[int, SubmissionRow], ids: list[int
             if values is not None:
                 sub.bags[step][row.name] = values
     folds: dict[int, dict[str, dict[str, float | None]]] = {}
-    for row in conn.execute(
-        select(sof.c.id, sof.c.submission_id, sof.c.train_time, sof.c.valid_time, sof.c.test_time)
-        .where(sof.c.submission_id.in_(ids))
-        .order_by(sof.c.id)
-    ):
+    for row in conn.execute(stmts.folds, which):
         sub = by_id[row.submission_id]
         scores: dict[str, dict[str, float | None]] = {"train": {}, "valid": {}, "test": {}}
         folds[row.id] = scores
@@ -290,15 +318,7 @@ def _fill_chunk(conn: Connection, by_id: dict[int, SubmissionRow], ids: list[int
         sub.fold_times.append((row.train_time, row.valid_time, row.test_time))
     if not folds:
         return
-    for row in conn.execute(
-        select(
-            sscf.c.submission_on_cv_fold_id, sscf.c.submission_score_id, sscf.c.train_score,
-            sscf.c.valid_score, sscf.c.test_score,
-        )
-        .join(sof, sof.c.id == sscf.c.submission_on_cv_fold_id)
-        .where(sof.c.submission_id.in_(ids))
-        .order_by(sscf.c.id)
-    ):
+    for row in conn.execute(stmts.fold_scores, which):
         name = score_names.get(row.submission_score_id)
         if name is None:
             continue
@@ -326,13 +346,14 @@ def _bag_list(value: Any) -> list[float] | None:
 
 def write_event(conn: Connection, event_id: int, values: dict[str, str | None]) -> None:
     if values:
-        conn.execute(rs.events.update().where(rs.events.c.id == event_id).values(**values))
+        columns = tuple(sorted(values))
+        params = {"event_id": event_id, **{f"v_{c}": values[c] for c in columns}}
+        conn.execute(_write_stmt("event", columns), params)
 
 
 def write_teams(conn: Connection, values: dict[int, dict[str, str | None]]) -> None:
     """Write each event team's columns; teams with the same set of columns go
     in one executemany."""
-    et = rs.event_teams
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for event_team_id, cols in values.items():
         key = tuple(sorted(cols))
@@ -340,27 +361,40 @@ def write_teams(conn: Connection, values: dict[int, dict[str, str | None]]) -> N
             {"et_id": event_team_id, **{f"v_{c}": cols[c] for c in key}}
         )
     for key, params in groups.items():
-        stmt = (
-            et.update()
-            .where(et.c.id == bindparam("et_id"))
-            .values({c: bindparam(f"v_{c}") for c in key})
-        )
-        conn.execute(stmt, params)
+        conn.execute(_write_stmt("team", key), params)
+
+
+@cache
+def _write_stmt(scope: str, columns: tuple[str, ...]) -> Update:
+    """The given leaderboard columns (``:v_<column>``) of the event
+    ``:event_id`` or the event team ``:et_id``: built once per set of columns
+    (a refresh writes the same few sets again and again)."""
+    table, key = (rs.events, "event_id") if scope == "event" else (rs.event_teams, "et_id")
+    return table.update().where(table.c.id == bindparam(key)).values({c: bindparam(f"v_{c}") for c in columns})
 
 
 def stored_new_tables(conn: Connection, event_id: int) -> tuple[str | None, dict[int, str | None]]:
-    """The event's and its teams' "new" HTML as stored now."""
-    e, et = rs.events, rs.event_teams
-    event_html = conn.execute(
-        select(e.c.new_leaderboard_html).where(e.c.id == event_id)
-    ).scalar_one()
-    teams = {
-        r.id: r.new_leaderboard_html
-        for r in conn.execute(
-            select(et.c.id, et.c.new_leaderboard_html).where(et.c.event_id == event_id)
-        )
-    }
+    """The event's and its teams' "new" HTML as stored now (one statement)."""
+    event_html: str | None = None
+    teams: dict[int, str | None] = {}
+    for event_team_id, html in conn.execute(_stored_new_stmt(), {"event_id": event_id}):
+        if event_team_id is None:
+            event_html = html
+        else:
+            teams[event_team_id] = html
     return event_html, teams
+
+
+@cache
+def _stored_new_stmt() -> CompoundSelect:
+    """(NULL, the event's "new" HTML), then (event team id, its "new" HTML)
+    for each of ``:event_id``'s teams."""
+    e, et = rs.events, rs.event_teams
+    event_id = bindparam("event_id")
+    return union_all(
+        select(null().cast(Integer).label("event_team_id"), e.c.new_leaderboard_html).where(e.c.id == event_id),
+        select(et.c.id, et.c.new_leaderboard_html).where(et.c.event_id == event_id),
+    )
 
 
 __all__ = [

@@ -93,6 +93,8 @@ def _format(col: Column) -> list[str]:
 
 def float_column(values: Sequence[float]) -> list[str]:
     """A float64 column's cells."""
+    if all(map(math.isfinite, values)):
+        return _finite_column(values)
     fixed = _trim_zeros([_fmt(v, f".{DIGITS}f") for v in values])
     too_long = max((len(x) for x in fixed), default=0) > DIGITS + 6
     large = any(abs(v) > 1e6 for v in values if not math.isnan(v))
@@ -100,6 +102,28 @@ def float_column(values: Sequence[float]) -> list[str]:
     if small or (too_long and large):
         return _trim_zeros([_fmt(v, f".{DIGITS}e") for v in values])
     return fixed
+
+
+def _finite_column(values: Sequence[float]) -> list[str]:
+    """:func:`float_column` of a column without NaN or infinity (the usual
+    one), without its per-cell tests: every fixed-point cell is then a
+    decimal number with DIGITS decimals, and no cell is "NaN"."""
+    fixed = [format(v, _FIXED) for v in values]
+    cut = min((len(x) - len(x.rstrip("0")) for x in fixed), default=0)
+    if cut:
+        fixed = [x[:-cut] for x in fixed]
+        if cut == DIGITS:  # "1." -> "1.0", as pandas leaves one decimal
+            fixed = [x + "0" for x in fixed]
+    too_long = max(map(len, fixed), default=0) > DIGITS + 6
+    magnitudes = list(map(abs, values))
+    large = max(magnitudes, default=0.0) > 1e6
+    small = any(0 < m < 10.0**-DIGITS for m in magnitudes)
+    if small or (too_long and large):
+        return _trim_zeros([format(v, f".{DIGITS}e") for v in values])
+    return fixed
+
+
+_FIXED = f".{DIGITS}f"
 
 
 def _fmt(v: float, spec: str) -> str:

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import pickle
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import product
 from typing import Any, Callable, Sequence
@@ -305,8 +308,50 @@ def listing_board(subs: Sequence[SubmissionRow], kind: str) -> tuple[list[str], 
     return names, table, ["text", "text", "datetime", "text"]
 
 
+class _Rendered:
+    """Rendered tables by content (their cells, pickled), the last few.
+
+    A refresh renders again what a result did not change (the score tables
+    after a failure, the "failed" table after a success, each "new" table for
+    the event and again for the sweep), and rendering was most of a refresh's
+    CPU; the key costs a few percent of a rendering. Thread-safe.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._html: OrderedDict[bytes, str] = OrderedDict()
+
+    def get(self, key: bytes, render: Callable[[], str]) -> str:
+        with self._lock:
+            found = self._html.get(key)
+            if found is not None:
+                self._html.move_to_end(key)
+                return found
+        html = render()
+        with self._lock:
+            self._html[key] = html
+            while len(self._html) > self.size:
+                self._html.popitem(last=False)
+        return html
+
+
+_RENDERED = _Rendered(size=32)
+
+
 def to_html(board: tuple[list[str], list[list[Any]], list[str]]) -> str:
+    """The table's HTML; a table rendered before from the same cells is not
+    rendered again (:class:`_Rendered`)."""
     names, table, kinds = board
+    try:
+        # exact: floats by their bits (-0.0, NaN), every value with its type
+        key = pickle.dumps((names, kinds, table), protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return _render(names, table, kinds)
+    return _RENDERED.get(key, lambda: _render(names, table, kinds))
+
+
+def _render(names: Sequence[str], table: Sequence[Sequence[Any]], kinds: Sequence[str]) -> str:
     columns: list[tuple[str, html.Column]] = []
     for i, (name, kind) in enumerate(zip(names, kinds)):
         values = [line[i] for line in table]

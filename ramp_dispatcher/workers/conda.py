@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..configfile import ConfigError, InvalidSetting
 from . import cgroups as cg
@@ -46,6 +46,7 @@ from .base import (
 )
 from .outcome import outcome_from_status
 from .post_run import (
+    FoldsNpz,
     PostRunCheck,
     Scorer,
     env_python,
@@ -352,12 +353,13 @@ class CondaWorker(Worker):
     type_name = "conda"
 
     def __init__(
-        self, config: CondaConfig, cv_folds: Callable[[int], list[tuple[Any, Any]]] | None = None
+        self, config: CondaConfig, cv_folds: Callable[[int], Sequence[tuple[Any, Any]]] | None = None
     ) -> None:
         self.config = config
         # the event's folds of a submission (the database's), for re-scoring;
         # None (a worker used without a database) re-scores on the kit's get_cv
         self._cv_folds = cv_folds
+        self._folds_npz = FoldsNpz()  # the file rescore.py reads them from, made once
         self._env_lock = threading.Lock()  # held while conda runs
         self._procs_lock = threading.Lock()
         self._env_cache: tuple[Path, float] | None = None  # prefix, expiry (monotonic)
@@ -365,6 +367,8 @@ class CondaWorker(Worker):
         self._procs: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
         self._bwrap: str | None = None  # checked once: validate() or the first run
         self._system_binds: tuple[tuple[str, str], ...] | None = None
+        # the environment's python_roots, by prefix, with their expiry (monotonic)
+        self._roots_cache: dict[Path, tuple[tuple[Path, ...], float]] = {}
         self._cgroups: cg.RunCgroups | None = None  # per-run cgroups, when delegated
         self._cgroups_checked = False
         # post-run checks in progress, and the wake callback of each run
@@ -405,7 +409,7 @@ class CondaWorker(Worker):
         if self.config.config_path is not None:
             hidden.append(self.config.config_path)
         return sb.SandboxSpec(
-            python_roots=sb.python_roots(prefix),
+            python_roots=self._python_roots(prefix),
             kit_dir=Path(os.path.abspath(request.kit_dir)),
             data_dir=Path(os.path.abspath(request.data_dir)),
             submission_dir=Path(os.path.abspath(request.submissions_dir / request.submission_name)),
@@ -418,6 +422,20 @@ class CondaWorker(Worker):
             limits=self.config.limits,
             bwrap=self._bwrap or "bwrap",
         )
+
+    def _python_roots(self, prefix: Path) -> tuple[Path, ...]:
+        """:func:`.sandbox.python_roots`, trusted as long as the environment's
+        lookup (``env_cache_s``): it reads files and follows links, about half
+        a millisecond of every run's start for the same answer."""
+        now = time.monotonic()
+        with self._procs_lock:
+            cached = self._roots_cache.get(prefix)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        roots = sb.python_roots(prefix)
+        with self._procs_lock:
+            self._roots_cache = {prefix: (roots, now + self.config.env_cache_s)}
+        return roots
 
     # -- environment
     def env_prefix(self) -> Path:
@@ -713,7 +731,7 @@ class CondaWorker(Worker):
             folds = None
             if self.config.verify_scores and self._cv_folds is not None:
                 try:
-                    folds = self._cv_folds(request.submission_id)
+                    folds = self._folds_npz(self._cv_folds(request.submission_id))
                 except TryLater as exc:
                     # Nothing recorded: the next check() starts the checks again,
                     # after this pause (no busy loop through an outage).

@@ -96,6 +96,47 @@ def write_folds(path: Path, folds: Sequence[tuple[Any, Any]]) -> None:
     path.write_bytes(folds_npz(folds))
 
 
+def folds_digest(folds: Sequence[tuple[Any, Any]]) -> bytes | None:
+    """What :func:`folds_npz` depends on, digested (each array's type, shape
+    and bytes); None for arrays of objects (their bytes are pointers)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.blake2b(digest_size=20)
+    for pair in folds:
+        digest.update(b"|")
+        for value in pair:
+            array = np.ascontiguousarray(value)
+            if array.dtype.hasobject:
+                return None
+            digest.update(f"{array.dtype.str}{array.shape};".encode())
+            digest.update(array.data)
+    return digest.digest()
+
+
+class FoldsNpz:
+    """:func:`folds_npz`, made again only when the folds differ from last
+    time's. An event's folds rarely change, and building the npz cost the
+    daemon about 1 ms per run; a digest of the arrays costs microseconds
+    (iris) and is proportional to their size, as the npz is."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._digest: bytes | None = None
+        self._npz = b""
+
+    def __call__(self, folds: Sequence[tuple[Any, Any]]) -> bytes:
+        digest = folds_digest(folds)
+        with self._lock:
+            if digest is not None and digest == self._digest:
+                return self._npz
+        npz = folds_npz(folds)
+        with self._lock:
+            self._digest, self._npz = digest, npz
+        return npz
+
+
 def read_post_run(path: Path) -> PostRunCheck | None:
     try:
         data = json.loads(path.read_text())
@@ -393,17 +434,18 @@ def run_post_run_checks(
     scorer: Scorer,
     max_output_mb: float | None,
     verify: bool,
-    folds: Sequence[tuple[Any, Any]] | None = None,
+    folds: bytes | None = None,
 ) -> PostRunCheck:
     """Do the checks, write their result atomically to :func:`post_run_path`, return it.
 
-    ``folds``: the event's (train_is, test_is) in ramp-test's fold order; None
-    (a worker used without a database) scores on the kit's ``get_cv``.
+    ``folds``: the event's (train_is, test_is) in ramp-test's fold order, as
+    :func:`folds_npz` packs them; None (a worker used without a database)
+    scores on the kit's ``get_cv``.
     """
     folds_file = None
     if verify and folds is not None:
         folds_file = folds_path(request)
-        write_folds(folds_file, folds)
+        folds_file.write_bytes(folds)
     try:
         result = PostRunCheck(**check_output(
             request.output_dir, kit_dir=request.kit_dir, data_dir=request.data_dir,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..configfile import ConfigError
 
@@ -42,8 +42,9 @@ class WorkerContext:
     database: str | None = None
     #: a submission's cv folds from the database, (train_is, test_is) in
     #: ramp-test's fold order: every worker type re-scores runs with them
-    #: (raises TryLater while the database is out of reach)
-    cv_folds: Callable[[int], list[tuple[Any, Any]]] | None = None
+    #: (raises TryLater while the database is out of reach); while they do not
+    #: change, the same object is handed out again (``queries.FoldsCache``)
+    cv_folds: Callable[[int], Sequence[tuple[Any, Any]]] | None = None
 
 
 @dataclass(frozen=True)

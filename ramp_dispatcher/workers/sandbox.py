@@ -122,6 +122,12 @@ class SandboxSpec:
 
 
 def _under(path: Path, root: Path) -> bool:
+    """Whether ``path`` is ``root`` or lies inside it, lexically. On absolute
+    paths (the usual case) by their text, which a Path keeps normalised:
+    pathlib's ``parents`` cost a run's start about half a millisecond."""
+    if path.is_absolute() and root.is_absolute():
+        p, r = str(path), str(root)
+        return p == r or p.startswith(r if r.endswith("/") else r + "/")
     return path == root or root in path.parents
 
 

@@ -259,7 +259,7 @@ class _Run:
         read = self.worker.cv_folds
         while self.verify and not self.folds_read and read is not None:
             try:
-                self.folds = post_run.folds_npz(read(self.request.submission_id))
+                self.folds = self.worker.folds_npz(read(self.request.submission_id))
                 self.folds_read = True
             except TryLater as exc:
                 log.warning("aws worker: %s waits: %s", self.label, exc)

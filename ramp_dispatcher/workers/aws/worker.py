@@ -19,10 +19,11 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import paramiko
 
+from .. import post_run
 from ..base import FailureClass, Handle, RunOutcome, RunRequest, Wake, Worker
 from . import reaper
 from .config import AWSConfig
@@ -140,7 +141,7 @@ class AWSWorker(Worker):
         daemon_id: str | None = None,
         network: InstanceNetwork | None = None,
         database: str | None = None,
-        cv_folds: Callable[[int], list[tuple[Any, Any]]] | None = None,
+        cv_folds: Callable[[int], Sequence[tuple[Any, Any]]] | None = None,
     ):
         if not event_name:
             raise ValueError("the aws worker needs the event name (it tags the instances)")
@@ -157,6 +158,7 @@ class AWSWorker(Worker):
         self._injected_network = network  # the test seam survives reloads
         #: a submission's folds from the database (the instance re-scores on them)
         self.cv_folds = cv_folds
+        self.folds_npz = post_run.FoldsNpz()  # the npz of the event's folds, made once
         self._old_secrets: set[str] = set()  # of reloaded-away credentials: still redacted
         self.settings = RunSettings(config, network)
         self.lock = threading.Lock()

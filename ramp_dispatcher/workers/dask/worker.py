@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .. import post_run, sandbox
 from ..base import (
@@ -125,7 +125,7 @@ class DaskWorker(Worker):
 
     def __init__(
         self, config: DaskConfig, event_name: str | None = None, daemon_id: str | None = None,
-        cv_folds: Callable[[int], list[tuple[Any, Any]]] | None = None,
+        cv_folds: Callable[[int], Sequence[tuple[Any, Any]]] | None = None,
     ) -> None:  # fmt: skip
         import cloudpickle
 
@@ -139,6 +139,7 @@ class DaskWorker(Worker):
         self.daemon_id = daemon_id  # runs are named by event and deployment, not by daemon
         # the event's folds of a submission (the database's), for re-scoring
         self._cv_folds = cv_folds
+        self._folds_npz = post_run.FoldsNpz()
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._client: Any = None
@@ -419,7 +420,7 @@ class DaskWorker(Worker):
         run goes out (a database outage then delays it, never fails it)."""
         if not run.verify or self._cv_folds is None:
             return None
-        return post_run.folds_npz(self._cv_folds(run.request.submission_id))
+        return self._folds_npz(self._cv_folds(run.request.submission_id))
 
     def _launch_later(self, run: _Run, why: Exception) -> None:
         """Submit again after a pause, on a timer: the background jobs' threads
