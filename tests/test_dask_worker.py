@@ -541,6 +541,55 @@ def test_dask_worker_killed_mid_run(tmp_path: Path, dask_cluster: DaskCluster) -
     assert_scored_once(dep.engine, sid)
 
 
+def test_a_spare_supervisor_takes_the_next_run_and_dies_with_its_worker(
+    tmp_path: Path, dask_cluster: DaskCluster
+) -> None:
+    # Two runs at once: one on each Dask worker, each leaving a spare behind.
+    warm = dask_deployment(tmp_path / "warm", dask_cluster, {"a": GOOD_EST, "b": GOOD_EST}, n_workers=2,
+                           **UNSANDBOXED)  # fmt: skip
+    d = warm.dispatcher()
+    run_in_thread(d)
+    try:
+        wait_for(lambda: [warm.summaries()[n].state for n in "ab"] == ["scored"] * 2, 120, "two runs")
+    finally:
+        d.stopped.set()
+        d.stop()
+    wait_for(lambda: all(len(dask_cluster.spares(w)) == 1 for w in ("w1", "w2")), 30, "a spare on each worker")
+    ready = {w: dask_cluster.spares(w)[0] for w in ("w1", "w2")}
+
+    dep, gate, daemon, sid = _fault_setup(tmp_path, dask_cluster)
+    try:
+        victim = dask_cluster.runner_of(sub_name(sid))
+        doomed = dask_cluster.ramp_tests(sub_name(sid))
+        # the run went to the worker's ready spare, and another took its place
+        assert [proc_ppid(p) for p in doomed] == [ready[victim]]
+        wait_for(lambda: dask_cluster.spares(victim) not in ([], [ready[victim]]), 30, "a new spare")
+        idle = dask_cluster.spares(victim)
+        dask_cluster.kill_worker(victim, signal.SIGKILL)
+        # the run and the idle spare die with the worker
+        wait_for(lambda: not set(doomed + idle) & set(dask_cluster.ramp_tests() + _alive(idle)), 30,
+                 "the lost run and the spare to stop")  # fmt: skip
+        daemon.wait_log("infrastructure failure", 60)
+        gate.open()
+        assert daemon.wait_exit(120) == 0
+    finally:
+        daemon.stop_hard()
+    assert attempts(dep, sid) == [(1, "retry", "infrastructure"), (2, "scored", None)]
+    assert_scored_once(dep.engine, sid)
+
+
+def proc_ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if proc_state(p) not in (None, "Z")]
+
+
 def test_scheduler_stopped_and_restarted(tmp_path: Path, dask_cluster: DaskCluster) -> None:
     dep, gate, daemon, sid = _fault_setup(tmp_path, dask_cluster)
     try:
