@@ -16,6 +16,7 @@ passes an allow-list), so that the tests find their ramp-test processes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -288,6 +289,37 @@ def test_supervisor_status_is_read_as_the_conda_worker_reads_it(tmp_path: Path) 
     ]:
         got = read(**status)
         assert got.failure.value == "infrastructure" and words in got.message, got
+
+
+def test_the_output_sent_back_is_written_as_plain_files_or_refused(tmp_path: Path) -> None:
+    from ramp_dispatcher.workers.dask.worker import _Run
+
+    cfg = DaskConfig("tcp://h:1", timeout=60, sandbox="none", verify_scores=False)
+    request = RunRequest(7, "submission_000000007", 1, tmp_path, tmp_path, tmp_path / "subs",
+                         tmp_path / "logs", tmp_path / "preds")  # fmt: skip
+    worker = DaskWorker.__new__(DaskWorker)  # only the outcome reading: no cluster
+    worker.config = cfg
+    status = {"reason": "exited", "exit_code": 0, "started_at": 1.0, "finished_at": 2.0}
+
+    def read(output: Any):
+        result = {"status": status, "host": "h", "worker": "tcp://w:1", "log_tail": b"ok\n", "log_size": 3,
+                  "output": output}  # fmt: skip
+        return worker._outcome(_Run("key", request), result)
+
+    request.output_dir.mkdir(parents=True)
+    (request.output_dir / "stale").write_text("from an earlier attempt")
+    ok = read([("fold_0", None), ("fold_0/y_pred_test.npz", b"npz"), ("bagged_scores.csv", b"s\n")])
+    assert ok.failure is None and ok.output_dir == request.output_dir
+    assert sorted(os.listdir(request.output_dir)) == ["bagged_scores.csv", "fold_0"]
+    assert (request.output_dir / "fold_0" / "y_pred_test.npz").read_bytes() == b"npz"
+    for hostile in ([("../../escaped", b"x")], [("a", b"1"), ("a", b"2")], b"not entries", {"a": b"1"}):
+        refused = read(hostile)
+        assert refused.failure == FailureClass.INFRASTRUCTURE and "refused" in refused.message, refused
+        assert not request.output_dir.exists() and not (tmp_path / "escaped").exists()
+    big = DaskConfig("tcp://h:1", timeout=60, sandbox="none", verify_scores=False,
+                     limits=dataclasses.replace(DaskConfig("tcp://h:1").limits, max_output_mb=0.001))  # fmt: skip
+    worker.config = big
+    assert "refused" in read([("a", b"x" * 2000)]).message
 
 
 def test_no_tls_warns_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -45,7 +45,8 @@ from ..sandbox import (
     sandbox_env,
     system_binds,
 )
-from .cache import TREE_PREFIX, install_tree, pack_tree, unpack
+from .cache import TREE_PREFIX, install_tree
+from .files import read_files, write_files
 
 #: scheduler metadata namespace: ``[NS, key, "started"]`` records the first
 #: execution of a run, so that a re-execution (Dask re-runs the tasks of a
@@ -282,7 +283,8 @@ def run_submission(spec: dict[str, Any], submission: bytes | None) -> dict[str, 
     supervisor_digest, log_tail_bytes, shared; without a shared filesystem
     kit_digest and data_digest (trees published on the scheduler), with one
     kit_dir, data_dir, submissions_dir, log_path and status_path.
-    ``submission`` is the packed submission folder (None when shared).
+    ``submission`` is the submission folder's files (``files.read_files``;
+None when shared).
     ``sandbox`` is None (``sandbox: none``) or a dict: where (the config key,
     for messages), allow_network, run_env, limits (Limits' fields), n_threads
     and hidden (paths never shown; with a shared filesystem, the event's
@@ -291,7 +293,8 @@ def run_submission(spec: dict[str, Any], submission: bytes | None) -> dict[str, 
     digest (rescore.py), folds (the event's folds as npz bytes, or None).
 
     Returns ``{"status": <the supervisor's final status>, "worker", "host",
-    "log_tail", "log_size", "output" (packed training_output or None),
+    "log_tail", "log_size", "output" (training_output's files, as
+    ``files.read_files`` gives them, or None),
     "fetched" (trees fetched for this run)}``, and after a clean exit with
     ``rescore``: "check" (``post_run.check_output``'s dict) and "scores"
     (the recomputed scores, rescore.py's JSON, or None). A re-execution after the loss
@@ -365,7 +368,7 @@ def _run(
         base["fetched"] = [d for d, new in ((spec["kit_digest"], kit_new), (spec["data_digest"], data_new)) if new]
         kit, data = str(kit_path), str(data_path)
         submissions = run_dir / "submissions"
-        unpack(submission or b"", submissions / name)
+        write_files(submission or [], submissions / name)
         log_path, status_path = run_dir / "log", run_dir / "status.json"
 
     ramp_test = _ramp_test(spec.get("conda_env"))
@@ -465,7 +468,7 @@ def _run(
         result["log_tail"], result["log_size"] = tail, size
         # an output over the limit is never packed into memory, nor sent
         if output.is_dir() and (limit is None or sanitize_output(output)[1] <= limit * 2**20):
-            result["output"] = pack_tree(output)
+            result["output"] = read_files(output)
     return result
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import shutil
+import tarfile
 import threading
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from ..base import (
     WorkerError,
 )
 from ..outcome import outcome_from_status
-from . import cache, checks, remote
+from . import cache, checks, files, remote
 from .config import RESOURCE, DaskConfig
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class DaskWorker(Worker):
         # Shipped by value: the Dask workers need no ramp_dispatcher.
         cloudpickle.register_pickle_by_value(remote)
         cloudpickle.register_pickle_by_value(cache)
+        cloudpickle.register_pickle_by_value(files)
         cloudpickle.register_pickle_by_value(sandbox)
         cloudpickle.register_pickle_by_value(post_run)
         self.config = config
@@ -433,7 +435,7 @@ class DaskWorker(Worker):
 
     def _spec(
         self, client: Any, run: _Run, folds: bytes | None = None
-    ) -> tuple[dict[str, Any], bytes | None]:
+    ) -> tuple[dict[str, Any], list[files.Entry] | None]:
         request, cfg = run.request, self.config
         from ..conda import THREAD_VARIABLES
 
@@ -490,7 +492,7 @@ class DaskWorker(Worker):
             published = set(client.list_datasets())  # one round trip for both trees
             spec["kit_digest"] = self._publish_tree(client, Path(request.kit_dir), published)
             spec["data_digest"] = self._publish_tree(client, Path(request.data_dir), published)
-        return spec, cache.pack_tree(folder)
+        return spec, files.read_files(folder)
 
     def _publish_tree(self, client: Any, folder: Path, published: set[str]) -> str:
         """Publish the folder's contents on the scheduler once per digest
@@ -625,8 +627,15 @@ class DaskWorker(Worker):
                 f.write(tail)
             if request.output_dir.exists():
                 shutil.rmtree(request.output_dir)
-            if result.get("output"):
-                cache.unpack(result["output"], request.output_dir)
+            output, limit = result.get("output"), cfg.limits.max_output_mb
+            try:
+                if isinstance(output, bytes):  # a task of a daemon before files.py (re-attached)
+                    cache.unpack(output, request.output_dir)
+                elif output is not None:
+                    files.write_files(output, request.output_dir, None if limit is None else int(limit * 2**20))
+            except (ValueError, OSError, tarfile.TarError) as exc:  # BadEntries is a ValueError
+                shutil.rmtree(request.output_dir, ignore_errors=True)
+                return _infra(f"the training_output sent back {where} was refused: {exc}")
         # The supervisor's own words name the limit the run had (a reload may
         # have changed the config since).
         memory = float(cfg.memory_limit_mb or 0)
