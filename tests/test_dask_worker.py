@@ -622,6 +622,23 @@ def _alive(pids: list[int]) -> list[int]:
     return [p for p in pids if proc_state(p) not in (None, "Z")]
 
 
+def test_the_client_keeps_its_periodic_work_rare(dask_cluster: DaskCluster) -> None:
+    from ramp_dispatcher.workers.dask.worker import CLIENT_SETTINGS
+
+    worker = DaskWorker(DaskConfig(dask_cluster.address, sandbox="none"))
+    try:
+        client = worker.client()
+        client._heartbeat()  # the scheduler answers: "5 s" for both
+        time.sleep(1.0)
+        every = {name: client._periodic_callbacks[name].callback_time for name in ("heartbeat", "scheduler-info")}
+        assert every == {"heartbeat": 300_000, "scheduler-info": 300_000}, every
+        assert set(CLIENT_SETTINGS.values()) == {"300s"}
+        # what the start-up check asks for is fetched afresh
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+    finally:
+        worker.close()
+
+
 def test_scheduler_stopped_and_restarted(tmp_path: Path, dask_cluster: DaskCluster) -> None:
     dep, gate, daemon, sid = _fault_setup(tmp_path, dask_cluster)
     try:

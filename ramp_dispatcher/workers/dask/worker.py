@@ -66,6 +66,11 @@ WARN_EVERY_S = 60.0
 #: seconds before a run whose folds were out of reach (database outage) is
 #: submitted again
 TRY_LATER_PAUSE_S = 2.0
+#: the Dask client's periodic work made rare (see DaskWorker._connect)
+CLIENT_SETTINGS = {
+    "distributed.client.scheduler-info-interval": "300s",
+    "distributed.client.heartbeat": "300s",
+}
 
 
 @dataclass
@@ -186,15 +191,28 @@ class DaskWorker(Worker):
         )
 
     def _connect(self) -> Any:
+        import dask
         from distributed import Client
 
-        return Client(
-            self.config.dask_scheduler,
-            security=self._security(),
-            timeout=self.config.connect_timeout,
-            set_as_default=False,
-            name=f"ramp-dispatcher-{self.event_name}",
-        )
+        # The client's periodic work is for notebooks: it asks the scheduler for
+        # its identity every 2 s and heartbeats every 5 s (0.5 ms of the daemon's
+        # CPU per second, idle). Nothing here reads the cached identity (the
+        # start-up check asks afresh), and the scheduler only notes the time of
+        # a client's heartbeat (it drops no silent client; a lost link is seen
+        # by the connection itself).
+        with dask.config.set(CLIENT_SETTINGS):
+            client = Client(
+                self.config.dask_scheduler,
+                security=self._security(),
+                timeout=self.config.connect_timeout,
+                set_as_default=False,
+                name=f"ramp-dispatcher-{self.event_name}",
+            )
+        # ...and the scheduler answers each heartbeat by setting both back to 5 s
+        handlers = getattr(client, "_stream_handlers", None)
+        if isinstance(handlers, dict) and "adjust-heartbeat-interval" in handlers:
+            handlers["adjust-heartbeat-interval"] = lambda **_: None
+        return client
 
     def client(self) -> Any:
         """The connected client; waits (on a background thread) while the
