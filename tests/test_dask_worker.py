@@ -482,6 +482,29 @@ def get_estimator():
 """
 
 
+# after the kit test: the same kit, run here first, would already be in the caches it looks at
+def test_the_runs_code_goes_once_to_each_dask_worker(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    import cloudpickle
+    from distributed import Client
+
+    from ramp_dispatcher.workers.dask import stub
+    from ramp_dispatcher.workers.dask.worker import code_digest
+
+    dep = dask_deployment(tmp_path / "deploy", dask_cluster, {f"g{i}": GOOD_EST for i in range(3)}, **UNSANDBOXED)
+    dep.run_until_done(180)
+    assert [dep.summaries()[f"g{i}"].state for i in range(3)] == ["scored"] * 3
+    digest = code_digest(cloudpickle.__version__)
+    with Client(dask_cluster.address, set_as_default=False) as client:
+        # published once on the scheduler, named by its sources (the same in every daemon)...
+        assert stub.CODE_PREFIX + digest in client.list_datasets()
+        # ...and loaded once by each Dask worker that ran something, kept for the next runs
+        probe: dict[str, Any] = {"__name__": "not_importable_probe"}  # pickled by value
+        exec("def loaded(dask_worker):\n    return sorted(dask_worker.__dict__.get('_ramp_dispatcher_code', {}))",
+             probe)  # fmt: skip
+        loaded = client.run(probe["loaded"])
+        assert [(digest, "run_submission")] in [[tuple(k) for k in v] for v in loaded.values()], loaded
+
+
 # --------------------------------------------------------------------------- slots, re-attach, cancel
 def test_one_run_per_slot_and_reattach_after_kill9(tmp_path: Path, dask_cluster: DaskCluster) -> None:
     gate = Gate(dask_cluster)

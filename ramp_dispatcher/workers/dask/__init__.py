@@ -3,6 +3,7 @@
 - :mod:`.config`: the event config's ``worker`` section (:class:`DaskConfig`);
 - :mod:`.worker`: the daemon's side (:class:`DaskWorker`, the Worker interface);
 - :mod:`.remote`: the task that runs on a Dask worker, through the supervisor;
+- :mod:`.stub`: what each run ships: it loads :mod:`.remote`, published once;
 - :mod:`.cache`: the content-addressed kit/data copies on the Dask workers;
 - :mod:`.files`: a run's submission and ``training_output`` in transit.
 

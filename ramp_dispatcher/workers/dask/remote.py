@@ -1,6 +1,7 @@
 """What runs on the Dask worker: one submission, through the run supervisor.
 
-:func:`run_submission` is the task the daemon submits; :func:`stop_run` is
+:func:`run_submission` is the task the daemon submits (through :mod:`.stub`,
+which loads this module once per Dask worker process); :func:`stop_run` is
 sent with ``Client.run`` to the Dask worker running a task to stop it (it
 runs beside the task, not in the worker's single slot). Both are shipped to
 the Dask workers by value (cloudpickle), with the supervisor's source as

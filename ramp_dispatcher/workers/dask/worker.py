@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import shutil
+import sys
 import tarfile
 import threading
 import time
@@ -48,7 +49,7 @@ from ..base import (
     WorkerError,
 )
 from ..outcome import outcome_from_status
-from . import cache, checks, files, remote
+from . import cache, checks, files, remote, stub
 from .config import RESOURCE, DaskConfig
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,15 @@ class _Run:
     attaches: int = 0
     #: the run was submitted with verify_scores (its handle says so after a restart)
     verify: bool = False
+
+
+def code_digest(cloudpickle_version: str) -> str:
+    """The name of the run's code on the scheduler (stub.py): its modules'
+    sources, this Python's version and cloudpickle's (what the pickle holds)."""
+    h = hashlib.sha256(f"{sys.version}\0{cloudpickle_version}\0".encode())
+    for module in (stub, remote, cache, files, sandbox, post_run):
+        h.update(Path(module.__file__ or "").read_bytes() + b"\0")
+    return h.hexdigest()[:32]
 
 
 def run_key(event_name: str, request: RunRequest) -> str:
@@ -139,6 +149,7 @@ class DaskWorker(Worker):
         cloudpickle.register_pickle_by_value(remote)
         cloudpickle.register_pickle_by_value(cache)
         cloudpickle.register_pickle_by_value(files)
+        cloudpickle.register_pickle_by_value(stub)
         cloudpickle.register_pickle_by_value(sandbox)
         cloudpickle.register_pickle_by_value(post_run)
         self.config = config
@@ -163,6 +174,9 @@ class DaskWorker(Worker):
         self._supervisor = (source, hashlib.sha256(source.encode()).hexdigest()[:16])
         source = post_run.RESCORE_SCRIPT.read_text()
         self._rescorer = (source, hashlib.sha256(source.encode()).hexdigest()[:16])
+        # the run's code, pickled once and published (stub.py): not with each run
+        self._code = cloudpickle.dumps({"run_submission": remote.run_submission})
+        self._code_digest = code_digest(cloudpickle.__version__)
         if not config.uses_tls:
             log.warning(
                 "dask worker: %s is not TLS: submissions and results travel unencrypted, and "
@@ -411,11 +425,16 @@ class DaskWorker(Worker):
         try:
             folds = self._folds(run)
             client = self.client()
-            spec, submission = self._spec(client, run, folds)
+            with self._trees_lock:
+                published = set(client.list_datasets())  # one round trip for the code and both trees
+                if stub.CODE_PREFIX + self._code_digest not in published:  # new, or a restarted scheduler
+                    client.publish_dataset(self._code, name=stub.CODE_PREFIX + self._code_digest, override=True)
+                    published.add(stub.CODE_PREFIX + self._code_digest)
+            spec, submission = self._spec(client, run, folds, published)
             if run.released:
                 return
             future = client.submit(
-                remote.run_submission, spec, submission, key=run.key,
+                stub.call, self._code_digest, "run_submission", spec, submission, key=run.key,
                 resources={RESOURCE: 1}, pure=False, retries=0,
             )  # fmt: skip
             # The named reference keeps the task alive without this client.
@@ -452,7 +471,7 @@ class DaskWorker(Worker):
         timer.start()
 
     def _spec(
-        self, client: Any, run: _Run, folds: bytes | None = None
+        self, client: Any, run: _Run, folds: bytes | None = None, published: set[str] | None = None
     ) -> tuple[dict[str, Any], list[files.Entry] | None]:
         request, cfg = run.request, self.config
         from ..conda import THREAD_VARIABLES
@@ -507,7 +526,8 @@ class DaskWorker(Worker):
                 box["hidden"] = [os.path.abspath(p) for p in hidden]
             return spec, None
         with self._trees_lock:
-            published = set(client.list_datasets())  # one round trip for both trees
+            if published is None:
+                published = set(client.list_datasets())
             spec["kit_digest"] = self._publish_tree(client, Path(request.kit_dir), published)
             spec["data_digest"] = self._publish_tree(client, Path(request.data_dir), published)
         return spec, files.read_files(folder)
