@@ -170,11 +170,15 @@ def measure(dep: Deployment, names: list[str], label: str, total: float,
 def run(quick: bool, backends: list[str]) -> list[Row]:
     n = 6 if quick else N_SUBMISSIONS
     subs = submissions(n)
-    with scratch_dir("dask") as root, temp_database("sqlite", root) as url:
+    # one backend: the first asked for (PostgreSQL when both are)
+    backend = "postgresql" if "postgresql" in backends else backends[0]
+    say(f"  database: {backend}")
+    with scratch_dir("dask") as root, temp_database(backend, root) as url, \
+            temp_database(backend, root / "conda") as conda_url:  # fmt: skip
         common = {"n_workers": N_WORKERS, "n_threads": 1, "hunger_policy": None,
                   "poll_interval": 5, "time_between_collection": 1}  # fmt: skip
-        conda = Deployment(root / "conda" / "deployment", url.replace("ramp.sqlite", "conda.sqlite"),
-                           submissions=subs, dispatcher=common)  # fmt: skip
+        conda = Deployment(root / "conda" / "deployment", conda_url, submissions=subs,
+                           dispatcher=common)  # fmt: skip
         ids = _ids(conda, list(subs))
         say(f"  standalone ramp-test runs ({n} submissions, sequential):")
         standalone = run_standalone(conda, ids, root / "standalone", retries=not quick)

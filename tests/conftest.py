@@ -73,8 +73,8 @@ def drop_pg_database(url: str) -> None:
 #: test modules that run no real ramp-test, daemon, Dask cluster or instance:
 #: the inner loop's subset (``./dev test --quick``, a minute or two)
 QUICK_MODULES = {
-    "test_admin", "test_aws_policy", "test_config", "test_imports", "test_leaderboards_equal",
-    "test_leaderboards_flat", "test_listen", "test_metrics", "test_migrations",
+    "test_admin", "test_aws_policy", "test_config", "test_dask_files", "test_imports",
+    "test_leaderboards_equal", "test_leaderboards_flat", "test_listen", "test_metrics", "test_migrations",
     "test_rampboard_compat", "test_runs", "test_sdnotify",
 }  # fmt: skip
 

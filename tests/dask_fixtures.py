@@ -260,6 +260,14 @@ class DaskCluster:
         return [p for p in marked_pids(self.marker)
                 if any(a.endswith(b"/ramp-test") for a in _argv(p)[:2])]  # fmt: skip
 
+    def spares(self, name: str) -> list[int]:
+        """The idle spare supervisors (``supervise-*.py --spare``) of a Dask worker."""
+        worker = self.workers[name]
+        if worker.poll() is not None:
+            return []
+        return [p for p in marked_pids(self.marker)
+                if _argv(p)[-2:] == [b"--spare", b""] and _descends_from(p, worker.pid)]  # fmt: skip
+
     def runner_of(self, submission_name: str) -> str | None:
         """The Dask worker whose process tree runs the submission's ramp-test."""
         for pid in self.ramp_tests(submission_name):

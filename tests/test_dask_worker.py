@@ -16,6 +16,7 @@ passes an allow-list), so that the tests find their ramp-test processes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -294,6 +295,37 @@ def test_supervisor_status_is_read_as_the_conda_worker_reads_it(tmp_path: Path) 
         assert got.failure.value == "infrastructure" and words in got.message, got
 
 
+def test_the_output_sent_back_is_written_as_plain_files_or_refused(tmp_path: Path) -> None:
+    from ramp_dispatcher.workers.dask.worker import _Run
+
+    cfg = DaskConfig("tcp://h:1", timeout=60, sandbox="none", verify_scores=False)
+    request = RunRequest(7, "submission_000000007", 1, tmp_path, tmp_path, tmp_path / "subs",
+                         tmp_path / "logs", tmp_path / "preds")  # fmt: skip
+    worker = DaskWorker.__new__(DaskWorker)  # only the outcome reading: no cluster
+    worker.config = cfg
+    status = {"reason": "exited", "exit_code": 0, "started_at": 1.0, "finished_at": 2.0}
+
+    def read(output: Any):
+        result = {"status": status, "host": "h", "worker": "tcp://w:1", "log_tail": b"ok\n", "log_size": 3,
+                  "output": output}  # fmt: skip
+        return worker._outcome(_Run("key", request), result)
+
+    request.output_dir.mkdir(parents=True)
+    (request.output_dir / "stale").write_text("from an earlier attempt")
+    ok = read([("fold_0", None), ("fold_0/y_pred_test.npz", b"npz"), ("bagged_scores.csv", b"s\n")])
+    assert ok.failure is None and ok.output_dir == request.output_dir
+    assert sorted(os.listdir(request.output_dir)) == ["bagged_scores.csv", "fold_0"]
+    assert (request.output_dir / "fold_0" / "y_pred_test.npz").read_bytes() == b"npz"
+    for hostile in ([("../../escaped", b"x")], [("a", b"1"), ("a", b"2")], b"not entries", {"a": b"1"}):
+        refused = read(hostile)
+        assert refused.failure == FailureClass.INFRASTRUCTURE and "refused" in refused.message, refused
+        assert not request.output_dir.exists() and not (tmp_path / "escaped").exists()
+    big = DaskConfig("tcp://h:1", timeout=60, sandbox="none", verify_scores=False,
+                     limits=dataclasses.replace(DaskConfig("tcp://h:1").limits, max_output_mb=0.001))  # fmt: skip
+    worker.config = big
+    assert "refused" in read([("a", b"x" * 2000)]).message
+
+
 def test_no_tls_warns_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         make_worker("dask", DaskConfig("tcp://127.0.0.1:1"), event_name="e").close()
@@ -454,6 +486,29 @@ def get_estimator():
 """
 
 
+# after the kit test: the same kit, run here first, would already be in the caches it looks at
+def test_the_runs_code_goes_once_to_each_dask_worker(tmp_path: Path, dask_cluster: DaskCluster) -> None:
+    import cloudpickle
+    from distributed import Client
+
+    from ramp_dispatcher.workers.dask import stub
+    from ramp_dispatcher.workers.dask.worker import code_digest
+
+    dep = dask_deployment(tmp_path / "deploy", dask_cluster, {f"g{i}": GOOD_EST for i in range(3)}, **UNSANDBOXED)
+    dep.run_until_done(180)
+    assert [dep.summaries()[f"g{i}"].state for i in range(3)] == ["scored"] * 3
+    digest = code_digest(cloudpickle.__version__)
+    with Client(dask_cluster.address, set_as_default=False) as client:
+        # published once on the scheduler, named by its sources (the same in every daemon)...
+        assert stub.CODE_PREFIX + digest in client.list_datasets()
+        # ...and loaded once by each Dask worker that ran something, kept for the next runs
+        probe: dict[str, Any] = {"__name__": "not_importable_probe"}  # pickled by value
+        exec("def loaded(dask_worker):\n    return sorted(dask_worker.__dict__.get('_ramp_dispatcher_code', {}))",
+             probe)  # fmt: skip
+        loaded = client.run(probe["loaded"])
+        assert [(digest, "run_submission")] in [[tuple(k) for k in v] for v in loaded.values()], loaded
+
+
 # --------------------------------------------------------------------------- slots, re-attach, cancel
 def test_one_run_per_slot_and_reattach_after_kill9(tmp_path: Path, dask_cluster: DaskCluster) -> None:
     gate = Gate(dask_cluster)
@@ -543,6 +598,72 @@ def test_dask_worker_killed_mid_run(tmp_path: Path, dask_cluster: DaskCluster) -
     assert attempts(dep, sid) == [(1, "retry", "infrastructure"), (2, "scored", None)]
     assert "was lost" in daemon.log()
     assert_scored_once(dep.engine, sid)
+
+
+def test_a_spare_supervisor_takes_the_next_run_and_dies_with_its_worker(
+    tmp_path: Path, dask_cluster: DaskCluster
+) -> None:
+    # Two runs at once: one on each Dask worker, each leaving a spare behind.
+    warm = dask_deployment(tmp_path / "warm", dask_cluster, {"a": GOOD_EST, "b": GOOD_EST}, n_workers=2,
+                           **UNSANDBOXED)  # fmt: skip
+    d = warm.dispatcher()
+    run_in_thread(d)
+    try:
+        wait_for(lambda: [warm.summaries()[n].state for n in "ab"] == ["scored"] * 2, 120, "two runs")
+    finally:
+        d.stopped.set()
+        d.stop()
+    wait_for(lambda: all(len(dask_cluster.spares(w)) == 1 for w in ("w1", "w2")), 30, "a spare on each worker")
+    ready = {w: dask_cluster.spares(w)[0] for w in ("w1", "w2")}
+
+    dep, gate, daemon, sid = _fault_setup(tmp_path, dask_cluster)
+    try:
+        victim = dask_cluster.runner_of(sub_name(sid))
+        doomed = dask_cluster.ramp_tests(sub_name(sid))
+        # the run went to the worker's ready spare, and another took its place
+        assert [proc_ppid(p) for p in doomed] == [ready[victim]]
+        wait_for(lambda: dask_cluster.spares(victim) not in ([], [ready[victim]]), 30, "a new spare")
+        idle = dask_cluster.spares(victim)
+        dask_cluster.kill_worker(victim, signal.SIGKILL)
+        # the run and the idle spare die with the worker
+        wait_for(lambda: not set(doomed + idle) & set(dask_cluster.ramp_tests() + _alive(idle)), 30,
+                 "the lost run and the spare to stop")  # fmt: skip
+        daemon.wait_log("infrastructure failure", 60)
+        gate.open()
+        assert daemon.wait_exit(120) == 0
+    finally:
+        daemon.stop_hard()
+    assert attempts(dep, sid) == [(1, "retry", "infrastructure"), (2, "scored", None)]
+    assert_scored_once(dep.engine, sid)
+
+
+def proc_ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if proc_state(p) not in (None, "Z")]
+
+
+def test_the_client_keeps_its_periodic_work_rare(dask_cluster: DaskCluster) -> None:
+    from ramp_dispatcher.workers.dask.worker import CLIENT_SETTINGS
+
+    worker = DaskWorker(DaskConfig(dask_cluster.address, sandbox="none"))
+    try:
+        client = worker.client()
+        client._heartbeat()  # the scheduler answers: "5 s" for both
+        time.sleep(1.0)
+        every = {name: client._periodic_callbacks[name].callback_time for name in ("heartbeat", "scheduler-info")}
+        assert every == {"heartbeat": 300_000, "scheduler-info": 300_000}, every
+        assert set(CLIENT_SETTINGS.values()) == {"300s"}
+        # what the start-up check asks for is fetched afresh
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+    finally:
+        worker.close()
 
 
 def test_scheduler_stopped_and_restarted(tmp_path: Path, dask_cluster: DaskCluster) -> None:

@@ -213,3 +213,35 @@ def test_pss_of_a_forked_reader_is_a_share(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_a_spare_supervisor_runs_the_job_it_is_handed(tmp_path: Path) -> None:
+    """``supervise.py --spare`` (the Dask worker's, started ahead) idles until
+    its arguments come on stdin, then runs as if started with them, its own
+    output in the run's log; a spare whose input ends first runs nothing."""
+    script = str(Path(supervise.__file__).resolve())
+    spare = subprocess.Popen([sys.executable, "-I", "-S", script, "--spare"], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log, status = tmp_path / "log", tmp_path / "status.json"
+    args = ["--log", str(log), "--status", str(status), "--timeout", "60", "--nice", "0",
+            "--setenv", "RD_SPARE=handed", "--",
+            sys.executable, "-I", "-S", "-c", "import os; print(os.environ['RD_SPARE']); raise SystemExit(3)"]  # fmt: skip
+    job = {"argv": args, "output": str(log)}
+    try:
+        assert spare.stdin is not None
+        spare.stdin.write(json.dumps(job).encode() + b"\n")
+        spare.stdin.close()
+        assert spare.wait(60) == 0
+    finally:
+        spare.kill()
+    final = json.loads(status.read_text())
+    assert (final["reason"], final["exit_code"]) == ("exited", 3)
+    assert "handed" in log.read_text()
+
+    unused = subprocess.Popen([sys.executable, "-I", "-S", script, "--spare"], stdin=subprocess.PIPE)
+    assert unused.stdin is not None
+    unused.stdin.close()
+    assert unused.wait(30) == 0
+    garbled = subprocess.run([sys.executable, "-I", "-S", script, "--spare"], input=b"{not json\n",
+                             capture_output=True, timeout=30)  # fmt: skip
+    assert garbled.returncode == 2 and b"bad spare job" in garbled.stderr

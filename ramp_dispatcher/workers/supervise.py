@@ -8,6 +8,9 @@ ramp_dispatcher.workers.supervise`` works as well)::
         [--cwd DIR] [--clear-env] [--setenv NAME=VALUE ...] [--rlimit NAME=VALUE ...] \\
         [--cgroup DIR [--cgroup-set FILE=VALUE ...]] -- COMMAND [ARG ...]
 
+or as a spare, ``python -I -S supervise.py --spare``, which waits for those
+arguments on stdin (:func:`spare_main`; the Dask worker keeps one ready).
+
 With ``--clear-env`` the command gets the ``--setenv`` variables only, none of
 this process's (the sandboxed runs: the daemon's environment may hold
 secrets). Each ``--rlimit`` (``NPROC``, ``NOFILE``, ``FSIZE``, ...) is set in
@@ -811,5 +814,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return sup.run()
 
 
+def spare_main() -> int:
+    """``supervise.py --spare``: started ahead of its run (by a Dask worker) and
+    idle until the run's arguments come, so that the run does not wait for a
+    Python start. Its stdin's first line is ``{"argv": [...], "output": LOG}``
+    (JSON); this process's own output then goes to LOG, as a supervisor
+    started for the run has it. End of input first: exit, unused."""
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return 0
+    try:
+        job = json.loads(line)
+        argv, output = [str(a) for a in job["argv"]], str(job["output"])
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"supervise: bad spare job: {exc}", file=sys.stderr)
+        return 2
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(spare_main() if sys.argv[1:] == ["--spare"] else main())

@@ -3,7 +3,9 @@
 - :mod:`.config`: the event config's ``worker`` section (:class:`DaskConfig`);
 - :mod:`.worker`: the daemon's side (:class:`DaskWorker`, the Worker interface);
 - :mod:`.remote`: the task that runs on a Dask worker, through the supervisor;
-- :mod:`.cache`: the content-addressed kit/data copies on the Dask workers.
+- :mod:`.stub`: what each run ships: it loads :mod:`.remote`, published once;
+- :mod:`.cache`: the content-addressed kit/data copies on the Dask workers;
+- :mod:`.files`: a run's submission and ``training_output`` in transit.
 
 Importing this package does not import ``distributed`` (an optional extra);
 building the worker does. The registry's entry points are ``from_section``

@@ -1,6 +1,7 @@
 """What runs on the Dask worker: one submission, through the run supervisor.
 
-:func:`run_submission` is the task the daemon submits; :func:`stop_run` is
+:func:`run_submission` is the task the daemon submits (through :mod:`.stub`,
+which loads this module once per Dask worker process); :func:`stop_run` is
 sent with ``Client.run`` to the Dask worker running a task to stop it (it
 runs beside the task, not in the worker's single slot). Both are shipped to
 the Dask workers by value (cloudpickle), with the supervisor's source as
@@ -45,7 +46,8 @@ from ..sandbox import (
     sandbox_env,
     system_binds,
 )
-from .cache import TREE_PREFIX, install_tree, pack_tree, unpack
+from .cache import TREE_PREFIX, install_tree
+from .files import read_files, write_files
 
 #: scheduler metadata namespace: ``[NS, key, "started"]`` records the first
 #: execution of a run, so that a re-execution (Dask re-runs the tasks of a
@@ -157,6 +159,86 @@ def _die_with_parent(parent: int) -> Any:
     return in_child
 
 
+class Spares:
+    """One idle supervisor kept ready on this Dask worker (``supervise.py
+    --spare``), handed the next run's arguments: the run does not wait for the
+    fork and the Python start (~40 ms of its slot). A spare is started on a
+    thread of its own that lives as long as the worker, so the parent-death
+    signal (tied to the thread that forks) means the worker's death, as for a
+    supervisor started by the run's task thread. A spare that finds its stdin
+    closed (the worker gone) exits unused."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready: dict[Path, subprocess.Popen[bytes]] = {}  # supervisor script -> spare
+        self._wanted: list[Path] = []
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+
+    def hand(self, script: Path, args: list[str], output: Path) -> subprocess.Popen[bytes] | None:
+        """The ready spare of ``script``, now running ``args`` (its output to
+        ``output``), or None; either way another spare is started for the next run."""
+        with self._lock:
+            proc = self._ready.pop(script, None)
+            self._wanted.append(script)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="ramp-dispatcher-spares", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        if proc is None or proc.stdin is None or proc.poll() is not None:
+            return None
+        try:
+            proc.stdin.write(json.dumps({"argv": args, "output": str(output)}).encode() + b"\n")
+            proc.stdin.close()
+        except OSError:  # it died meanwhile
+            _reap_spare(proc)
+            return None
+        return proc
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._wanted:
+                    self._wake.wait()
+                script = self._wanted.pop()
+                self._wanted.clear()
+                if script in self._ready:
+                    continue
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", str(script), "--spare"], stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                    start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
+                )  # fmt: skip
+            except (OSError, subprocess.SubprocessError):
+                continue  # the next run starts its own
+            with self._lock:
+                stale = [p for s, p in self._ready.items() if s != script]  # an older supervisor's
+                self._ready = {script: proc}
+            for old in stale:
+                _reap_spare(old)
+
+
+def _reap_spare(proc: subprocess.Popen[bytes]) -> None:
+    """Close an unused spare's input (it exits) and reap it."""
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
+
+
+def _spares(worker: Any) -> Spares:
+    """This Dask worker process's spares, kept on the worker object (this
+    module is shipped by value with each task: its globals do not last)."""
+    spares = worker.__dict__.get("_ramp_dispatcher_spares")
+    if spares is None:
+        spares = worker.__dict__.setdefault("_ramp_dispatcher_spares", Spares())
+    return spares
+
+
 def _still_wanted(worker: Any, key: str) -> bool:
     try:
         ts = worker.state.tasks.get(key)
@@ -202,7 +284,8 @@ def run_submission(spec: dict[str, Any], submission: bytes | None) -> dict[str, 
     supervisor_digest, log_tail_bytes, shared; without a shared filesystem
     kit_digest and data_digest (trees published on the scheduler), with one
     kit_dir, data_dir, submissions_dir, log_path and status_path.
-    ``submission`` is the packed submission folder (None when shared).
+    ``submission`` is the submission folder's files (``files.read_files``;
+None when shared).
     ``sandbox`` is None (``sandbox: none``) or a dict: where (the config key,
     for messages), allow_network, run_env, limits (Limits' fields), n_threads
     and hidden (paths never shown; with a shared filesystem, the event's
@@ -211,7 +294,8 @@ def run_submission(spec: dict[str, Any], submission: bytes | None) -> dict[str, 
     digest (rescore.py), folds (the event's folds as npz bytes, or None).
 
     Returns ``{"status": <the supervisor's final status>, "worker", "host",
-    "log_tail", "log_size", "output" (packed training_output or None),
+    "log_tail", "log_size", "output" (training_output's files, as
+    ``files.read_files`` gives them, or None),
     "fetched" (trees fetched for this run)}``, and after a clean exit with
     ``rescore``: "check" (``post_run.check_output``'s dict) and "scores"
     (the recomputed scores, rescore.py's JSON, or None). A re-execution after the loss
@@ -281,7 +365,7 @@ def _run(
         base["fetched"] = [d for d, new in ((spec["kit_digest"], kit_new), (spec["data_digest"], data_new)) if new]
         kit, data = str(kit_path), str(data_path)
         submissions = run_dir / "submissions"
-        unpack(submission or b"", submissions / name)
+        write_files(submission or [], submissions / name)
         log_path, status_path = run_dir / "log", run_dir / "status.json"
 
     ramp_test = _ramp_test(spec.get("conda_env"))
@@ -290,8 +374,7 @@ def _run(
         "--ramp-data-dir", data, "--ramp-submission-dir", str(submissions),
         "--save-output", "--ignore-warning",
     ]  # fmt: skip
-    argv = [
-        sys.executable, "-I", "-S", str(supervisor),
+    argv = [  # the supervisor's arguments
         "--log", str(log_path), "--status", str(status_path),
         "--timeout", repr(float(spec["timeout"])), "--nice", str(int(spec["niceness"])),
         "--cwd", kit,
@@ -336,12 +419,13 @@ def _run(
     argv += ["--", *command]
     status_path.unlink(missing_ok=True)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644)
-    parent = os.getpid()
     try:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, close_fds=True,
-            start_new_session=True, preexec_fn=_die_with_parent(parent),
-        )  # fmt: skip
+        proc = _spares(worker).hand(supervisor, argv, log_path)
+        if proc is None:  # none ready (this worker's first run, or it died): start one
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(supervisor), *argv], stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, close_fds=True,
+                start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
+            )  # fmt: skip
     finally:
         os.close(log_fd)
     _write_json(
@@ -381,7 +465,7 @@ def _run(
         result["log_tail"], result["log_size"] = tail, size
         # an output over the limit is never packed into memory, nor sent
         if output.is_dir() and (limit is None or sanitize_output(output)[1] <= limit * 2**20):
-            result["output"] = pack_tree(output)
+            result["output"] = read_files(output)
     return result
 
 

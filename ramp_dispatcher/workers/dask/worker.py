@@ -28,6 +28,8 @@ import logging
 import os
 import queue
 import shutil
+import sys
+import tarfile
 import threading
 import time
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ from ..base import (
     WorkerError,
 )
 from ..outcome import outcome_from_status
-from . import cache, checks, remote
+from . import cache, checks, files, remote, stub
 from .config import RESOURCE, DaskConfig
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,11 @@ WARN_EVERY_S = 60.0
 #: seconds before a run whose folds were out of reach (database outage) is
 #: submitted again
 TRY_LATER_PAUSE_S = 2.0
+#: the Dask client's periodic work made rare (see DaskWorker._connect)
+CLIENT_SETTINGS = {
+    "distributed.client.scheduler-info-interval": "300s",
+    "distributed.client.heartbeat": "300s",
+}
 
 
 @dataclass
@@ -81,6 +88,15 @@ class _Run:
     attaches: int = 0
     #: the run was submitted with verify_scores (its handle says so after a restart)
     verify: bool = False
+
+
+def code_digest(cloudpickle_version: str) -> str:
+    """The name of the run's code on the scheduler (stub.py): its modules'
+    sources, this Python's version and cloudpickle's (what the pickle holds)."""
+    h = hashlib.sha256(f"{sys.version}\0{cloudpickle_version}\0".encode())
+    for module in (stub, remote, cache, files, sandbox, post_run):
+        h.update(Path(module.__file__ or "").read_bytes() + b"\0")
+    return h.hexdigest()[:32]
 
 
 def run_key(event_name: str, request: RunRequest) -> str:
@@ -132,6 +148,8 @@ class DaskWorker(Worker):
         # Shipped by value: the Dask workers need no ramp_dispatcher.
         cloudpickle.register_pickle_by_value(remote)
         cloudpickle.register_pickle_by_value(cache)
+        cloudpickle.register_pickle_by_value(files)
+        cloudpickle.register_pickle_by_value(stub)
         cloudpickle.register_pickle_by_value(sandbox)
         cloudpickle.register_pickle_by_value(post_run)
         self.config = config
@@ -157,6 +175,9 @@ class DaskWorker(Worker):
         self._supervisor = (source, hashlib.sha256(source.encode()).hexdigest()[:16])
         source = post_run.RESCORE_SCRIPT.read_text()
         self._rescorer = (source, hashlib.sha256(source.encode()).hexdigest()[:16])
+        # the run's code, pickled once and published (stub.py): not with each run
+        self._code = cloudpickle.dumps({"run_submission": remote.run_submission})
+        self._code_digest = code_digest(cloudpickle.__version__)
         if not config.uses_tls:
             log.warning(
                 "dask worker: %s is not TLS: submissions and results travel unencrypted, and "
@@ -185,15 +206,28 @@ class DaskWorker(Worker):
         )
 
     def _connect(self) -> Any:
+        import dask
         from distributed import Client
 
-        return Client(
-            self.config.dask_scheduler,
-            security=self._security(),
-            timeout=self.config.connect_timeout,
-            set_as_default=False,
-            name=f"ramp-dispatcher-{self.event_name}",
-        )
+        # The client's periodic work is for notebooks: it asks the scheduler for
+        # its identity every 2 s and heartbeats every 5 s (0.5 ms of the daemon's
+        # CPU per second, idle). Nothing here reads the cached identity (the
+        # start-up check asks afresh), and the scheduler only notes the time of
+        # a client's heartbeat (it drops no silent client; a lost link is seen
+        # by the connection itself).
+        with dask.config.set(CLIENT_SETTINGS):
+            client = Client(
+                self.config.dask_scheduler,
+                security=self._security(),
+                timeout=self.config.connect_timeout,
+                set_as_default=False,
+                name=f"ramp-dispatcher-{self.event_name}",
+            )
+        # ...and the scheduler answers each heartbeat by setting both back to 5 s
+        handlers = getattr(client, "_stream_handlers", None)
+        if isinstance(handlers, dict) and "adjust-heartbeat-interval" in handlers:
+            handlers["adjust-heartbeat-interval"] = lambda **_: None
+        return client
 
     def client(self) -> Any:
         """The connected client; waits (on a background thread) while the
@@ -392,11 +426,16 @@ class DaskWorker(Worker):
         try:
             folds = self._folds(run)
             client = self.client()
-            spec, submission = self._spec(client, run, folds)
+            with self._trees_lock:
+                published = set(client.list_datasets())  # one round trip for the code and both trees
+                if stub.CODE_PREFIX + self._code_digest not in published:  # new, or a restarted scheduler
+                    client.publish_dataset(self._code, name=stub.CODE_PREFIX + self._code_digest, override=True)
+                    published.add(stub.CODE_PREFIX + self._code_digest)
+            spec, submission = self._spec(client, run, folds, published)
             if run.released:
                 return
             future = client.submit(
-                remote.run_submission, spec, submission, key=run.key,
+                stub.call, self._code_digest, "run_submission", spec, submission, key=run.key,
                 resources={RESOURCE: 1}, pure=False, retries=0,
             )  # fmt: skip
             # The named reference keeps the task alive without this client.
@@ -433,8 +472,8 @@ class DaskWorker(Worker):
         timer.start()
 
     def _spec(
-        self, client: Any, run: _Run, folds: bytes | None = None
-    ) -> tuple[dict[str, Any], bytes | None]:
+        self, client: Any, run: _Run, folds: bytes | None = None, published: set[str] | None = None
+    ) -> tuple[dict[str, Any], list[files.Entry] | None]:
         request, cfg = run.request, self.config
         from ..conda import THREAD_VARIABLES
 
@@ -488,10 +527,11 @@ class DaskWorker(Worker):
                 box["hidden"] = [os.path.abspath(p) for p in hidden]
             return spec, None
         with self._trees_lock:
-            published = set(client.list_datasets())  # one round trip for both trees
+            if published is None:
+                published = set(client.list_datasets())
             spec["kit_digest"] = self._publish_tree(client, Path(request.kit_dir), published)
             spec["data_digest"] = self._publish_tree(client, Path(request.data_dir), published)
-        return spec, cache.pack_tree(folder)
+        return spec, files.read_files(folder)
 
     def _publish_tree(self, client: Any, folder: Path, published: set[str]) -> str:
         """Publish the folder's contents on the scheduler once per digest
@@ -626,8 +666,15 @@ class DaskWorker(Worker):
                 f.write(tail)
             if request.output_dir.exists():
                 shutil.rmtree(request.output_dir)
-            if result.get("output"):
-                cache.unpack(result["output"], request.output_dir)
+            output, limit = result.get("output"), cfg.limits.max_output_mb
+            try:
+                if isinstance(output, bytes):  # a task of a daemon before files.py (re-attached)
+                    cache.unpack(output, request.output_dir)
+                elif output is not None:
+                    files.write_files(output, request.output_dir, None if limit is None else int(limit * 2**20))
+            except (ValueError, OSError, tarfile.TarError) as exc:  # BadEntries is a ValueError
+                shutil.rmtree(request.output_dir, ignore_errors=True)
+                return _infra(f"the training_output sent back {where} was refused: {exc}")
         # The supervisor's own words name the limit the run had (a reload may
         # have changed the config since).
         memory = float(cfg.memory_limit_mb or 0)
