@@ -16,6 +16,7 @@ the tests skip, unless RAMP_DISPATCHER_REQUIRE_SANDBOX=1 (CI), where they fail.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -366,3 +367,38 @@ def test_forged_scores_are_recomputed(arena: Arena) -> None:
         engine.dispose()
     assert "scores recomputed outside the sandbox" in text
     assert "scores recomputed outside the sandbox differ" in arena.daemon_log.read_text()
+
+
+def test_a_sandbox_that_cannot_start_is_the_platforms_failure(user: HostileUser) -> None:
+    """Another run of the daemon's user holding every process RLIMIT_NPROC
+    allows (a fork bomb) makes bwrap fail before the submission's code runs:
+    the supervisor says spawn_error, which the workers treat as the
+    platform's failure (retried), not an exit of the run. Played with
+    RLIMIT_NPROC=1 for the supervisor's command, as the non-root user (the
+    kernel never applies it to root); the control, the same sandbox whose
+    command exits 1, is the command's exit."""
+    site = next((user.venv / "lib").glob("python3.*/site-packages"))
+    supervisor = site / "ramp_dispatcher" / "workers" / "supervise.py"
+    folder = Path(tempfile.mkdtemp(prefix="ramp-nproc-", dir="/tmp"))
+    try:
+        os.chown(folder, user.uid, user.gid)
+        sandbox = sb.empty_sandbox_argv(sb.find_bwrap() or "bwrap")
+
+        def supervised(name: str, command: list[str], *options: str) -> dict:
+            status = folder / f"{name}.json"
+            subprocess.run(user.command([
+                str(user.python), "-I", "-S", str(supervisor), "--log", str(folder / f"{name}.log"),
+                "--status", str(status), "--timeout", "60", "--bwrap", *options, "--", *command,
+            ]), check=True, timeout=120)  # fmt: skip
+            return json.loads(status.read_text())
+
+        starved = supervised("starved", [*sandbox, "--", "/bin/true"], "--rlimit", "NPROC=1")
+        assert starved["reason"] == "spawn_error", starved
+        assert "the sandbox did not start" in starved["message"], starved
+        assert "Resource temporarily unavailable" in starved["message"], starved
+        assert "the platform's failure" in (folder / "starved.log").read_text()
+
+        failing = supervised("failing", [*sandbox, "--", "/bin/sh", "-c", "exit 1"])
+        assert (failing["reason"], failing["exit_code"]) == ("exited", 1), failing
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

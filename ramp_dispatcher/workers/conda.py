@@ -541,7 +541,7 @@ class CondaWorker(Worker):
             argv += ["--memory-limit-mb", repr(float(self.config.memory_limit_mb))]
         argv += ["--max-log-mb", repr(float(self.config.max_log_mb))]
         if sandboxed:
-            argv.append("--clear-env")  # the daemon's environment stays outside
+            argv += ["--clear-env", "--bwrap"]  # the daemon's environment stays outside
         for name, value in setenv.items():
             argv += ["--setenv", f"{name}={value}"]
         cgroups = self._run_cgroups()

@@ -302,6 +302,15 @@ def check_bwrap(bwrap: str | None, allow_network: bool = False, timeout: float =
     return bwrap
 
 
+def empty_sandbox_argv(bwrap: str, allow_network: bool = False) -> list[str]:
+    """bwrap's argv for a sandbox with only the system's folders (the command follows)."""
+    argv = [bwrap, "--unshare-all", *(["--share-net"] if allow_network else [])]
+    argv += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev"]
+    for source, kind in system_binds():
+        argv += ["--ro-bind", source, source] if kind in ("dir", "file") else ["--symlink", kind, source]
+    return argv
+
+
 def bwrap_problem(bwrap: str | None, allow_network: bool = False, timeout: float = 30.0) -> str | None:
     """Why an empty sandbox cannot start here, or None. Refers to nothing of
     this package but its own module, so that the Dask worker, which has no
@@ -311,11 +320,7 @@ def bwrap_problem(bwrap: str | None, allow_network: bool = False, timeout: float
             "bubblewrap (bwrap) is not installed: install it (Debian/Ubuntu: "
             "apt-get install bubblewrap) or set 'sandbox: none' to run without a sandbox"
         )
-    argv = [bwrap, "--unshare-all", *(["--share-net"] if allow_network else [])]
-    argv += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev"]
-    for source, kind in system_binds():
-        argv += ["--ro-bind", source, source] if kind in ("dir", "file") else ["--symlink", kind, source]
-    argv += ["--", "true"]
+    argv = empty_sandbox_argv(bwrap, allow_network) + ["--", "true"]
     try:
         proc = subprocess.run(
             argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env={"PATH": "/usr/bin:/bin"}

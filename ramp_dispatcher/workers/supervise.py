@@ -43,7 +43,9 @@ is spawned it holds ``{"started_at", "supervisor_pid", "child_pid",
 "child_start_time"}``; the final version adds ``reason`` (``exited``,
 ``timeout``, ``memory``, ``killed``, ``spawn_error``), ``exit_code``,
 ``signal``, ``max_ram_mb``, ``finished_at`` and ``message``. A status file
-with a ``reason`` is final.
+with a ``reason`` is final. With ``--bwrap`` (the command is bubblewrap), a
+sandbox that never started (bwrap's ``--info-fd`` said no child: the
+submission's code never ran) ends as ``spawn_error``, not as an exit.
 """
 
 from __future__ import annotations
@@ -388,6 +390,7 @@ class Supervisor:
         clear_env: bool = False,
         rlimits: dict[int, int] | None = None,
         cgroup: RunCgroup | None = None,
+        bwrap: bool = False,
     ):
         self.command = command
         self.log_path = log_path
@@ -399,6 +402,9 @@ class Supervisor:
         self.clear_env = clear_env
         self.rlimits = rlimits or {}
         self.cgroup = cgroup
+        #: the command is bubblewrap: its --info-fd tells whether its sandbox started
+        self.bwrap = bwrap
+        self.info_fd = -1  # our end of that pipe
         self.stop_signal: int | None = None
         self.child: subprocess.Popen[bytes] | None = None
         self.child_status: int | None = None  # raw wait status once reaped
@@ -576,9 +582,16 @@ class Supervisor:
                 fcntl.fcntl(self.out_fd, F_SETPIPE_SZ, READ_CHUNK)  # fewer wake-ups
             except OSError:
                 pass
+            command, keep = self.command, ()
+            if self.bwrap:
+                # bwrap writes its child's pid here once the namespaces exist
+                self.info_fd, info_w = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(self.info_fd, False)
+                command, keep = [command[0], "--info-fd", str(info_w), *command[1:]], (info_w,)
             try:
                 self.child = subprocess.Popen(
-                    self.command,
+                    command,
+                    pass_fds=keep,
                     stdin=subprocess.DEVNULL,
                     stdout=out_w,
                     stderr=out_w,
@@ -590,6 +603,8 @@ class Supervisor:
                 )
             finally:
                 os.close(out_w)
+                for fd in keep:
+                    os.close(fd)
                 if self.cgroup is not None:
                     self.cgroup.close_fd()
         except (OSError, subprocess.SubprocessError) as exc:  # the latter: a failed rlimit
@@ -648,9 +663,37 @@ class Supervisor:
         # Also after a normal exit: a submission must leave no process behind.
         self.stop_tree(TERM_GRACE_S)
         self.drain(until_eof=True)
+        if self.bwrap and reason == "exited" and not self.sandbox_started():
+            reason, message = "spawn_error", f"the sandbox did not start ({self.last_output_line()})"
+            self.note("The sandbox could not start: the platform's failure, not the submission's.")
         if self.cgroup is not None:
             reason, message = self.cgroup_verdict(reason, message)
         return self.finish(reason, message)
+
+    def sandbox_started(self) -> bool:
+        """Whether bwrap said its sandbox's pid (written before the command
+        runs): without it, bwrap failed before the submission's code could run,
+        e.g. no namespace for it (EAGAIN when another run of the same user took
+        every process RLIMIT_NPROC allows), and its exit is not the run's."""
+        try:
+            return b"child-pid" in os.read(self.info_fd, 65536)
+        except OSError:  # nothing written, and a writer still holds it
+            return False
+        finally:
+            os.close(self.info_fd)
+            self.info_fd = -1
+
+    def last_output_line(self) -> str:
+        """The log's last line (bwrap's error, when its sandbox did not start)."""
+        if self.capture is not None:
+            self.capture.flush()
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(f.seek(0, os.SEEK_END) - 1024, 0))
+                lines = f.read().decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return lines[-1][:300] if lines else "no message"
 
     def cgroup_verdict(self, reason: str, message: str) -> tuple[str, str]:
         """What the run's cgroup saw: the kernel's OOM kill at memory.max is the
@@ -767,6 +810,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the run's own cgroup v2 (created and removed here)")
     parser.add_argument("--cgroup-set", action="append", default=[], metavar="FILE=VALUE",
                         help="a limit written into --cgroup (pids.max=512, memory.max=...)")
+    parser.add_argument("--bwrap", action="store_true",
+                        help="the command is bubblewrap: a sandbox that never started is a spawn_error")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = list(args.command)
@@ -797,6 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         clear_env=args.clear_env,
         rlimits=rlimits,
         cgroup=None if args.cgroup is None else RunCgroup(args.cgroup, settings),
+        bwrap=args.bwrap,
     )
     # Installed before spawning so an early cancel is not lost.
     signal.signal(signal.SIGTERM, sup.on_signal)

@@ -147,7 +147,7 @@ def supervisor_argv(spec: dict[str, Any]) -> list[str]:
         output_dir.mkdir(parents=True, exist_ok=True)  # bound: it must exist
         command = sb.bwrap_argv(box, command)
         env = sb.sandbox_env(box, os.environ)
-        argv.append("--clear-env")
+        argv += ["--clear-env", "--bwrap"]
         argv += sb.rlimit_args(box.limits)
     else:
         env = {"PYTHONUNBUFFERED": "1", "PATH": f"{prefix / 'bin'}:{os.environ.get('PATH', '')}"}

@@ -409,7 +409,7 @@ def _run(
         )
         command = bwrap_argv(sandbox, command)
         env = sandbox_env(sandbox, os.environ)
-        argv.append("--clear-env")  # the Dask worker's environment stays outside
+        argv += ["--clear-env", "--bwrap"]  # the Dask worker's environment stays outside
         argv += rlimit_args(sandbox.limits)
     else:
         env = dict(spec.get("env") or {})
