@@ -48,6 +48,7 @@ from ..sandbox import (
 )
 from .cache import TREE_PREFIX, install_tree
 from .files import read_files, write_files
+from .stub import fetch_published
 
 #: scheduler metadata namespace: ``[NS, key, "started"]`` records the first
 #: execution of a run, so that a re-execution (Dask re-runs the tasks of a
@@ -79,20 +80,7 @@ def _scheduler_call(worker: Any, name: str, **kwargs: Any) -> Any:
 
 
 def _fetch_tree(worker: Any, digest: str) -> bytes:
-    from distributed.protocol.serialize import Serialized, deserialize
-
-    records = _scheduler_call(worker, "publish_get", names=[TREE_PREFIX + digest])
-    record = records[0] if records else None
-    if not record:
-        raise RuntimeError(f"the kit/data tree {digest} is not published on the scheduler")
-    data = record["data"]
-    if isinstance(data, Serialized):
-        data = deserialize(data.header, data.frames)
-    if isinstance(data, tuple) and len(data) == 1:  # publish_dataset(*args)
-        data = data[0]
-    if not isinstance(data, (bytes, bytearray)):
-        raise RuntimeError(f"the kit/data tree {digest} is published as {type(data).__name__}")
-    return bytes(data)
+    return fetch_published(worker, TREE_PREFIX + digest)
 
 
 def _ramp_test(conda_env: str | None) -> Path:

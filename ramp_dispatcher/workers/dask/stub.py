@@ -35,16 +35,17 @@ def call(digest: str, name: str, *args: Any) -> Any:
     loaded = worker.__dict__.setdefault(_LOADED, {})
     function = loaded.get((digest, name))
     if function is None:
-        functions = pickle.loads(_fetch(worker, CODE_PREFIX + digest))  # cloudpickle's output: distributed brings cloudpickle
+        functions = pickle.loads(fetch_published(worker, CODE_PREFIX + digest))  # cloudpickle's output: distributed brings cloudpickle
         for key, value in functions.items():
             loaded[(digest, key)] = value
         function = loaded[(digest, name)]
     return function(*args)
 
 
-def _fetch(worker: Any, name: str) -> bytes:
-    """A published dataset's bytes, asked of the scheduler with the worker's
-    own connection (no client on the Dask worker)."""
+def fetch_published(worker: Any, name: str) -> bytes:
+    """A published dataset's bytes (the code, a kit or data tree), asked of
+    the scheduler with the worker's own connection (no client on the Dask
+    worker)."""
     from distributed.protocol.serialize import Serialized, deserialize
     from distributed.utils import sync
 
