@@ -153,6 +153,12 @@ def attempts(dep: Deployment, sid: int) -> list[tuple]:
     return [(r.attempt, r.outcome, r.failure_class) for r in run_rows(dep.engine, sid)]
 
 
+def assert_lost_once_then_scored(dep: Deployment, sid: int) -> None:
+    """The first attempt was the platform's failure, the retry scored, once."""
+    assert attempts(dep, sid) == [(1, "retry", "infrastructure"), (2, "scored", None)]
+    assert_scored_once(dep.engine, sid)
+
+
 # --------------------------------------------------------------------------- config
 def _event_yaml(worker: str) -> str:
     return textwrap.dedent(
@@ -595,9 +601,8 @@ def test_dask_worker_killed_mid_run(tmp_path: Path, dask_cluster: DaskCluster) -
         assert daemon.wait_exit(120) == 0
     finally:
         daemon.stop_hard()
-    assert attempts(dep, sid) == [(1, "retry", "infrastructure"), (2, "scored", None)]
     assert "was lost" in daemon.log()
-    assert_scored_once(dep.engine, sid)
+    assert_lost_once_then_scored(dep, sid)
 
 
 def test_a_spare_supervisor_takes_the_next_run_and_dies_with_its_worker(
@@ -633,8 +638,7 @@ def test_a_spare_supervisor_takes_the_next_run_and_dies_with_its_worker(
         assert daemon.wait_exit(120) == 0
     finally:
         daemon.stop_hard()
-    assert attempts(dep, sid) == [(1, "retry", "infrastructure"), (2, "scored", None)]
-    assert_scored_once(dep.engine, sid)
+    assert_lost_once_then_scored(dep, sid)
 
 
 def proc_ppid(pid: int) -> int | None:
@@ -680,8 +684,7 @@ def test_scheduler_stopped_and_restarted(tmp_path: Path, dask_cluster: DaskClust
         assert daemon.wait_exit(120) == 0
     finally:
         daemon.stop_hard()
-    assert attempts(dep, sid) == [(1, "retry", "infrastructure"), (2, "scored", None)]
-    assert_scored_once(dep.engine, sid)
+    assert_lost_once_then_scored(dep, sid)
 
 
 def test_dask_worker_paused_with_sigstop(tmp_path: Path, dask_cluster: DaskCluster) -> None:
@@ -698,8 +701,7 @@ def test_dask_worker_paused_with_sigstop(tmp_path: Path, dask_cluster: DaskClust
         time.sleep(2.0)  # whatever the resumed worker says now is ignored
     finally:
         daemon.stop_hard()
-    assert attempts(dep, sid) == [(1, "retry", "infrastructure"), (2, "scored", None)]
-    assert_scored_once(dep.engine, sid)
+    assert_lost_once_then_scored(dep, sid)
 
 
 # --------------------------------------------------------------------------- TLS
