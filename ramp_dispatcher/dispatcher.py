@@ -947,8 +947,9 @@ class Dispatcher:
                 return self._hold(conn, run, outcome)
         else:
             self._platform_worked(run)
-        # an admin retry starts a fresh budget of infrastructure retries
-        run.budget_attempt = control.attempt_in_budget(conn, run.submission_id, run.attempt)
+        if failure is FailureClass.INFRASTRUCTURE:
+            # the only class retried; an admin retry starts a fresh budget
+            run.budget_attempt = control.attempt_in_budget(conn, run.submission_id, run.attempt)
         if self.policy.should_retry(failure, run.budget_attempt):
             delay = self.policy.delay_s(run.budget_attempt)
             retry_after = queries.utcnow() + dt.timedelta(seconds=delay)

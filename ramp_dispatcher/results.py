@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import math
 import re
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -84,14 +83,17 @@ class TrainingResults:
     def time_stats(self) -> dict[str, tuple[float, float]]:
         """``{'train': (mean, std), 'valid': ..., 'test': ...}`` over folds.
 
-        std is the population std (ddof=0), as numpy's default computes it.
+        std is the population std (ddof=0), as numpy's default computes it;
+        in floats (``statistics.pstdev`` works in exact fractions: a tenth of
+        a millisecond per result for digits no column keeps).
         """
         if not self.folds:
             raise ValueError("no folds: time statistics are undefined")
         stats: dict[str, tuple[float, float]] = {}
         for step in FOLD_STEPS:
             times = [getattr(fold, f"{step}_time") for fold in self.folds]
-            stats[step] = (float(statistics.fmean(times)), float(statistics.pstdev(times)))
+            mean = math.fsum(times) / len(times)
+            stats[step] = (mean, math.sqrt(math.fsum((t - mean) ** 2 for t in times) / len(times)))
         return stats
 
 

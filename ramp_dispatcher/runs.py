@@ -81,6 +81,7 @@ class ActiveRun:
     state: RunState = RunState.STARTING
     outcome: RunOutcome | None = None
     #: the attempt's rank since the submission was new or retried by an admin
+    #: (read when an infrastructure failure, the only class retried, ends it)
     budget_attempt: int = 1
     #: monotonic time of the next status check; 0 asks for one at once
     check_at: float = 0.0

@@ -250,24 +250,31 @@ def attempt_in_budget(conn: Connection, submission_id: int, attempt: int) -> int
     failing) use no attempt. The retry policy compares this, not the raw
     attempt, with max_attempts.
     """
-    requeued = (RETRY, HELD)
-    last_final = conn.execute(
-        select(func.max(runs.c.attempt)).where(
+    params = {"submission_id": submission_id, "attempt": attempt}
+    return conn.execute(_budget_stmt(), params).scalar_one() + 1
+
+
+@cache
+def _budget_stmt() -> Select[tuple[int]]:
+    """The retries of ``:submission_id`` before ``:attempt`` since its last
+    final outcome: built once, as the daemon's other statements."""
+    submission_id, attempt = bindparam("submission_id"), bindparam("attempt")
+    last_final = (
+        select(func.coalesce(func.max(runs.c.attempt), 0))
+        .where(
             runs.c.submission_id == submission_id,
             runs.c.attempt < attempt,
             runs.c.status == RUN_COLLECTED,
-            func.coalesce(runs.c.outcome, "").not_in(requeued),
+            func.coalesce(runs.c.outcome, "").not_in((RETRY, HELD)),
         )
-    ).scalar_one_or_none()
-    retried = conn.execute(
-        select(func.count()).where(
-            runs.c.submission_id == submission_id,
-            runs.c.attempt > (last_final or 0),
-            runs.c.attempt < attempt,
-            runs.c.outcome == RETRY,
-        )
-    ).scalar_one()
-    return retried + 1
+        .scalar_subquery()
+    )
+    return select(func.count()).select_from(runs).where(
+        runs.c.submission_id == submission_id,
+        runs.c.attempt > last_final,
+        runs.c.attempt < attempt,
+        runs.c.outcome == RETRY,
+    )
 
 
 # --------------------------------------------------------------------------- cancel

@@ -139,13 +139,13 @@ def sanitize_output(output_dir: Path) -> tuple[list[str], int]:
         for name in dirs + files:
             path = os.path.join(root, name)
             try:
-                mode = os.lstat(path).st_mode
+                info = os.lstat(path)
             except OSError:
                 continue
-            if stat.S_ISDIR(mode):
+            if stat.S_ISDIR(info.st_mode):
                 continue
-            if stat.S_ISREG(mode):
-                total += os.lstat(path).st_size
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
                 continue
             try:
                 os.unlink(path)
