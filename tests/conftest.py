@@ -79,10 +79,26 @@ QUICK_MODULES = {
 }  # fmt: skip
 
 
+#: the modules that take longest (seconds of one xdist process, on a clean
+#: run of the whole suite here), run first: ``--dist loadfile`` hands out
+#: whole files in collection order, and one of these started last keeps one
+#: process busy minutes after the other ran out of work
+LONGEST_FIRST = (
+    "test_reliability", "test_dask_worker", "test_slow_calls", "test_dispatcher", "test_aws_worker",
+    "test_control", "test_hostile", "test_leaderboards_daemon", "test_breaker",
+)  # fmt: skip
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.module is not None and item.module.__name__ in QUICK_MODULES:
             item.add_marker(pytest.mark.quick)
+
+    def rank(item: pytest.Item) -> int:
+        name = item.module.__name__ if item.module is not None else ""
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
