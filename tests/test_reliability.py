@@ -871,7 +871,7 @@ def test_a_local_run_of_another_host_is_requeued_after_a_grace_not_reattached(
     lapsed for less than a grace period it is left alone; after that it is
     taken over and requeued without asking the worker about it or touching
     its files, and the next attempt runs here."""
-    h = harness(empty_db_url, {"far": GOOD}, n_workers=1)
+    h = harness(empty_db_url, {"far": GOOD}, n_workers=1, dispatcher_extra="retry_delay: 0")
     sid = h.sid("far")
     event = _load_event(h)
     far_handle = {"pid": 1, "status_path": "/elsewhere/run-1.json", "log_path": "/elsewhere/log"}
