@@ -273,7 +273,7 @@ def run_submission(spec: dict[str, Any], submission: bytes | None) -> dict[str, 
     kit_digest and data_digest (trees published on the scheduler), with one
     kit_dir, data_dir, submissions_dir, log_path and status_path.
     ``submission`` is the submission folder's files (``files.read_files``;
-None when shared).
+    None when shared).
     ``sandbox`` is None (``sandbox: none``) or a dict: where (the config key,
     for messages), allow_network, run_env, limits (Limits' fields), n_threads
     and hidden (paths never shown; with a shared filesystem, the event's
