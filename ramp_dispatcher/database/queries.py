@@ -15,7 +15,7 @@ value for that column, so bind parameters are named for their role instead:
 submission a statement is about, ``run_id`` and ``run_ids`` for the runs'
 primary keys.
 
-Why one file of about 900 lines: the daemon's statements sit together on
+Why one file of about 1,000 lines: the daemon's statements sit together on
 purpose, so that one can read them all, check each against its index, and
 keep them built once.
 """

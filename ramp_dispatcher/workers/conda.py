@@ -6,7 +6,7 @@ nothing of the run survives it, and writes a JSON status file beside the log.
 Everything :meth:`CondaWorker.check` needs is in the handle and that file, so
 a restarted daemon can pick up runs started by its predecessor.
 
-Why one file of about 800 lines: one worker type, one module (the registry's
+Why one file of about 850 lines: one worker type, one module (the registry's
 shape): its config, the environment lookup, the launch through the supervisor
 and the sandbox, re-attach and the post-run checks. The sandbox's argv
 (``sandbox``), the post-run checks (``post_run``) and the supervisor live in

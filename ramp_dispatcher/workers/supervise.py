@@ -29,7 +29,7 @@ The conda worker starts this program in its own session, so it outlives the
 daemon that started it; the daemon (or a restarted one) learns the result
 from the status file only. Standard library only, with no import from this
 package: it must start fast, without site-packages. That is also why it is
-one file of about 800 lines: it runs as a lone script, on this host and, shipped
+one file of about 900 lines: it runs as a lone script, on this host and, shipped
 by value, on Dask workers that have no ramp_dispatcher.
 
 The command's output reaches the log through a pipe that this program reads,

@@ -8,7 +8,7 @@ which terminates the instance; only the worker's ``close`` (the daemon stops:
 the next one re-attaches) and ``forget`` (another daemon took the run over)
 leave it running.
 
-About 800 lines, over the usual 600: one class whose steps share one
+About 900 lines, over the usual 600: one class whose steps share one
 thread's state (instance, connection, trusted keys, deadline, detachment,
 outcome), read best top to bottom; the protocol, SSH and EC2 calls it drives
 live in their own modules, and what runs on the instance in :mod:`.launch`.

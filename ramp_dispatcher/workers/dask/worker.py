@@ -14,7 +14,7 @@ daemon: a restarted daemon finds it with ``get_dataset`` and collects it.
 Each run holds one ``ramp`` worker resource, so a Dask worker started with
 ``--resources ramp=1`` never runs two.
 
-About 600 lines: the Worker interface and the background jobs it hands
+About 700 lines: the Worker interface and the background jobs it hands
 work to share one state (``_Run``); the start-up checks and the task's
 side live in ``checks`` and ``remote``.
 """
