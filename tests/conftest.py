@@ -79,10 +79,10 @@ QUICK_MODULES = {
 }  # fmt: skip
 
 
-#: the modules that take longest (seconds of one xdist process, on a clean
-#: run of the whole suite here), run first: ``--dist loadfile`` hands out
-#: whole files in collection order, and one of these started last keeps one
-#: process busy minutes after the other ran out of work
+#: the modules that take longest (longest first, as read on a whole run of
+#: the suite here) go first: ``--dist loadfile`` hands out whole files in
+#: collection order, and one of these handed out last keeps one process busy
+#: for minutes after the other ran out of work
 LONGEST_FIRST = (
     "test_reliability", "test_dask_worker", "test_slow_calls", "test_dispatcher", "test_aws_worker",
     "test_control", "test_hostile", "test_leaderboards_daemon", "test_breaker",
