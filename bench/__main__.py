@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .common import BACKENDS, QUIET_WAIT, Row, format_table, say
 
-NAMES = ("batch", "cpu", "latency", "scale", "soak", "leaderboards", "sandbox", "dask")
+NAMES = ("batch", "cpu", "steps", "latency", "scale", "soak", "leaderboards", "sandbox", "dask")
 
 
 def _machine() -> str:
