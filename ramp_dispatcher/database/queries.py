@@ -113,7 +113,7 @@ def submission_folds(conn: Connection, submission_id: int) -> list[tuple[Any, An
     ramp-test's ``fold_<i>`` map to them: the submission's fold rows sorted by
     id. All the event's folds, also those a (damaged) submission has no fold
     row for, last: writing the results reports fold rows that do not match."""
-    return [(decode_blob(train), decode_blob(test)) for train, test in submission_fold_blobs(conn, submission_id)]
+    return list(_decoded(submission_fold_blobs(conn, submission_id)))
 
 
 def submission_fold_blobs(conn: Connection, submission_id: int) -> tuple[tuple[bytes, bytes], ...]:
@@ -126,6 +126,10 @@ def submission_fold_blobs(conn: Connection, submission_id: int) -> tuple[tuple[b
 def decode_blob(value: bytes) -> Any:
     """A numpy blob column's value, as ramp-board wrote it (ramp_schema.NumpyBlob)."""
     return NumpyBlob().process_result_value(value, None)
+
+
+def _decoded(blobs: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[Any, Any], ...]:
+    return tuple((decode_blob(train), decode_blob(test)) for train, test in blobs)
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,7 @@ class FoldsCache:
         with self._lock:
             if blobs == self._blobs:
                 return self._folds
-        folds = tuple((decode_blob(train), decode_blob(test)) for train, test in blobs)
+        folds = _decoded(blobs)
         with self._lock:
             self._blobs, self._folds = blobs, folds
         return folds

@@ -271,7 +271,8 @@ class _Requests:
 
 def _wait_child(pid: int, requests: _Requests) -> int:
     """The child's exit status (negative: killed by that signal), as
-    ``os.waitstatus_to_exitcode`` gives it (not called: Python 3.9). The
+    ``os.waitstatus_to_exitcode`` gives it (not called: it needs Python 3.9,
+    and this runs in the kit's environment, which may be older). The
     input ending meanwhile means the daemon is gone: the server's process
     group goes then (module docstring)."""
     import select
